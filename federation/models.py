@@ -1,0 +1,182 @@
+"""Shared data models: clusters, exported services, policies, the config snapshot.
+
+These are used by all three packages (the federation service stores them in etcd as
+JSON, the gateway builds its routes and policy decisions from them, the agent writes
+them).  Their JSON form is stable API: it is what lives in etcd and what the watch
+stream carries.  Add fields with defaults; never rename or repurpose one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _label(value: str, what: str) -> str:
+    if not _LABEL.match(value):
+        raise ValueError(
+            f"{what} {value!r} must be a lowercase RFC 1123 label (a-z, 0-9, '-', at most 63 characters)"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Protocol = Literal["HTTP", "HTTP2", "GRPC", "TCP"]
+
+
+class ServicePort(_Model):
+    name: str = ""
+    port: int = Field(ge=1, le=65535)
+    protocol: Protocol = "HTTP"
+    # Where the exporting cluster's gateway sends this port's traffic (host:port inside
+    # that cluster); empty means <svc>.<ns>.svc.cluster.local:<port>.
+    target: str = ""
+    # Re-originate to the service with the gateway's mTLS certificate ("mtls") or plain.
+    target_tls: Literal["mtls", "plain"] = "plain"
+
+
+class ExportedService(_Model):
+    """One Service a cluster exports to the federation."""
+
+    cluster: str
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...] = ()
+    export_to: tuple[str, ...] = ()  # empty: every other cluster
+    ready_endpoints: int = 0
+
+    _v_cluster = field_validator("cluster")(lambda cls, v: _label(v, "cluster"))
+    _v_ns = field_validator("namespace")(lambda cls, v: _label(v, "namespace"))
+    _v_name = field_validator("name")(lambda cls, v: _label(v, "service name"))
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def hostname(self) -> str:
+        """The name the exporting cluster knows it by."""
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+    def visible_to(self, cluster: str) -> bool:
+        return cluster != self.cluster and (not self.export_to or cluster in self.export_to)
+
+
+class ClusterRecord(_Model):
+    name: str
+    trust_domain: str
+    gateway_addresses: tuple[str, ...] = ()  # "host:port" of the inbound listener
+    labels: dict[str, str] = Field(default_factory=dict)
+    ca_cert_pem: str = ""  # the cluster's intermediate CA (PEM)
+    joined_at: float = 0.0
+    revoked: bool = False
+
+    _v_name = field_validator("name")(lambda cls, v: _label(v, "cluster name"))
+
+    @field_validator("gateway_addresses")
+    @classmethod
+    def _v_addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for a in v:
+            m = _HOSTPORT.match(a)
+            if not m or not 0 < int(m.group(2)) < 65536:
+                raise ValueError(f"gateway address {a!r} must be HOST:PORT")
+        return v
+
+
+# ---------------------------------------------------------------- policies (Istio-shaped)
+
+
+class Selector(_Model):
+    namespace: str = "*"  # "*" matches every namespace
+    service: str = "*"
+
+
+class JwtClaimMatch(_Model):
+    claim: str  # dotted path into the claims, e.g. "groups" or "realm.roles"
+    values: tuple[str, ...]
+
+
+class RuleFrom(_Model):
+    principals: tuple[str, ...] = ()  # SPIFFE IDs, '*' wildcards (prefix/suffix/any)
+    not_principals: tuple[str, ...] = ()
+    clusters: tuple[str, ...] = ()
+    not_clusters: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()  # "<iss>/<sub>" of a validated JWT
+
+
+class RuleTo(_Model):
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()  # exact, "prefix*", "*suffix" or "*"
+    not_paths: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+
+
+class Rule(_Model):
+    from_: tuple[RuleFrom, ...] = Field(default=(), alias="from")
+    to: tuple[RuleTo, ...] = ()
+    when: tuple[JwtClaimMatch, ...] = ()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class AuthorizationPolicy(_Model):
+    kind: Literal["AuthorizationPolicy"] = "AuthorizationPolicy"
+    name: str
+    selector: Selector = Selector()
+    action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
+    # Istio semantics: no rules with ALLOW matches nothing; rules=[{}] matches everything.
+    rules: tuple[Rule, ...] = ()
+
+    _v_name = field_validator("name")(lambda cls, v: _label(v, "policy name"))
+
+
+class JwtRule(_Model):
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks: str = ""  # inline JWKS (JSON text)
+    jwks_uri: str = ""
+    from_headers: tuple[str, ...] = ("authorization",)
+
+    @model_validator(mode="after")
+    def _one_jwks_source(self) -> JwtRule:
+        if bool(self.jwks) == bool(self.jwks_uri):
+            raise ValueError("set exactly one of jwks (inline) or jwks_uri")
+        return self
+
+
+class RequestAuthentication(_Model):
+    kind: Literal["RequestAuthentication"] = "RequestAuthentication"
+    name: str
+    selector: Selector = Selector()
+    jwt_rules: tuple[JwtRule, ...] = Field(min_length=1)
+
+    _v_name = field_validator("name")(lambda cls, v: _label(v, "policy name"))
+
+
+Policy = AuthorizationPolicy | RequestAuthentication
+
+
+# ---------------------------------------------------------------- what the watch carries
+
+
+class Snapshot(_Model):
+    """The whole federation config at one etcd revision."""
+
+    revision: int = 0
+    clusters: tuple[ClusterRecord, ...] = ()
+    services: tuple[ExportedService, ...] = ()
+    policies: tuple[AuthorizationPolicy | RequestAuthentication, ...] = ()
+    bundle_pem: str = ""
+    crl_pem: str = ""

@@ -1,0 +1,1 @@
+"""Isthmus east-west gateway: the data path on trio + h2."""
