@@ -1,0 +1,308 @@
+"""Real TLS handshakes over real sockets with contexts built by trust."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import trust
+from trust import _ca
+
+from .conftest import TD, workload
+
+
+class Server:
+    """Accepts TLS connections on loopback; runs verify_peer right after each handshake."""
+
+    def __init__(self, ctx_or_source, policy: trust.PeerPolicy) -> None:
+        self.source = ctx_or_source
+        self.policy = policy
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.results: list[object] = []
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _ctx(self) -> ssl.SSLContext:
+        return self.source.current() if isinstance(self.source, trust.CertificateSource) else self.source
+
+    def _run(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        if True:
+            try:
+                with self._ctx().wrap_socket(raw, server_side=True) as s:
+                    try:
+                        sid = trust.verify_peer(s, self.policy)
+                    except trust.PeerRejected as exc:
+                        self.results.append(exc)
+                        return
+                    self.results.append(sid)
+                    s.sendall(b"hello " + str(sid).encode() + b"\n")
+                    s.recv(1)
+            except (ssl.SSLError, OSError) as exc:
+                self.results.append(exc)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(port: int, ctx: ssl.SSLContext) -> tuple[trust.SpiffeId, str, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw) as s:
+            sid = trust.verify_peer(s)
+            data = s.recv(200)
+            return sid, s.version() or "", data
+
+
+def files(ca: trust.ClusterCA, sid: str, d: Path) -> trust.IssuedFiles:
+    return ca.issue(sid, d)
+
+
+def server_ctx(f: trust.IssuedFiles, **kw) -> ssl.SSLContext:
+    return trust.server_context(f.cert, f.key, f.bundle, alpn=("h2",), **kw)
+
+
+def client_ctx(f: trust.IssuedFiles, **kw) -> ssl.SSLContext:
+    return trust.client_context(f.bundle, f.cert, f.key, alpn=("h2",), **kw)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_same_cluster_handshake(east: trust.ClusterCA, tmp_path: Path, version: ssl.TLSVersion) -> None:
+    s = files(east, workload("east", "a", "server"), tmp_path / "s")
+    c = files(east, workload("east", "b", "client"), tmp_path / "c")
+    srv = Server(server_ctx(s, max_version=version), trust.PeerPolicy(frozenset({f"east.{TD}"})))
+    try:
+        sid, ver, data = connect(srv.port, client_ctx(c))
+        assert str(sid) == workload("east", "a", "server")
+        assert ver == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+        assert data == f"hello {workload('east', 'b', 'client')}\n".encode()
+    finally:
+        srv.close()
+
+
+def test_cross_cluster_handshake(east: trust.ClusterCA, west: trust.ClusterCA, tmp_path: Path) -> None:
+    s = files(west, trust.gateway_id(f"west.{TD}"), tmp_path / "s")
+    c = files(east, trust.gateway_id(f"east.{TD}"), tmp_path / "c")
+    srv = Server(server_ctx(s), trust.PeerPolicy(frozenset({f"east.{TD}", f"west.{TD}"})))
+    try:
+        sid, _, data = connect(srv.port, client_ctx(c))
+        assert sid == trust.gateway_id(f"west.{TD}")
+        assert str(trust.gateway_id(f"east.{TD}")).encode() in data
+    finally:
+        srv.close()
+
+
+def test_trust_domain_not_allowed_is_rejected(east: trust.ClusterCA, west: trust.ClusterCA, tmp_path: Path) -> None:
+    s = files(west, workload("west"), tmp_path / "s")
+    c = files(east, workload("east"), tmp_path / "c")
+    srv = Server(server_ctx(s), trust.PeerPolicy(frozenset({f"west.{TD}"})))
+    try:
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            sid, _, data = connect(srv.port, client_ctx(c))
+            if not data:
+                raise ConnectionError("closed")
+        _wait(lambda: srv.results)
+        assert isinstance(srv.results[0], trust.PeerRejected)
+        assert "not allowed" in str(srv.results[0])
+    finally:
+        srv.close()
+
+
+def _wait(cond, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
+
+
+def test_name_constraint_bites_in_handshake(root: trust.TrustDir, east: trust.ClusterCA, west: trust.ClusterCA, tmp_path: Path) -> None:
+    """east's CA key signs a west identity: OpenSSL fails the handshake."""
+    s = files(west, workload("west", "a", "server"), tmp_path / "s")
+    key = trust.generate_key()
+    forged = _ca.build_leaf(key.public_key(), trust.SpiffeId.parse(workload("west")), east.cert, east.key, 3600)
+    d = tmp_path / "forged"
+    d.mkdir()
+    (d / "cert.pem").write_bytes(trust.certs_to_pem([forged, east.cert]))
+    (d / "key.pem").write_bytes(trust.key_to_pem(key))
+    ctx = trust.client_context(root.bundle_path, d / "cert.pem", d / "key.pem")
+    srv = Server(server_ctx(s), trust.PeerPolicy())
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            _, _, data = connect(srv.port, ctx)
+            if not data:
+                raise ConnectionError("closed")
+        _wait(lambda: srv.results)
+        assert isinstance(srv.results[0], ssl.SSLError)
+        assert "permitted subtree violation" in str(srv.results[0]) or "certificate verify failed" in str(srv.results[0])
+    finally:
+        srv.close()
+
+
+def test_revoked_cluster_leaf_rejected(root: trust.TrustDir, east: trust.ClusterCA, west: trust.ClusterCA, tmp_path: Path) -> None:
+    s = files(west, workload("west"), tmp_path / "s")
+    c = files(east, workload("east"), tmp_path / "c")
+    root.revoke_cluster("east")
+    srv = Server(server_ctx(s), trust.PeerPolicy(revocations=root.revocations()))
+    try:
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            _, _, data = connect(srv.port, client_ctx(c))
+            if not data:
+                raise ConnectionError("closed")
+        _wait(lambda: srv.results)
+        assert isinstance(srv.results[0], trust.PeerRejected)
+        assert "revoked" in str(srv.results[0])
+    finally:
+        srv.close()
+
+
+def test_expired_leaf_rejected(tmp_path: Path) -> None:
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+    root = trust.TrustDir(tmp_path / "root")
+    root.init(TD, now=past)
+    east = root.issue_cluster("east", now=past)
+    west = root.issue_cluster("west")
+    s = files(west, workload("west"), tmp_path / "s")
+    key = trust.generate_key()
+    old = _ca.build_leaf(key.public_key(), trust.SpiffeId.parse(workload("east")), east.cert, east.key, 3600, now=past)
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "cert.pem").write_bytes(trust.certs_to_pem([old, east.cert]))
+    (d / "key.pem").write_bytes(trust.key_to_pem(key))
+    srv = Server(server_ctx(s), trust.PeerPolicy())
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            _, _, data = connect(srv.port, trust.client_context(s.bundle, d / "cert.pem", d / "key.pem"))
+            if not data:
+                raise ConnectionError("closed")
+        _wait(lambda: srv.results)
+        assert "certificate has expired" in str(srv.results[0])
+    finally:
+        srv.close()
+    with pytest.raises(trust.PeerRejected, match="expired"):
+        trust.verify_peer(old)
+
+
+def test_leaf_with_two_uri_sans_rejected(east: trust.ClusterCA) -> None:
+    from cryptography import x509
+
+    key = trust.generate_key()
+    leaf = _ca.build_leaf(key.public_key(), trust.SpiffeId.parse(workload("east")), east.cert, east.key, 3600)
+    # Re-sign a copy with a second URI SAN.
+    san = x509.SubjectAlternativeName(
+        [x509.UniformResourceIdentifier(workload("east")), x509.UniformResourceIdentifier(workload("east", "x", "y"))]
+    )
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.subject)
+        .issuer_name(leaf.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(leaf.not_valid_before_utc)
+        .not_valid_after(leaf.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(san, critical=False)
+    )
+    from cryptography.hazmat.primitives import hashes
+
+    two = b.sign(east.key, hashes.SHA256())
+    with pytest.raises(trust.PeerRejected, match="exactly one URI SAN, found 2"):
+        trust.verify_peer(two)
+
+
+def test_no_client_cert_refused(east: trust.ClusterCA, tmp_path: Path) -> None:
+    s = files(east, workload("east"), tmp_path / "s")
+    srv = Server(server_ctx(s), trust.PeerPolicy())
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            _, _, data = connect(srv.port, trust.client_context(s.bundle))
+            if not data:
+                raise ConnectionError("closed")
+    finally:
+        srv.close()
+
+
+def test_root_rotation_with_overlap(root: trust.TrustDir, tmp_path: Path) -> None:
+    """Bundle A → A+B → leaves from B → B only: every handshake succeeds throughout."""
+    east = root.issue_cluster("east")
+    a_files = east.issue(workload("east", "a", "server"), tmp_path / "a")
+    root.rotate_root()
+    east_b = root.issue_cluster("east")  # re-issued under root B, bundle A+B
+    b_files = east_b.issue(workload("east", "b", "client"), tmp_path / "b")
+    # server still on a leaf from A, client on B, both trusting A+B
+    a_ctx = trust.server_context(a_files.cert, a_files.key, root.bundle_path)
+    srv = Server(a_ctx, trust.PeerPolicy())
+    try:
+        sid, _, _ = connect(srv.port, trust.client_context(root.bundle_path, b_files.cert, b_files.key))
+        assert sid.path == "/ns/a/sa/server"
+    finally:
+        srv.close()
+    root.prune_bundle()
+    b2 = root.issue_cluster("east").issue(workload("east", "a", "server"), tmp_path / "a2")
+    srv = Server(trust.server_context(b2.cert, b2.key, root.bundle_path), trust.PeerPolicy())
+    try:
+        sid, _, _ = connect(srv.port, trust.client_context(root.bundle_path, b_files.cert, b_files.key))
+        assert sid.path == "/ns/a/sa/server"
+    finally:
+        srv.close()
+
+
+def test_certificate_source_swaps_without_dropping(east: trust.ClusterCA, tmp_path: Path) -> None:
+    s_dir = tmp_path / "s"
+    s = files(east, workload("east", "a", "server"), s_dir)
+    c = files(east, workload("east", "b", "client"), tmp_path / "c")
+    source = trust.CertificateSource(lambda: server_ctx(s), [s.cert, s.key], check_interval=0)
+    srv = Server(source, trust.PeerPolicy())
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            with client_ctx(c).wrap_socket(raw) as first:
+                first_serial = trust.load_cert(s.cert).serial_number
+                assert first.recv(200).startswith(b"hello")
+                # renew in place; the next connection gets the new certificate
+                time.sleep(0.01)
+                east.issue(workload("east", "a", "server"), s_dir)
+                os.utime(s.cert)
+                with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw2:
+                    with client_ctx(c).wrap_socket(raw2) as second:
+                        assert second.recv(200).startswith(b"hello")
+                        from cryptography import x509
+
+                        new_serial = x509.load_der_x509_certificate(second.getpeercert(True)).serial_number
+                        assert new_serial != first_serial
+                        second.sendall(b"x")
+                # the first connection is still alive
+                old_serial = trust.load_cert(s.cert).serial_number
+                from cryptography import x509
+
+                assert x509.load_der_x509_certificate(first.getpeercert(True)).serial_number == first_serial != old_serial
+                first.sendall(b"x")
+        assert source.generation == 2
+    finally:
+        srv.close()
+
+
+def test_bad_bundle_and_mismatched_key(east: trust.ClusterCA, west: trust.ClusterCA, tmp_path: Path) -> None:
+    e = files(east, workload("east"), tmp_path / "e")
+    w = files(west, workload("west"), tmp_path / "w")
+    with pytest.raises(trust.BadFile, match="does not match"):
+        trust.server_context(e.cert, w.key, e.bundle)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("nonsense")
+    with pytest.raises(trust.BadFile, match="garbage.pem"):
+        trust.client_context(garbage)
+    with pytest.raises(trust.BadFile, match="not found"):
+        trust.client_context(tmp_path / "missing.pem")
