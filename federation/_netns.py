@@ -1,0 +1,148 @@
+"""Network-namespace "clusters" on one machine (root only).
+
+Topology, for clusters c1..cN (stable: tests and ``isthmus demo`` rely on it)::
+
+    root namespace ── veth ── ┐
+      198.18.0.1 (federation)  │
+                               ├── bridge in <prefix>-wan (the "WAN")
+    <prefix>-<c1> ── veth ──── ┤     cluster i's WAN address: 198.18.0.(10+i)
+    <prefix>-<c2> ── veth ──── ┘
+
+    inside <prefix>-<ci>: 198.19.i.1/24 on lo,, the cluster-internal
+    network where its services listen. No namespace has a route to another cluster's
+    198.19.i.0/24 and forwarding is off, so a service is reachable from elsewhere only
+    through its cluster's gateway, which listens on the WAN address.
+
+198.18.0.0/15 is the RFC 2544 benchmarking range: it never collides with a real network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ._errors import FederationError
+
+WAN_PREFIX = "198.18.0"
+ROOT_WAN_ADDRESS = f"{WAN_PREFIX}.1"
+
+
+class NetnsError(FederationError):
+    """Network namespaces could not be set up."""
+
+
+def netns_available() -> str | None:
+    """None when namespaces can be used here, else the reason (for a fallback message)."""
+    if os.geteuid() != 0:
+        return "not running as root (network namespaces need root)"
+    if shutil.which("ip") is None:
+        return "the 'ip' command is missing (apt-get install iproute2)"
+    probe = f"isthmus-probe-{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"'ip netns add' failed: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    argv = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise NetnsError(f"network setup failed: {' '.join(argv)}: {r.stderr.strip()}")
+    return r
+
+
+@dataclass
+class ClusterNet:
+    name: str
+    index: int
+    namespace: str
+    wan_address: str
+    internal_address: str  # the first address of the cluster-internal network
+
+    def internal(self, host: int) -> str:
+        a, b, c, _ = self.internal_address.split(".")
+        return f"{a}.{b}.{c}.{host}"
+
+
+@dataclass
+class Topology:
+    prefix: str
+    clusters: dict[str, ClusterNet] = field(default_factory=dict)
+    up: bool = False
+
+    @property
+    def wan_ns(self) -> str:
+        return f"{self.prefix}-wan"
+
+    @classmethod
+    def plan(cls, prefix: str, names: Sequence[str]) -> Topology:
+        t = cls(prefix)
+        for i, n in enumerate(names, start=1):
+            t.clusters[n] = ClusterNet(n, i, f"{prefix}-{n}", f"{WAN_PREFIX}.{10 + i}", f"198.19.{i}.1")
+        return t
+
+    def _veth(self, i: int, side: str) -> str:
+        # interface names are limited to 15 characters
+        return f"ism{os.getpid() % 10000}{side}{i}"[:15]
+
+    def setup(self) -> None:
+        """Create every namespace, link and address; undo everything on failure."""
+        try:
+            self._setup()
+            self.up = True
+        except BaseException:
+            self.teardown()
+            raise
+
+    def _setup(self) -> None:
+        self._add_ns(self.wan_ns)
+        _ip("link", "add", "br0", "type", "bridge", ns=self.wan_ns)
+        _ip("link", "set", "br0", "up", ns=self.wan_ns)
+        _ip("link", "set", "lo", "up", ns=self.wan_ns)
+        # root namespace leg (federation, test driver)
+        self._leg(0, None, f"{ROOT_WAN_ADDRESS}/24")
+        for c in self.clusters.values():
+            self._add_ns(c.namespace)
+            _ip("link", "set", "lo", "up", ns=c.namespace)
+            self._leg(c.index, c.namespace, f"{c.wan_address}/24")
+            # The cluster-internal network lives on lo (no dummy interfaces in every
+            # kernel): every 198.19.i.x is then a local address of this namespace only.
+            _ip("addr", "add", f"{c.internal_address}/24", "dev", "lo", ns=c.namespace)
+
+    def _add_ns(self, ns: str) -> None:
+        _ip("netns", "del", ns, check=False)  # a leftover from a crashed run
+        _ip("netns", "add", ns)
+
+    def _leg(self, i: int, ns: str | None, address: str) -> None:
+        outer, inner = self._veth(i, "w"), self._veth(i, "c")
+        _ip("link", "del", inner, check=False)
+        _ip("link", "add", inner, "type", "veth", "peer", "name", outer)
+        _ip("link", "set", outer, "netns", self.wan_ns)
+        _ip("link", "set", outer, "master", "br0", ns=self.wan_ns)
+        _ip("link", "set", outer, "up", ns=self.wan_ns)
+        if ns is not None:
+            _ip("link", "set", inner, "netns", ns)
+        _ip("addr", "add", address, "dev", inner, ns=ns)
+        _ip("link", "set", inner, "up", ns=ns)
+
+    def teardown(self) -> None:
+        """Remove every namespace and link this topology made (idempotent)."""
+        _ip("link", "del", self._veth(0, "c"), check=False)
+        for c in self.clusters.values():
+            _ip("netns", "del", c.namespace, check=False)
+        _ip("netns", "del", self.wan_ns, check=False)
+        self.up = False
+
+    def exec_argv(self, cluster: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside ``cluster``'s namespace."""
+        return ["ip", "netns", "exec", self.clusters[cluster].namespace, *argv]
+
+
+def leftover_namespaces(prefix: str) -> list[str]:
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    return [line.split()[0] for line in r.stdout.splitlines() if line.startswith(prefix + "-")]
