@@ -1,0 +1,76 @@
+"""Error root of the federation package.
+
+Messages start with a fixed prefix naming what failed and, where it helps, say what to
+do.  Subclasses carry the gRPC status they map to, so the server converts them at one
+boundary (``_server._abort``) and the client maps status codes back.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FederationError(Exception):
+    """Root of every error raised by :mod:`federation`."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(FederationError, ValueError):
+    """The request is malformed (bad name, bad model JSON, ...)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class PermissionDenied(FederationError):
+    """The caller is authenticated but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(FederationError):
+    """The caller presented no usable identity (or an invalid/expired token)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotFound(FederationError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(FederationError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class StoreUnavailable(FederationError):
+    """etcd cannot be reached (or timed out); callers retry with backoff."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Compacted(FederationError):
+    """A revision asked for has been compacted away in etcd."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+    def __init__(self, revision: int, compact_revision: int) -> None:
+        self.revision = revision
+        self.compact_revision = compact_revision
+        super().__init__(
+            f"revision compacted: {revision} is older than etcd's compaction point {compact_revision}"
+        )
+
+
+class PinMismatch(FederationError):
+    """The federation server's chain does not lead to the root the join token was issued for."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class RemoteError(FederationError):
+    """A call to the federation service failed; ``code`` and ``details`` are the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        super().__init__(f"federation call failed: {code.name}: {details}")

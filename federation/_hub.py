@@ -1,0 +1,335 @@
+"""The watch hub: one etcd watch per replica, fanned out to every gRPC watcher.
+
+Theory of operation.  The hub lists the config families (clusters, exports, policies,
+trust) once, then follows a single etcd watch on the whole prefix from the next
+revision.  It keeps the current config in memory (key -> (mod_revision, JSON)) and its
+``revision``: every event under the prefix up to it has been applied.  Each etcd
+revision that touched config becomes one :class:`WatchEvent` (a delta) which is put,
+by reference, on every watcher's bounded queue.
+
+A new watcher gets a snapshot built from memory at ``revision`` (cached per revision,
+so a thundering herd after a restart costs one build).  A resuming watcher (it has
+everything up to ``r``) gets one delta that brings it from ``r`` to ``revision``:
+changed keys are those in memory with mod_revision > r, deleted keys come from a
+keys-only etcd range *at revision r*; if etcd compacted past ``r`` that range fails and
+the watcher gets a fresh snapshot instead — never a silent gap.
+
+Slow watchers: when a watcher's queue is full the hub drops its queue and marks it for
+resync; its sender then sends a fresh snapshot and skips anything older.  Memory per
+watcher is therefore bounded by the queue size, and a slow watcher never delays others.
+
+etcd restarts and reconnects: the hub resumes its etcd watch from ``revision + 1``; if
+that was compacted it re-lists and broadcasts the difference as one delta.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+from cryptography import x509
+
+import trust
+
+from ._errors import Compacted, FederationError, StoreUnavailable
+from ._etcd import Etcd, prefix_end
+from ._store import CONFIG_FAMILIES, Keys
+from .proto import federation_pb2 as pb
+
+log = structlog.get_logger("federation.hub")
+
+DEFAULT_QUEUE = 256
+_KIND = {"clusters": pb.CLUSTER, "exports": pb.SERVICE, "policies": pb.POLICY}
+
+
+@dataclass(eq=False)
+class _Watcher:
+    queue: asyncio.Queue[pb.WatchEvent | None]
+    resync: bool = False
+    overflows: int = 0
+
+
+@dataclass
+class HubStats:
+    watchers: int = 0
+    overflows: int = 0
+    relists: int = 0
+    events: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class Hub:
+    def __init__(self, etcd: Etcd, keys: Keys, queue_size: int = DEFAULT_QUEUE) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.queue_size = queue_size
+        self.state: dict[bytes, tuple[int, bytes]] = {}
+        self.revision = 0
+        self.config_revision = 0
+        self.ready = asyncio.Event()
+        self.stats = HubStats()
+        self._watchers: set[_Watcher] = set()
+        self._advanced = asyncio.Condition()
+        self._snapshot_cache: tuple[int, bytes] = (-1, b"")
+        self._revocations: tuple[int, trust.Revocations] = (-1, trust.Revocations())
+
+    # ------------------------------------------------------------------ etcd side
+    def _classify(self, key: bytes) -> tuple[int, str] | None:
+        """(Kind, API key) for a config key, None for everything else."""
+        split = self.keys.split(key)
+        if split is None:
+            return None
+        family, rest = split
+        if family in _KIND:
+            return _KIND[family], rest
+        if family == "trust" and rest in ("bundle", "crl"):
+            return (pb.BUNDLE if rest == "bundle" else pb.CRL), rest
+        return None
+
+    async def _list(self) -> tuple[int, dict[bytes, tuple[int, bytes]]]:
+        first = await self.etcd.get_prefix(self.keys.family(CONFIG_FAMILIES[0]))
+        rev = first.header.revision
+        kvs = list(first.kvs)
+        for fam in CONFIG_FAMILIES[1:]:
+            # Pin the other families to the same revision: one consistent cut.
+            kvs += (await self.etcd.get_prefix(self.keys.family(fam), revision=rev)).kvs
+        return rev, {kv.key: (kv.mod_revision, kv.value) for kv in kvs}
+
+    async def _relist(self) -> None:
+        rev, state = await self._list()
+        if self.ready.is_set():
+            changes = [
+                self._change(k, v[1]) for k, v in state.items() if self.state.get(k) != v
+            ] + [self._change(k, None) for k in self.state if k not in state]
+            self.stats.relists += 1
+            log.warning("hub.relisted", revision=rev, changes=len(changes))
+            self.state = state
+            self._advance(rev, changes)
+        else:
+            self.state = state
+            self.revision = rev
+            self.config_revision = await self._last_config_change(rev, state)
+            self.ready.set()
+            log.info("hub.listed", revision=rev, config_revision=self.config_revision, keys=len(state))
+
+    async def _last_config_change(self, rev: int, state: dict[bytes, tuple[int, bytes]]) -> int:
+        """The revision of the newest config change, as far as a fresh replica can tell.
+
+        The newest mod_revision is it unless a key was deleted after that; a keys-only
+        range at that revision shows whether one was.  When unsure (compacted), the
+        list revision: gateways then read STALE until the next change, never a false SYNCED.
+        """
+        newest = max((mod for mod, _ in state.values()), default=0)
+        if newest == 0:
+            return rev
+        try:
+            for fam in CONFIG_FAMILIES:
+                p = self.keys.family(fam)
+                resp = await self.etcd.range(p, prefix_end(p), revision=newest, keys_only=True)
+                if any(kv.key not in state for kv in resp.kvs):
+                    return rev
+        except Compacted:
+            return rev
+        return newest
+
+    def _change(self, key: bytes, value: bytes | None) -> pb.Change:
+        kind, api_key = self._classify(key)  # type: ignore[misc]
+        if value is None:
+            return pb.Change(kind=kind, key=api_key, deleted=True)
+        return pb.Change(kind=kind, key=api_key, json=value.decode())
+
+    def _apply(self, resp: object) -> None:
+        group: list[pb.Change] = []
+        group_rev = 0
+        for ev in resp.events:  # type: ignore[attr-defined]
+            kv = ev.kv
+            if kv.mod_revision != group_rev:
+                if group:
+                    self._advance(group_rev, group)
+                group, group_rev = [], kv.mod_revision
+            if self._classify(kv.key) is None:
+                continue
+            if ev.type == ev.DELETE:
+                if self.state.pop(kv.key, None) is not None:
+                    group.append(self._change(kv.key, None))
+            else:
+                self.state[kv.key] = (kv.mod_revision, kv.value)
+                group.append(self._change(kv.key, kv.value))
+        if group:
+            self._advance(group_rev, group)
+        # Everything up to the last event (or, for a progress notice, the header) is in.
+        last = group_rev or resp.header.revision  # type: ignore[attr-defined]
+        self._bump(max(last, self.revision))
+
+    def _bump(self, rev: int) -> None:
+        if rev > self.revision:
+            self.revision = rev
+            self._notify()
+
+    def _notify(self) -> None:
+        async def wake() -> None:
+            async with self._advanced:
+                self._advanced.notify_all()
+
+        asyncio.get_running_loop().create_task(wake())
+
+    def _advance(self, rev: int, changes: list[pb.Change]) -> None:
+        self.revision = max(self.revision, rev)
+        if not changes:
+            return
+        self.config_revision = rev
+        self.stats.events += 1
+        event = pb.WatchEvent(revision=rev, changes=changes)
+        for w in self._watchers:
+            if w.resync:
+                continue
+            try:
+                w.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # Drop the backlog; the sender will send a fresh snapshot instead.
+                while not w.queue.empty():
+                    w.queue.get_nowait()
+                w.resync = True
+                w.overflows += 1
+                self.stats.overflows += 1
+                w.queue.put_nowait(None)
+                log.warning("watch.overflow", queue=self.queue_size, revision=rev)
+        self._notify()
+
+    async def run(self) -> None:
+        """List, then follow etcd forever (reconnecting, resuming, re-listing)."""
+        backoff = 0.1
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self._relist()
+                    need_list = False
+                async for resp in self.etcd.watch(self.keys.family(""), self.revision + 1):
+                    self._apply(resp)
+                    backoff = 0.1
+            except Compacted as exc:
+                log.warning("hub.compacted", revision=self.revision, compact_revision=exc.compact_revision)
+                need_list = True
+            except (StoreUnavailable, FederationError) as exc:
+                log.warning("hub.etcd_unavailable", error=str(exc), retry_in=round(backoff, 2))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    # ------------------------------------------------------------------ reads from memory
+    def values(self, family: str) -> list[bytes]:
+        p = self.keys.family(family)
+        return [v for k, (_, v) in self.state.items() if k.startswith(p)]
+
+    def snapshot_json(self) -> tuple[int, bytes]:
+        """The models.Snapshot JSON at ``revision``, built by splicing stored JSON (no re-validation)."""
+        rev, cached = self._snapshot_cache
+        if rev == self.revision:
+            return rev, cached
+
+        def pem(name: str) -> str:
+            v = self.state.get(self.keys.k("trust", name))
+            return json.loads(v[1])["pem"] if v else ""
+
+        body = b"".join(
+            [
+                b'{"revision":%d,"clusters":[' % self.revision,
+                b",".join(self.values("clusters/")),
+                b'],"services":[',
+                b",".join(self.values("exports/")),
+                b'],"policies":[',
+                b",".join(self.values("policies/")),
+                b'],"bundle_pem":',
+                json.dumps(pem("bundle")).encode(),
+                b',"crl_pem":',
+                json.dumps(pem("crl")).encode(),
+                b"}",
+            ]
+        )
+        self._snapshot_cache = (self.revision, body)
+        return self.revision, body
+
+    def snapshot_event(self) -> pb.WatchEvent:
+        rev, body = self.snapshot_json()
+        return pb.WatchEvent(revision=rev, is_snapshot=True, snapshot_json=body.decode())
+
+    def revocations(self) -> trust.Revocations:
+        """Revoked cluster CAs, from the CRL and the CA certificates in the cluster records."""
+        rev, cached = self._revocations
+        if rev == self.config_revision:
+            return cached
+        crl = self.state.get(self.keys.k("trust", "crl"))
+        cas = []
+        for v in self.values("clusters/"):
+            pem = json.loads(v).get("ca_cert_pem")
+            if pem:
+                cas.append(x509.load_pem_x509_certificate(pem.encode()))
+        revs = trust.Revocations.from_crl(json.loads(crl[1])["pem"].encode() if crl else None, cas)
+        self._revocations = (self.config_revision, revs)
+        return revs
+
+    async def wait_for(self, revision: int, timeout: float) -> bool:
+        async def until() -> None:
+            async with self._advanced:
+                await self._advanced.wait_for(lambda: self.revision >= revision)
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # ------------------------------------------------------------------ watchers
+    async def _resume_event(self, from_revision: int) -> pb.WatchEvent:
+        """The delta from ``from_revision`` to now, or a snapshot when etcd compacted past it."""
+        rev = self.revision
+        if from_revision == rev:
+            return pb.WatchEvent(revision=rev)
+        current = {k: v for k, v in self.state.items()}  # consistent copy at ``rev`` (no await above)
+        try:
+            old: set[bytes] = set()
+            for fam in CONFIG_FAMILIES:
+                p = self.keys.family(fam)
+                resp = await self.etcd.range(p, prefix_end(p), revision=from_revision, keys_only=True)
+                old.update(kv.key for kv in resp.kvs)
+        except Compacted:
+            log.info("watch.resume_compacted", from_revision=from_revision, revision=rev)
+            return self.snapshot_event()
+        changes = [self._change(k, v) for k, (mod, v) in current.items() if mod > from_revision]
+        changes += [self._change(k, None) for k in old if k not in current]
+        return pb.WatchEvent(revision=rev, changes=changes)
+
+    async def watch(self, from_revision: int = 0) -> AsyncIterator[pb.WatchEvent]:
+        """Snapshot-or-resume, then deltas.  Each yielded event is newer than the last."""
+        await self.ready.wait()
+        if from_revision > self.revision:
+            # The caller saw a newer revision (on another replica): let us catch up first,
+            # else keys we have not seen yet would look deleted.
+            await self.wait_for(from_revision, timeout=5.0)
+        w = _Watcher(asyncio.Queue(self.queue_size))
+        self._watchers.add(w)
+        self.stats.watchers = len(self._watchers)
+        try:
+            if from_revision <= 0 or from_revision > self.revision:
+                first = self.snapshot_event()
+            else:
+                first = await self._resume_event(from_revision)
+            sent = first.revision
+            yield first
+            while True:
+                item = await w.queue.get()
+                if item is None:
+                    w.resync = False
+                    item = self.snapshot_event()
+                    log.info("watch.resynced", revision=item.revision)
+                elif item.revision <= sent:
+                    continue  # already covered by a snapshot or the resume delta
+                sent = item.revision
+                yield item
+        finally:
+            self._watchers.discard(w)
+            self.stats.watchers = len(self._watchers)

@@ -1,0 +1,278 @@
+"""Running the federation service: TLS material, etcd (external or embedded), the hub, gRPC.
+
+Two listeners share one set of handlers:
+
+* ``--listen`` (default ``0.0.0.0:7443``): mutual TLS, client certificates required
+  and verified against the federation bundle.  Every call.
+* ``--join-listen`` (default: the same host, port + 1): server-auth TLS only, for
+  :rpc:`Join` by clusters that have no certificate yet.  Other calls there fail with
+  UNAUTHENTICATED because the handlers find no client identity.  (grpcio cannot make a
+  client certificate optional on one port, hence two.)
+
+The server certificate is a leaf signed by the root with ``spiffe://<td>/federation`` and
+DNS/IP names for every address it is reached by, re-issued before it expires (the
+credentials fetcher runs on each handshake).  It is served with the root appended so a
+joining client can pin the root from the handshake alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import trust
+
+from ._embedded import EmbeddedEtcd
+from ._errors import FederationError, StoreUnavailable
+from ._etcd import Etcd
+from ._hub import Hub
+from ._server import FederationService
+from ._store import Store
+from .proto import federation_pb2 as pb
+from .proto import federation_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("federation.serve")
+
+MAX_MESSAGE = 256 * 1024 * 1024  # a 50k-service snapshot is ~15 MB; leave ample room
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+SERVER_CERT_VALIDITY = 24 * 3600.0
+
+
+def default_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("isthmus")) / "federation"
+
+
+def split_hostport(text: str, what: str = "address") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise FederationError(f"invalid {what} {text!r}: expected HOST:PORT, e.g. 0.0.0.0:7443")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class ServeConfig:
+    trust_dir: Path
+    listen: str = "0.0.0.0:7443"
+    join_listen: str = ""
+    etcd: str = ""  # empty: embedded etcd
+    etcd_prefix: str = "/isthmus/"
+    data_dir: Path = field(default_factory=default_data_dir)
+    advertise: tuple[str, ...] = ()
+    passphrase: bytes | None = None
+    queue_size: int = 256
+    trust_sync_interval: float = 5.0
+
+    def join_address(self) -> str:
+        if self.join_listen:
+            return self.join_listen
+        host, port = split_hostport(self.listen, "--listen address")
+        return f"{host}:{port + 1}" if ":" not in host else f"[{host}]:{port + 1}"
+
+
+def _names_for(listen: str, advertise: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """DNS names and IP addresses the server certificate must carry."""
+    dns, ips = ["localhost"], ["127.0.0.1", "::1"]
+    host, _ = split_hostport(listen, "--listen address")
+    candidates = list(advertise)
+    if host in ("0.0.0.0", "::"):
+        candidates.append(socket.gethostname())
+        with contextlib.suppress(OSError):
+            candidates += [ai[4][0] for ai in socket.getaddrinfo(socket.gethostname(), None)]
+    else:
+        candidates.append(host)
+    for name in candidates:
+        try:
+            ip = str(ipaddress.ip_address(name))
+            if ip not in ips:
+                ips.append(ip)
+        except ValueError:
+            if name not in dns:
+                dns.append(name)
+    return dns, ips
+
+
+class ServerCertificate:
+    """Issues the server leaf and re-issues it when half its life is gone."""
+
+    def __init__(self, td: trust.TrustDir, out_dir: Path, dns: list[str], ips: list[str]) -> None:
+        self.td, self.out_dir, self.dns, self.ips = td, out_dir, dns, ips
+        self.cert: object = None
+        self.config = self._issue()
+
+    def _issue(self) -> grpc.ServerCertificateConfiguration:
+        files = self.td.issue_server(
+            trust.federation_server_id(self.td.trust_domain),
+            self.out_dir,
+            dns_names=self.dns,
+            ip_addresses=self.ips,
+            validity=SERVER_CERT_VALIDITY,
+        )
+        self.cert = trust.load_cert(files.cert)
+        chain = files.cert.read_bytes() + self.td.root_cert_path.read_bytes()
+        log.info("server_cert.issued", dns=self.dns, ips=self.ips, spiffe_id=str(trust.federation_server_id(self.td.trust_domain)))
+        return grpc.ssl_server_certificate_configuration(
+            [(files.key.read_bytes(), chain)], root_certificates=self.td.bundle_pem()
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by grpc on every handshake: cheap unless rotation is due.
+        if trust.rotation_due(self.cert, dt.datetime.now(dt.timezone.utc)):  # type: ignore[arg-type]
+            self.config = self._issue()
+            return self.config
+        return None
+
+
+class Election:
+    """Leader election on an etcd key bound to a lease (for background jobs).
+
+    The holder keeps its lease alive; when it stops, the key vanishes with the lease
+    and another replica takes over within the TTL.
+    """
+
+    def __init__(self, etcd: Etcd, key: bytes, ttl: int = 5) -> None:
+        self.etcd, self.key, self.ttl = etcd, key, ttl
+        self.me = uuid.uuid4().hex.encode()
+        self.leader = False
+        self._lease = 0
+
+    async def step(self) -> bool:
+        """Campaign or renew once; return whether we lead now."""
+        if self.leader:
+            if await self.etcd.keepalive_once(self._lease) > 0:
+                return True
+            self.leader = False
+        self._lease, _ = await self.etcd.grant(self.ttl)
+        resp = await self.etcd.txn(
+            compare=[self.etcd.cmp_missing(self.key)],
+            success=[self.etcd.op_put(self.key, self.me, self._lease)],
+        )
+        self.leader = resp.succeeded
+        if not self.leader:
+            await self.etcd.revoke(self._lease)
+        return self.leader
+
+
+async def _trust_sync(store: Store, td: trust.TrustDir, interval: float) -> None:
+    """Mirror the trust folder's bundle and CRL into etcd (leader only), e.g. after a revoke."""
+    election = Election(store.etcd, store.keys.k("election", "trust-sync"))
+    while True:
+        try:
+            if await election.step():
+                bundle, crl = await asyncio.to_thread(lambda: (td.bundle_pem(), td.crl_pem()))
+                await store.publish_trust(bundle, crl)
+        except (FederationError, trust.TrustError) as exc:
+            log.warning("trust_sync.failed", error=str(exc))
+        await asyncio.sleep(interval)
+
+
+async def serve(cfg: ServeConfig) -> None:
+    td = trust.TrustDir(cfg.trust_dir, cfg.passphrase)
+    if not td.exists():
+        raise FederationError(
+            f"trust folder {cfg.trust_dir} has no root: run `isthmus trust init --dir {cfg.trust_dir}` first"
+        )
+    fed_td = td.trust_domain
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(cfg.data_dir, 0o700)
+
+    embedded: EmbeddedEtcd | None = None
+    endpoints = cfg.etcd
+    if not endpoints:
+        embedded = EmbeddedEtcd(cfg.data_dir / "etcd-embedded")
+        embedded.start()
+        endpoints = embedded.endpoint
+        log.warning(
+            "etcd.embedded",
+            message="no --etcd given: started an embedded single-member etcd (fine for a demo or one machine; "
+            "run an etcd cluster and pass --etcd for production)",
+            endpoint=endpoints,
+            data_dir=str(embedded.data_dir),
+        )
+    etcd = Etcd(endpoints)
+    await etcd.connect()
+    store = Store(etcd, cfg.etcd_prefix)
+    hub = Hub(etcd, store.keys, cfg.queue_size)
+    tasks: list[asyncio.Task[None]] = []
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    try:
+        # etcd may still be starting (or briefly away): publishing trust waits for it.
+        for attempt in range(100):
+            try:
+                await store.publish_trust(td.bundle_pem(), td.crl_pem())
+                break
+            except StoreUnavailable:
+                if attempt == 99:
+                    raise
+                await asyncio.sleep(0.2)
+        tasks.append(asyncio.create_task(hub.run(), name="hub"))
+        tasks.append(asyncio.create_task(_trust_sync(store, td, cfg.trust_sync_interval), name="trust-sync"))
+        await asyncio.wait_for(hub.ready.wait(), 30)
+
+        dns, ips = _names_for(cfg.listen, cfg.advertise)
+        certs = ServerCertificate(td, cfg.data_dir / "server-tls", dns, ips)
+        pb_grpc.add_FederationServicer_to_server(FederationService(store, hub, td), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        mtls = grpc.dynamic_ssl_server_credentials(certs.config, certs.fetch, require_client_authentication=True)
+        server_auth = grpc.dynamic_ssl_server_credentials(certs.config, certs.fetch, require_client_authentication=False)
+        for addr, creds, what in ((cfg.listen, mtls, "mtls"), (cfg.join_address(), server_auth, "join")):
+            if server.add_secure_port(addr, creds) == 0:
+                raise FederationError(f"cannot listen on {addr} ({what}): address in use or not local")
+        await server.start()
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "federation.serving",
+            listen=cfg.listen,
+            join_listen=cfg.join_address(),
+            trust_domain=fed_td,
+            etcd=endpoints,
+            prefix=cfg.etcd_prefix,
+            revision=hub.revision,
+            pid=os.getpid(),
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        done_wait = asyncio.create_task(stop.wait())
+        finished, _ = await asyncio.wait([done_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in finished:
+            if t is not done_wait and t.exception():
+                raise t.exception()  # type: ignore[misc]
+        log.info("federation.stopping")
+    finally:
+        await server.stop(grace=1.0)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await etcd.close()
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,289 @@
+"""The gRPC service (``isthmus.federation.v1.Federation``) on grpc.aio.
+
+Every handler starts by naming its caller (:meth:`FederationService._caller`): the
+peer's leaf from the mTLS handshake, re-checked against the SPIFFE rules and the CRL.
+Admins are ``spiffe://<td>/admin/<name>``; a cluster is its gateway or agent identity
+``spiffe://<cluster>.<td>/ns/isthmus-system/sa/isthmus-{gateway,agent}``.  A cluster
+writes only its own records; only admins write policies and create tokens.  Join is
+the one call that may come without a certificate (on the join port) — the token is
+its authentication.  Errors are converted to gRPC status codes in one place
+(:func:`_rpc`), and refusals are logged with the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from pydantic import ValidationError
+
+import trust
+
+from . import models
+from ._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from ._hub import Hub
+from ._store import DEFAULT_TTL, Store, parse_policy, parse_service, validation_message
+from .proto import federation_pb2 as pb
+from .proto import federation_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("federation.server")
+
+CLUSTER_SAS = ("isthmus-gateway", "isthmus-agent")
+DEFAULT_CLUSTER_VALIDITY = 90 * 86400.0
+DEFAULT_TOKEN_TTL = 3600
+
+
+@dataclass(frozen=True)
+class Caller:
+    spiffe_id: str
+    admin: str = ""  # admin name
+    cluster: str = ""  # cluster name (gateway or agent identity)
+
+    def may_write_cluster(self, cluster: str) -> bool:
+        return bool(self.admin) or self.cluster == cluster
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _rpc(fn: F) -> F:
+    """Convert our errors into gRPC status codes, at one boundary."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: FederationService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except FederationError as exc:
+            level = "warning" if exc.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) else "info"
+            getattr(log, level)("rpc.refused", method=fn.__name__, code=exc.code.name, error=str(exc), peer=context.peer())
+            await context.abort(exc.code, str(exc))
+        except trust.TrustError as exc:
+            log.info("rpc.refused", method=fn.__name__, code="INVALID_ARGUMENT", error=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FederationService(pb_grpc.FederationServicer):
+    def __init__(self, store: Store, hub: Hub, trust_dir: trust.TrustDir) -> None:
+        self.store = store
+        self.hub = hub
+        self.trust_dir = trust_dir
+        self.trust_domain = trust_dir.trust_domain
+        self._sign_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ identity
+    def _caller(self, context: grpc.aio.ServicerContext, required: bool = True) -> Caller | None:
+        pem = (context.auth_context() or {}).get("x509_pem_cert")
+        if not pem:
+            if required:
+                raise Unauthenticated(
+                    "no client certificate: call the mTLS port with a gateway, agent or admin certificate "
+                    "(ISTHMUS_CERT_DIR or --cert-dir)"
+                )
+            return None
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(pem[0])
+        try:
+            sid = trust.verify_peer(cert, trust.PeerPolicy(revocations=self.hub.revocations()))
+        except trust.PeerRejected as exc:
+            raise Unauthenticated(str(exc)) from None
+        td = self.trust_domain
+        if sid.trust_domain == td and sid.path.startswith("/admin/"):
+            return Caller(str(sid), admin=sid.path.removeprefix("/admin/"))
+        if sid.trust_domain.endswith("." + td):
+            cluster = sid.trust_domain[: -len(td) - 1]
+            if sid.path in tuple(f"/ns/isthmus-system/sa/{sa}" for sa in CLUSTER_SAS):
+                return Caller(str(sid), cluster=cluster)
+        raise PermissionDenied(
+            f"{sid} may not call the federation API: only admins and cluster gateways/agents may"
+        )
+
+    def _admin(self, context: grpc.aio.ServicerContext, what: str) -> Caller:
+        caller = self._caller(context)
+        assert caller is not None
+        if not caller.admin:
+            raise PermissionDenied(f"{caller.spiffe_id} may not {what}: admins only (isthmus trust issue-admin)")
+        return caller
+
+    def _cluster_writer(self, context: grpc.aio.ServicerContext, cluster: str) -> Caller:
+        caller = self._caller(context)
+        assert caller is not None
+        if not cluster:
+            raise InvalidRequest("invalid request: cluster is empty")
+        if not caller.may_write_cluster(cluster):
+            raise PermissionDenied(f"{caller.spiffe_id} may not write cluster {cluster!r}'s records")
+        return caller
+
+    # ------------------------------------------------------------------ join and tokens
+    @_rpc
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        name = request.name
+        try:
+            trust.validate_cluster_name(name)
+        except trust.InvalidName as exc:
+            raise InvalidRequest(str(exc)) from None
+        caller = self._caller(context, required=False)
+        existing = await self.store.get_cluster(name)
+        expect = 0
+        if existing is not None:
+            record, expect = existing
+            if caller is None:
+                raise PermissionDenied(
+                    f"cluster {name!r} is already joined; only that cluster's identity or an admin may "
+                    "join it again (call the mTLS port with its certificate)"
+                )
+            if not caller.may_write_cluster(name):
+                raise PermissionDenied(f"{caller.spiffe_id} may not take over cluster name {name!r}")
+        cluster_td = trust.cluster_trust_domain(name, self.trust_domain)
+        trust.load_csr(request.csr_pem, cluster_td)  # refuse a bad CSR before burning the token
+        validity = trust.parse_duration(request.validity) if request.validity else DEFAULT_CLUSTER_VALIDITY
+        await self.store.consume_token(request.token, name)
+        async with self._sign_lock:  # the trust folder is files: one writer at a time
+            cert = await asyncio.to_thread(self.trust_dir.sign_cluster_csr, name, request.csr_pem, validity)
+            bundle, crl = await asyncio.to_thread(lambda: (self.trust_dir.bundle_pem(), self.trust_dir.crl_pem()))
+        from cryptography.hazmat.primitives import serialization
+
+        ca_pem = cert.public_bytes(serialization.Encoding.PEM)
+        try:
+            record = models.ClusterRecord(
+                name=name,
+                trust_domain=cluster_td,
+                gateway_addresses=tuple(request.gateway_addresses),
+                labels=dict(request.labels),
+                ca_cert_pem=ca_pem.decode(),
+                joined_at=time.time(),
+            )
+        except ValidationError as exc:
+            raise InvalidRequest(validation_message(exc, "join request")) from None
+        revision = await self.store.put_cluster(record, expect)
+        log.info("cluster.joined", cluster=name, rejoin=existing is not None, by=caller.spiffe_id if caller else "token", revision=revision)
+        return pb.JoinResponse(
+            ca_cert_pem=ca_pem,
+            bundle_pem=bundle,
+            crl_pem=crl,
+            trust_domain=cluster_td,
+            federation_trust_domain=self.trust_domain,
+            cluster_json=record.model_dump_json(),
+            revision=revision,
+        )
+
+    @_rpc
+    async def CreateToken(self, request: pb.CreateTokenRequest, context: grpc.aio.ServicerContext) -> pb.CreateTokenResponse:
+        caller = self._admin(context, "create join tokens")
+        if request.cluster:
+            try:
+                trust.validate_cluster_name(request.cluster)
+            except trust.InvalidName as exc:
+                raise InvalidRequest(str(exc)) from None
+        token, expires_at = await self.store.create_token(request.ttl_seconds or DEFAULT_TOKEN_TTL, request.cluster)
+        log.info("token.created", by=caller.spiffe_id, cluster=request.cluster or "*", ttl=request.ttl_seconds or DEFAULT_TOKEN_TTL)
+        return pb.CreateTokenResponse(token=token, ca_pin=self.trust_dir.ca_pin(), expires_at=expires_at)
+
+    # ------------------------------------------------------------------ exports
+    async def _require_joined(self, cluster: str) -> None:
+        if self.hub.state.get(self.store.keys.cluster(cluster)) is None and await self.store.get_cluster(cluster) is None:
+            raise NotFound(f"cluster {cluster!r} has not joined the federation")
+
+    @_rpc
+    async def PublishExports(self, request: pb.PublishExportsRequest, context: grpc.aio.ServicerContext) -> pb.PublishExportsResponse:
+        self._cluster_writer(context, request.cluster)
+        await self._require_joined(request.cluster)
+        services = [parse_service(s) for s in request.services_json]
+        rev, lease, ttl, changed = await self.store.publish(request.cluster, services, int(request.ttl_seconds or DEFAULT_TTL))
+        if changed:
+            log.info("exports.published", cluster=request.cluster, services=len(services), changed=changed, revision=rev)
+        return pb.PublishExportsResponse(revision=rev, lease_id=lease, ttl_seconds=ttl, changed=changed)
+
+    @_rpc
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        self._cluster_writer(context, request.cluster)
+        return pb.HeartbeatResponse(ttl_seconds=await self.store.heartbeat(request.cluster))
+
+    @_rpc
+    async def Withdraw(self, request: pb.WithdrawRequest, context: grpc.aio.ServicerContext) -> pb.WithdrawResponse:
+        self._cluster_writer(context, request.cluster)
+        rev, deleted = await self.store.withdraw(request.cluster, request.namespace, request.name)
+        log.info("exports.withdrawn", cluster=request.cluster, namespace=request.namespace, name=request.name, deleted=deleted)
+        return pb.WithdrawResponse(revision=rev, deleted=deleted)
+
+    # ------------------------------------------------------------------ watch and status
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
+        try:
+            caller = self._caller(context)
+        except FederationError as exc:
+            log.warning("rpc.refused", method="Watch", code=exc.code.name, error=str(exc))
+            await context.abort(exc.code, str(exc))
+            return
+        assert caller is not None
+        log.info("watch.started", peer=caller.spiffe_id, from_revision=request.from_revision)
+        async for event in self.hub.watch(request.from_revision):
+            yield event
+
+    @_rpc
+    async def ReportApplied(self, request: pb.ReportAppliedRequest, context: grpc.aio.ServicerContext) -> pb.ReportAppliedResponse:
+        caller = self._caller(context)
+        assert caller is not None
+        if not caller.cluster:
+            raise PermissionDenied(f"{caller.spiffe_id} is not a cluster gateway or agent: it has no config to report")
+        await self.store.report_applied(caller.cluster, request.gateway_id or caller.spiffe_id, request.revision)
+        return pb.ReportAppliedResponse()
+
+    @_rpc
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        self._caller(context)
+        config_rev = self.hub.config_revision
+        gateways = [
+            pb.GatewayStatus(
+                cluster=cluster,
+                gateway_id=body["gateway_id"],
+                applied_revision=body["revision"],
+                reported_at=body["reported_at"],
+                synced=body["revision"] >= config_rev,
+            )
+            for cluster, body in await self.store.list_status()
+        ]
+        clusters = sorted(k.decode().rsplit("/", 1)[1] for k in self.hub.state if k.startswith(self.store.keys.family("clusters/")))
+        return pb.GetStatusResponse(config_revision=config_rev, gateways=gateways, clusters=clusters)
+
+    # ------------------------------------------------------------------ policies
+    @_rpc
+    async def ApplyPolicy(self, request: pb.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> pb.ApplyPolicyResponse:
+        caller = self._admin(context, "write policies")
+        policy = parse_policy(request.policy_json.encode())
+        rev, changed = await self.store.apply_policy(policy)
+        log.info("policy.applied", kind=policy.kind, name=policy.name, changed=changed, by=caller.spiffe_id, revision=rev)
+        return pb.ApplyPolicyResponse(revision=rev, changed=changed)
+
+    @_rpc
+    async def ListPolicies(self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext) -> pb.ListPoliciesResponse:
+        self._caller(context)
+        policies, rev = await self.store.list_policies()
+        return pb.ListPoliciesResponse(policies_json=[p.model_dump_json(by_alias=True) for p in policies], revision=rev)
+
+    @_rpc
+    async def DeletePolicy(self, request: pb.DeletePolicyRequest, context: grpc.aio.ServicerContext) -> pb.DeletePolicyResponse:
+        caller = self._admin(context, "delete policies")
+        rev, deleted = await self.store.delete_policy(request.name, request.kind)
+        log.info("policy.deleted", name=request.name, kind=request.kind or "*", by=caller.spiffe_id, revision=rev)
+        return pb.DeletePolicyResponse(revision=rev, deleted=deleted)
+
+    # ------------------------------------------------------------------ listings
+    @_rpc
+    async def ListClusters(self, request: pb.ListClustersRequest, context: grpc.aio.ServicerContext) -> pb.ListClustersResponse:
+        self._caller(context)
+        clusters, rev = await self.store.list_clusters()
+        return pb.ListClustersResponse(clusters_json=[c.model_dump_json() for c in clusters], revision=rev)
+
+    @_rpc
+    async def ListServices(self, request: pb.ListServicesRequest, context: grpc.aio.ServicerContext) -> pb.ListServicesResponse:
+        self._caller(context)
+        services, rev = await self.store.list_services(request.cluster)
+        return pb.ListServicesResponse(services_json=[s.model_dump_json() for s in services], revision=rev)
