@@ -1,0 +1,1 @@
+"""``isthmus demo``: a whole federation on one machine (network namespaces as root)."""
