@@ -1,0 +1,454 @@
+"""A synchronous client for the federation API (grpcio), for gateways, agents, the CLI and tests.
+
+    client = FederationClient(["fed-a:7443", "fed-b:7443"], cert_dir="/etc/isthmus/gateway")
+    tracker = SnapshotTracker()
+    for message in client.watch(stop=stop_event):      # reconnects and resumes by itself
+        snapshot = tracker.apply(message)              # the current models.Snapshot
+        ...apply it, then...
+        client.report_applied(gateway_id, snapshot.revision)
+
+The gateway runs this in a worker thread.  Every call fails over across the given
+addresses (the federation is stateless over etcd, any replica will do); the watch
+reconnects with capped exponential backoff and resumes from the last revision it
+delivered, so a consumer never sees a gap (at worst a fresh snapshot).
+Certificates are read from disk on every (re)connect, so rotated files are picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from . import models
+from ._errors import FederationError, RemoteError
+from ._store import PolicyAdapter
+from .proto import federation_pb2 as pb
+from .proto import federation_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("federation.client")
+
+MAX_MESSAGE = 256 * 1024 * 1024
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+KIND_NAMES = {pb.CLUSTER: "cluster", pb.SERVICE: "service", pb.POLICY: "policy", pb.BUNDLE: "bundle", pb.CRL: "crl"}
+
+Policy = models.AuthorizationPolicy | models.RequestAuthentication
+T = TypeVar("T")
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    out = [a.strip() for a in items if a.strip()]
+    if not out:
+        raise FederationError(
+            "no federation address: pass --federation HOST:PORT or set ISTHMUS_FEDERATION"
+        )
+    for a in out:
+        host, sep, port = a.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise FederationError(f"invalid federation address {a!r}: expected HOST:PORT")
+    return out
+
+
+# ---------------------------------------------------------------------- watch messages
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str  # cluster | service | policy | bundle | crl
+    key: str
+    deleted: bool
+    value: Any = None  # the model (or PEM text for bundle/crl); None when deleted
+
+
+@dataclass(frozen=True)
+class WatchMessage:
+    revision: int
+    snapshot: models.Snapshot | None = None  # set: replaces all state
+    changes: tuple[Change, ...] = ()
+
+
+def decode_event(event: pb.WatchEvent) -> WatchMessage:
+    if event.is_snapshot:
+        return WatchMessage(event.revision, snapshot=models.Snapshot.model_validate_json(event.snapshot_json))
+    changes = []
+    for c in event.changes:
+        kind = KIND_NAMES.get(c.kind, "unknown")
+        value: Any = None
+        if not c.deleted:
+            if c.kind == pb.CLUSTER:
+                value = models.ClusterRecord.model_validate_json(c.json)
+            elif c.kind == pb.SERVICE:
+                value = models.ExportedService.model_validate_json(c.json)
+            elif c.kind == pb.POLICY:
+                value = PolicyAdapter.validate_json(c.json)
+            elif c.kind in (pb.BUNDLE, pb.CRL):
+                value = json.loads(c.json)["pem"]
+        changes.append(Change(kind, c.key, c.deleted, value))
+    return WatchMessage(event.revision, changes=tuple(changes))
+
+
+@dataclass
+class SnapshotTracker:
+    """Maintains the current :class:`models.Snapshot` from a watch stream."""
+
+    revision: int = 0
+    clusters: dict[str, models.ClusterRecord] = field(default_factory=dict)
+    services: dict[str, models.ExportedService] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)
+    bundle_pem: str = ""
+    crl_pem: str = ""
+
+    def apply(self, message: WatchMessage) -> models.Snapshot:
+        if message.snapshot is not None:
+            s = message.snapshot
+            self.clusters = {c.name: c for c in s.clusters}
+            self.services = {f"{v.cluster}/{v.key}": v for v in s.services}
+            self.policies = {f"{p.kind}/{p.name}": p for p in s.policies}
+            self.bundle_pem, self.crl_pem = s.bundle_pem, s.crl_pem
+        for c in message.changes:
+            if c.kind in ("bundle", "crl"):
+                setattr(self, f"{c.kind}_pem", "" if c.deleted else c.value)
+                continue
+            table = {"cluster": self.clusters, "service": self.services, "policy": self.policies}.get(c.kind)
+            if table is None:
+                continue  # a kind this client does not know yet: newer server
+            if c.deleted:
+                table.pop(c.key, None)
+            else:
+                table[c.key] = c.value
+        self.revision = message.revision
+        return self.snapshot()
+
+    def snapshot(self) -> models.Snapshot:
+        # model_construct: every part was validated when decoded; skip a second pass.
+        return models.Snapshot.model_construct(
+            revision=self.revision,
+            clusters=tuple(self.clusters[k] for k in sorted(self.clusters)),
+            services=tuple(self.services[k] for k in sorted(self.services)),
+            policies=tuple(self.policies[k] for k in sorted(self.policies)),
+            bundle_pem=self.bundle_pem,
+            crl_pem=self.crl_pem,
+        )
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    revision: int
+    lease_id: int
+    ttl_seconds: int
+    changed: int
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    cluster: str
+    gateway_id: str
+    applied_revision: int
+    reported_at: float
+    synced: bool
+
+    @property
+    def state(self) -> str:
+        return "SYNCED" if self.synced else "STALE"
+
+
+@dataclass(frozen=True)
+class Status:
+    config_revision: int
+    gateways: tuple[GatewayStatus, ...]
+    clusters: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True)
+class Credentials:
+    cert_file: Path
+    key_file: Path
+    bundle_file: Path
+
+    @classmethod
+    def from_dir(cls, cert_dir: str | os.PathLike[str]) -> Credentials:
+        d = Path(cert_dir)
+        creds = cls(d / "cert.pem", d / "key.pem", d / "bundle.pem")
+        for p in (creds.cert_file, creds.key_file, creds.bundle_file):
+            if not p.is_file():
+                raise FederationError(
+                    f"credentials: {p} is missing; a cert dir holds cert.pem, key.pem and bundle.pem "
+                    "(from `isthmus trust issue-admin` or `isthmus federation join`)"
+                )
+        return creds
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.bundle_file.read_bytes(),
+            private_key=self.key_file.read_bytes(),
+            certificate_chain=self.cert_file.read_bytes(),
+        )
+
+
+class FederationClient:
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        cert_dir: str | os.PathLike[str] | None = None,
+        *,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        bundle_file: str | os.PathLike[str] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.addresses = parse_addresses(addresses)
+        if cert_dir is not None:
+            self.creds = Credentials.from_dir(cert_dir)
+        elif cert_file and key_file and bundle_file:
+            self.creds = Credentials(Path(cert_file), Path(key_file), Path(bundle_file))
+        else:
+            raise FederationError(
+                "no credentials: pass a cert dir (--cert-dir or ISTHMUS_CERT_DIR) or cert, key and bundle files"
+            )
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._current = 0
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.FederationStub | None = None
+        self._watch_call: Any = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+    def _connect(self) -> pb_grpc.FederationStub:
+        with self._lock:
+            if self._stub is None:
+                address = self.addresses[self._current]
+                self._channel = grpc.secure_channel(address, self.creds.channel_credentials(), options=channel_options())
+                self._stub = pb_grpc.FederationStub(self._channel)
+            return self._stub
+
+    def _fail_over(self, stub: pb_grpc.FederationStub) -> None:
+        """Move to the next address (unless another thread already did)."""
+        with self._lock:
+            if self._stub is stub:
+                if self._channel is not None:
+                    self._channel.close()
+                self._channel = self._stub = None
+                self._current = (self._current + 1) % len(self.addresses)
+
+    @property
+    def address(self) -> str:
+        return self.addresses[self._current]
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        last: grpc.RpcError | None = None
+        for _ in range(len(self.addresses)):
+            stub = self._connect()
+            try:
+                return getattr(stub, method)(request, timeout=timeout or self.timeout, wait_for_ready=False)
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE:  # type: ignore[attr-defined]
+                    raise RemoteError(exc.code(), exc.details()) from None  # type: ignore[attr-defined]
+                last = exc
+                log.info("federation.failover", address=self.address, code=exc.code().name)  # type: ignore[attr-defined]
+                self._fail_over(stub)
+        assert last is not None
+        raise RemoteError(last.code(), last.details()) from None  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._closed = True
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = self._stub = None
+
+    def __enter__(self) -> FederationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ exports
+    def publish(self, cluster: str, services: Sequence[models.ExportedService], ttl: int = 30) -> PublishResult:
+        r = self._call(
+            "PublishExports",
+            pb.PublishExportsRequest(
+                cluster=cluster, services_json=[s.model_dump_json() for s in services], ttl_seconds=ttl
+            ),
+        )
+        return PublishResult(r.revision, r.lease_id, r.ttl_seconds, r.changed)
+
+    def heartbeat(self, cluster: str) -> int:
+        return self._call("Heartbeat", pb.HeartbeatRequest(cluster=cluster)).ttl_seconds
+
+    def withdraw(self, cluster: str, namespace: str = "", name: str = "") -> int:
+        return self._call("Withdraw", pb.WithdrawRequest(cluster=cluster, namespace=namespace, name=name)).deleted
+
+    def keep_published(
+        self,
+        cluster: str,
+        services: Callable[[], Sequence[models.ExportedService]],
+        stop: threading.Event,
+        ttl: int = 30,
+    ) -> None:
+        """Publish, then heartbeat every ttl/3 until ``stop``; republish when the lease lapsed
+        or the set changed.  Blocking: run it in a thread.  Survives federation outages."""
+        published: list[str] | None = None
+        backoff = _Backoff()
+        while not stop.is_set():
+            try:
+                current = services()
+                body = [s.model_dump_json() for s in current]
+                if body != published:
+                    self.publish(cluster, current, ttl)
+                    published = body
+                else:
+                    self.heartbeat(cluster)
+                backoff.reset()
+                stop.wait(max(ttl / 3, 0.5))
+            except RemoteError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND:
+                    published = None  # lease lapsed: publish again right away
+                    continue
+                log.warning("exports.keepalive_failed", cluster=cluster, error=str(exc))
+                stop.wait(backoff.next())
+
+    # ------------------------------------------------------------------ watch
+    def watch(
+        self, from_revision: int = 0, stop: threading.Event | None = None, raw: bool = False
+    ) -> Iterator[WatchMessage]:
+        """Yield watch messages forever (until ``stop`` or :meth:`close`), reconnecting as needed.
+
+        With ``raw=True`` yields the protobuf ``WatchEvent`` undecoded (benchmarks).
+        """
+        revision = from_revision
+        backoff = _Backoff()
+        current: list[Any] = [None]
+        if stop is not None:
+            # grpc's blocking iterator cannot wait on an Event: one helper thread cancels
+            # whichever call is current when ``stop`` is set.
+            def cancel_on_stop() -> None:
+                stop.wait()
+                if current[0] is not None:
+                    current[0].cancel()
+
+            threading.Thread(target=cancel_on_stop, daemon=True, name="watch-stop").start()
+        while not self._closed and not (stop and stop.is_set()):
+            stub = self._connect()
+            call = stub.Watch(pb.WatchRequest(from_revision=revision))
+            current[0] = self._watch_call = call
+            if stop is not None and stop.is_set():
+                call.cancel()
+            try:
+                for event in call:
+                    backoff.reset()
+                    revision = event.revision
+                    yield event if raw else decode_event(event)  # type: ignore[misc]
+                # Stream ended without error: the server shut down cleanly; reconnect.
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.CANCELLED and (self._closed or (stop and stop.is_set())):
+                    return
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    raise RemoteError(code, exc.details()) from None  # type: ignore[attr-defined]
+                log.info("watch.reconnecting", address=self.address, code=code.name, revision=revision)
+            finally:
+                self._watch_call = None
+            self._fail_over(stub)
+            wait = backoff.next()
+            if stop is not None:
+                if stop.wait(wait):
+                    return
+            else:
+                time.sleep(wait)
+
+    def report_applied(self, gateway_id: str, revision: int) -> None:
+        self._call("ReportApplied", pb.ReportAppliedRequest(gateway_id=gateway_id, revision=revision))
+
+    # ------------------------------------------------------------------ admin
+    def create_token(self, ttl: int = 3600, cluster: str = "") -> pb.CreateTokenResponse:
+        return self._call("CreateToken", pb.CreateTokenRequest(ttl_seconds=ttl, cluster=cluster))
+
+    def apply_policy(self, policy: Policy | dict[str, Any]) -> tuple[int, bool]:
+        body = policy if isinstance(policy, dict) else policy.model_dump(by_alias=True, mode="json")
+        r = self._call("ApplyPolicy", pb.ApplyPolicyRequest(policy_json=json.dumps(body)))
+        return r.revision, r.changed
+
+    def list_policies(self) -> list[Policy]:
+        r = self._call("ListPolicies", pb.ListPoliciesRequest())
+        return [PolicyAdapter.validate_json(p) for p in r.policies_json]
+
+    def delete_policy(self, name: str, kind: str = "") -> int:
+        return self._call("DeletePolicy", pb.DeletePolicyRequest(name=name, kind=kind)).deleted
+
+    # ------------------------------------------------------------------ listings
+    def list_clusters(self) -> list[models.ClusterRecord]:
+        r = self._call("ListClusters", pb.ListClustersRequest())
+        return [models.ClusterRecord.model_validate_json(c) for c in r.clusters_json]
+
+    def list_services(self, cluster: str = "") -> list[models.ExportedService]:
+        r = self._call("ListServices", pb.ListServicesRequest(cluster=cluster))
+        return [models.ExportedService.model_validate_json(s) for s in r.services_json]
+
+    def status(self) -> Status:
+        r = self._call("GetStatus", pb.GetStatusRequest())
+        return Status(
+            r.config_revision,
+            tuple(GatewayStatus(g.cluster, g.gateway_id, g.applied_revision, g.reported_at, g.synced) for g in r.gateways),
+            tuple(r.clusters),
+        )
+
+    def health(self, timeout: float = 2.0) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self._connect()
+        assert self._channel is not None
+        try:
+            r = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service="isthmus.federation.v1.Federation"), timeout=timeout
+            )
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            self._fail_over(self._stub)  # type: ignore[arg-type]
+            return False
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter (0.1 s .. 5 s)."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self.first, self.cap, self.n = first, cap, 0
+
+    def reset(self) -> None:
+        self.n = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * (2**self.n))
+        self.n += 1
+        return delay * random.uniform(0.5, 1.0)
