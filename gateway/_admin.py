@@ -1,0 +1,91 @@
+"""Admin listener (localhost by default): ``/healthz``, ``/readyz``, ``/metrics``, ``/config``.
+
+Plain HTTP/1.1 on h11, one request per connection is plenty for probes and scrapes.
+``/readyz`` is 200 once a config (file, last-known-good or federation) is in force.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ._config import config_json
+
+if TYPE_CHECKING:
+    from ._gateway import Gateway
+
+
+def config_document(gw: Gateway) -> dict[str, object]:
+    snap = gw.snapshot
+    return {
+        "cluster": gw.cluster,
+        "identity": str(gw.identity),
+        "revision": snap.revision if snap is not None else None,
+        "source": gw.config_source,
+        "staleness_seconds": round(time.time() - gw.last_confirmed, 3),
+        "ports": gw.ports,
+        "config": config_json(gw.cfg),
+        "snapshot": json.loads(snap.model_dump_json()) if snap is not None else None,
+        "routes": {
+            "outbound": sorted(f"{h}:{p}" for (h, p) in gw.table.outbound if p is not None),
+            "inbound": sorted({f"{h}:{p}" for (h, p) in gw.table.inbound if p is not None}),
+            "peers": sorted(p.name for p in gw.table.peers_by_td.values()),
+        },
+    }
+
+
+def _respond(gw: Gateway, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
+    path = target.split(b"?", 1)[0]
+    if method not in (b"GET", b"HEAD"):
+        return 405, b"text/plain", b"method not allowed\n"
+    if path == b"/healthz":
+        return 200, b"text/plain", b"ok\n"
+    if path == b"/readyz":
+        if gw.ready:
+            return 200, b"text/plain", b"ready\n"
+        return 503, b"text/plain", b"no config yet\n"
+    if path == b"/metrics":
+        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(gw.metrics.registry)
+    if path == b"/config":
+        return 200, b"application/json", json.dumps(config_document(gw), indent=2).encode()
+    return 404, b"text/plain", b"not found: try /healthz /readyz /metrics /config\n"
+
+
+async def _handle(gw: Gateway, stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        with trio.fail_after(10):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(16384))
+                    continue
+                break
+            if not isinstance(event, h11.Request):
+                return
+            status, ctype, body = _respond(gw, event.method, event.target)
+            head = event.method == b"HEAD"
+            data = conn.send(h11.Response(status_code=status, headers=[
+                (b"content-type", ctype), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]))
+            assert data is not None
+            if not head:
+                data += conn.send(h11.Data(data=body)) or b""
+            data += conn.send(h11.EndOfMessage()) or b""
+            await stream.send_all(data)
+    except (trio.TooSlowError, trio.BrokenResourceError, h11.RemoteProtocolError, OSError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_admin(gw: Gateway, listener: trio.SocketListener) -> None:
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(_handle, gw, stream)

@@ -1,0 +1,154 @@
+"""Gateway configuration: a YAML file validated with pydantic.
+
+Every field has a default, so an empty file is a valid config for a gateway whose
+certificates sit in the default places.  Validation errors name the field path
+(``limits.max_concurrent_streams: Input should be greater than 0``).
+
+Defaults follow Envoy where Envoy has one (idle timeout 1 h, 60 KiB header lists,
+connect timeout 5 s); flow-control windows are larger than HTTP/2's 64 KiB because
+gateway-to-gateway links are long, fat pipes, and still bounded per stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from federation.models import Snapshot
+
+from ._errors import ConfigError
+from ._routes import DEFAULT_DNS_SUFFIX
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerConfig(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(ge=0, le=65535)
+
+
+class TlsConfig(_Model):
+    """The gateway's own SVID (issued by the cluster CA) and the federation bundle."""
+
+    cert_file: Path = Path("/etc/isthmus/gateway/cert.pem")
+    key_file: Path = Path("/etc/isthmus/gateway/key.pem")
+    bundle_file: Path = Path("/etc/isthmus/gateway/bundle.pem")
+    # Optional CRL; the federation snapshot's crl_pem is used too.
+    crl_file: Path | None = None
+
+
+class Limits(_Model):
+    max_concurrent_streams: int = Field(1024, gt=0, le=2**31 - 1)
+    max_header_list_size: int = Field(60 * 1024, ge=1024)
+    initial_stream_window: int = Field(1 << 20, ge=65535, le=2**31 - 1)
+    initial_connection_window: int = Field(16 << 20, ge=65535, le=2**31 - 1)
+    max_frame_size: int = Field(16384, ge=16384, le=2**24 - 1)
+    handshake_timeout: float = Field(10.0, gt=0)
+    connect_timeout: float = Field(5.0, gt=0)
+    idle_timeout: float = Field(3600.0, gt=0)
+    # Gateway-to-gateway pool: at most this many connections per peer address; a new one
+    # is opened when every open one carries streams_per_connection streams.
+    max_connections_per_peer: int = Field(4, ge=1, le=64)
+    streams_per_connection: int = Field(256, ge=1)
+    reconnect_backoff_initial: float = Field(0.1, gt=0)
+    reconnect_backoff_max: float = Field(10.0, gt=0)
+    max_downstream_connections: int = Field(10_000, ge=1)
+    # Bytes read ahead from an opaque TCP or HTTP/1.1 socket before the other side takes them.
+    tcp_buffer: int = Field(256 * 1024, ge=4096)
+
+
+class TcpPort(_Model):
+    """An outbound port whose bytes are tunnelled (HTTP/2 CONNECT) to an imported service."""
+
+    port: int = Field(ge=0, le=65535)
+    host: str = "0.0.0.0"
+    # An imported name with its port, e.g. "db.prod.west.isthmus.local:5432".
+    target: str
+
+    @field_validator("target")
+    @classmethod
+    def _has_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"target {v!r} must be NAME:PORT, e.g. db.prod.isthmus.local:5432")
+        return v
+
+
+class FederationSource(_Model):
+    """Where config comes from when not from the file alone."""
+
+    address: str = ""  # host:port of the federation service; empty = file only
+    # Client certificate for the federation API (defaults to the gateway's own).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    bundle_file: Path | None = None
+
+
+class GatewayConfig(_Model):
+    # Our cluster's name; empty = taken from the certificate's trust domain (first label).
+    cluster: str = ""
+    dns_suffix: str = DEFAULT_DNS_SUFFIX
+    inbound: ListenerConfig = ListenerConfig(port=15443)
+    outbound: ListenerConfig = ListenerConfig(port=15001)
+    admin: ListenerConfig = ListenerConfig(host="127.0.0.1", port=15000)
+    tls: TlsConfig = TlsConfig()
+    # Local workloads may connect without TLS (then they carry no identity).
+    outbound_allow_plain: bool = False
+    tcp_ports: tuple[TcpPort, ...] = ()
+    limits: Limits = Limits()
+    federation: FederationSource = FederationSource()
+    last_known_good: Path = Path("/var/lib/isthmus/gateway/last-known-good.json")
+    # A static federation snapshot (clusters + services) for file-only operation.
+    static: Snapshot | None = None
+    access_log: bool = True
+
+    @field_validator("dns_suffix")
+    @classmethod
+    def _suffix(cls, v: str) -> str:
+        v = v.strip(".").lower()
+        if not v or any(not part for part in v.split(".")):
+            raise ValueError(f"dns_suffix {v!r} must be a DNS name such as isthmus.local")
+        return v
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid gateway config {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "(inline)") -> GatewayConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid gateway config {source}: the top level must be a mapping")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read gateway config {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid gateway config {p}: not YAML: {exc}") from None
+    return parse_config(data, str(p))
+
+
+def config_json(cfg: GatewayConfig) -> dict[str, Any]:
+    return json.loads(cfg.model_dump_json(by_alias=True))

@@ -1,0 +1,269 @@
+"""HTTP/1.1 downstream connections (local workloads on the outbound listener).
+
+h11 parses; each request becomes h2-style headers and is relayed like an HTTP/2 stream:
+:class:`H1Half` is the downstream half (it implements the relay's half methods), the
+upstream half is a stream on a pooled gateway-to-gateway HTTP/2 connection.  Request
+bodies are read only while fewer than ``buffer`` bytes are unacknowledged upstream;
+response bytes are acked to the upstream once the socket took them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import h11
+import trio
+
+from ._relay import _FLAG_STATUS, Headers
+
+_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                  b"upgrade", b"te", b"host"})
+
+
+class H1Half:
+    """Downstream half for one HTTP/1.1 request at a time."""
+
+    def __init__(self, conn: "H1Connection", x: Any) -> None:
+        self.c = conn
+        self.x = x
+        self.peer: Any = None
+        self.headers_sent = False
+        self.closed = False
+        self.complete = trio.Event()  # response fully written (or failed)
+
+    def write_headers(self, headers: Headers, end: bool) -> None:
+        if self.closed:
+            return
+        status = 0
+        out = []
+        for k, v in headers:
+            if k == b":status":
+                status = int(v)
+            elif k[:1] != b":" and k not in _HOP:
+                out.append((k, v))
+        if self.x is not None:
+            self.x.on_response_headers(headers, end)
+        if status < 200:
+            if status != 101:
+                self.c.send(h11.InformationalResponse(status_code=status, headers=out))
+            return
+        self.headers_sent = True
+        self.c.send(h11.Response(status_code=status, headers=out))
+        if end:
+            self.write_end()
+
+    def write_data(self, data: bytes, credit: int) -> None:
+        if self.closed:
+            if self.peer is not None:
+                self.peer.ack(credit)
+            return
+        if self.x is not None:
+            self.x.bytes_sent += len(data)
+        self.c.send(h11.Data(data=data), credit, self.peer)
+
+    def write_trailers(self, trailers: Headers) -> None:
+        if self.x is not None:
+            self.x.on_trailers(trailers)
+        self.write_end()
+
+    def write_end(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.c.send(h11.EndOfMessage())
+        self.complete.set()
+
+    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
+        if self.closed:
+            return
+        if self.x is not None and not self.x.response_flags:
+            self.x.response_flags = flags
+        if not self.headers_sent:
+            self.respond_error(flags, message or "upstream reset")
+        else:
+            self.closed = True
+            self.c.broken = True
+            self.complete.set()
+            self.c.wake()
+
+    def ack(self, credit: int) -> None:
+        self.c.in_flight -= credit
+        self.c.wake_reader()
+
+    def respond(self, status: int, headers: Headers = (), body: bytes = b"",  # type: ignore[assignment]
+                end_headers_only: bool = False) -> None:
+        hs: Headers = [(b":status", str(status).encode()), *headers,
+                       (b"content-length", str(len(body)).encode())]
+        self.peer = None
+        self.write_headers(hs, not body)
+        if body:
+            self.write_data(body, 0)
+            self.write_end()
+
+    def respond_error(self, flags: str, message: str) -> None:
+        self.respond(_FLAG_STATUS.get(flags, 503), [(b"content-type", b"text/plain")],
+                     message.encode() + b"\n")
+
+    def respond_grpc(self, status: int, message: str) -> None:
+        self.respond_error("UF", message)
+
+
+class H1Connection:
+    """Drives one HTTP/1.1 connection; ``on_request(half, headers, end)`` routes requests."""
+
+    def __init__(self, stream: trio.abc.Stream, scheme: bytes, buffer: int,
+                 on_request: Callable[[H1Half, Headers, bool], None],
+                 new_exchange: Callable[[], Any], idle_timeout: float) -> None:
+        self.stream = stream
+        self.scheme = scheme
+        self.buffer = buffer
+        self.on_request = on_request
+        self.new_exchange = new_exchange
+        self.idle = idle_timeout
+        self.h11 = h11.Connection(h11.SERVER)
+        self.out: list[bytes] = []
+        self.acks: list[tuple[int, Any]] = []
+        self.in_flight = 0
+        self.broken = False
+        self._writer_ev = trio.Event()
+        self._reader_ev = trio.Event()
+
+    def send(self, event: Any, credit: int = 0, ack_to: Any = None) -> None:
+        try:
+            data = self.h11.send(event)
+        except h11.LocalProtocolError:
+            self.broken = True
+            data = None
+        if data:
+            self.out.append(data)
+        if credit and ack_to is not None:
+            self.acks.append((credit, ack_to))
+        self._writer_ev.set()
+
+    def wake(self) -> None:
+        self._writer_ev.set()
+
+    def wake_reader(self) -> None:
+        self._reader_ev.set()
+
+    async def _writer(self) -> None:
+        while True:
+            while not self.out and not self.broken:
+                self._writer_ev = trio.Event()
+                await self._writer_ev.wait()
+            if self.out:
+                data, self.out = b"".join(self.out), []
+                acks, self.acks = self.acks, []
+                await self.stream.send_all(data)
+                for credit, peer in acks:
+                    peer.ack(credit)
+            elif self.broken:
+                return
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._writer)
+                await self._serve()
+                n.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self.stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    async def _next_event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_after(self.idle):
+                data = await self.stream.receive_some(64 * 1024)
+                self.h11.receive_data(data)
+                continue
+            return h11.ConnectionClosed()
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                event = await self._next_event()
+            except h11.RemoteProtocolError as exc:
+                if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    self.send(h11.Response(status_code=400, headers=[(b"content-length", b"0"),
+                                                                     (b"connection", b"close")]))
+                    self.send(h11.EndOfMessage())
+                    await self._flush()
+                del exc
+                return
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+            if not isinstance(event, h11.Request):
+                return
+            half = H1Half(self, self.new_exchange())
+            headers: Headers = [(b":method", event.method), (b":scheme", self.scheme)]
+            host = b""
+            rest: Headers = []
+            chunked = False
+            length = None
+            for k, v in event.headers:
+                if k == b"host":
+                    host = v
+                elif k == b"transfer-encoding":
+                    chunked = True
+                elif k == b"content-length":
+                    length = int(v)
+                    rest.append((k, v))
+                elif k == b"te":
+                    if v.lower() == b"trailers":
+                        rest.append((k, v))
+                elif k not in _HOP:
+                    rest.append((k, v))
+            if event.method == b"CONNECT":
+                headers = [(b":method", b"CONNECT"), (b":authority", event.target)]
+            else:
+                headers.append((b":authority", host))
+                headers.append((b":path", event.target))
+            headers.extend(rest)
+            end = not chunked and not length
+            self.in_flight = 0
+            self.on_request(half, headers, end)
+            # Request body, paced by the upstream's acks.
+            while True:
+                while self.in_flight >= self.buffer and not half.closed:
+                    self._reader_ev = trio.Event()
+                    await self._reader_ev.wait()
+                ev = await self._next_event()
+                if isinstance(ev, h11.Data):
+                    self.in_flight += len(ev.data)
+                    if half.x is not None:
+                        half.x.bytes_received += len(ev.data)
+                    if half.peer is not None:
+                        half.peer.write_data(ev.data, len(ev.data))
+                    else:
+                        self.in_flight -= len(ev.data)
+                elif isinstance(ev, h11.EndOfMessage):
+                    if not end and half.peer is not None:
+                        half.peer.write_end()
+                    break
+                else:
+                    if half.peer is not None:
+                        half.peer.abort(8, "DC", "client went away")
+                    return
+            await half.complete.wait()
+            if half.x is not None:
+                half.x.finish()
+            await self._flush()
+            if self.broken or self.h11.our_state is not h11.DONE:
+                return
+            try:
+                self.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _flush(self) -> None:
+        while self.out:
+            await trio.sleep(0)

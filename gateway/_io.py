@@ -1,0 +1,301 @@
+"""The thin trio shell around the sans-IO relay: byte pumps and opaque-TCP halves.
+
+``pump_h2`` is the only place an HTTP/2 connection touches a socket: one read, all its
+events through the relay, and a writer task that sends whatever the relay queued (for
+this connection or — because streams are relayed across connections — for any other).
+A dedicated writer per connection means a slow socket never stalls the reader, so
+WINDOW_UPDATEs and resets keep flowing while data waits for the peer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.settings
+import structlog
+import trio
+
+from ._config import Limits
+from ._relay import H2Endpoint, H2Half, Headers
+
+log = structlog.get_logger("isthmus.gateway")
+
+MAX_READ = 256 * 1024
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream that first replays bytes already read (protocol sniffing)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def h2_connection(client: bool, limits: Limits, trusted: bool) -> h2.connection.H2Connection:
+    """An h2 connection with our settings.
+
+    ``trusted`` (gateway-to-gateway, gateway-to-service): skip h2's per-header validation
+    and normalisation, which costs a large share of a hop's CPU and buys nothing between
+    peers that already authenticated each other and speak through the same code.
+    """
+    cfg = h2.config.H2Configuration(
+        client_side=client, header_encoding=None,
+        validate_inbound_headers=not trusted, normalize_inbound_headers=not trusted,
+        validate_outbound_headers=False, normalize_outbound_headers=False,
+        split_outbound_cookies=False)
+    conn = h2.connection.H2Connection(config=cfg)
+    conn.local_settings = h2.settings.Settings(client=client, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_stream_window,
+        h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+        h2.settings.SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
+        h2.settings.SettingCodes.ENABLE_PUSH: 0,
+    })
+    # h2 starts its inbound window manager at 65535; tell it about our larger setting.
+    conn.initiate_connection()
+    delta = limits.initial_connection_window - 65535
+    if delta > 0:
+        conn.increment_flow_control_window(delta)
+    conn._inbound_flow_control_window_manager.max_window_size = limits.initial_connection_window
+    return conn
+
+
+async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
+                  first: bytes = b"") -> None:
+    """Run one HTTP/2 connection until it closes; fail its streams when it does."""
+    wake_ev = trio.Event()
+
+    def wake() -> None:
+        wake_ev.set()
+
+    ep.wake = wake
+    # Whatever was queued before the pump ran (preface, streams attached while dialling).
+    ep.dirty = True
+    wake_ev.set()
+
+    async def writer() -> None:
+        nonlocal wake_ev
+        while True:
+            await wake_ev.wait()
+            wake_ev = trio.Event()
+            data = ep.take_output()
+            if data:
+                await stream.send_all(data)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            if first:
+                ep.receive(first)
+            receive = stream.receive_some
+            while not ep.closed:
+                with trio.move_on_after(idle_timeout if idle_timeout else math.inf) as scope:
+                    data = await receive(MAX_READ)
+                if scope.cancelled_caught:
+                    if ep.halves:
+                        continue
+                    ep.conn.close_connection()
+                    break
+                if not data:
+                    break
+                ep.receive(data)
+            # Say goodbye (GOAWAY, last frames) if the socket still takes bytes.
+            nursery.cancel_scope.cancel()
+        with trio.move_on_after(1):
+            out = ep.take_output()
+            if out:
+                await stream.send_all(out)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    except trio.TooSlowError:
+        pass
+    finally:
+        ep.terminate()
+        ep.wake = _closed_wake
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(1):
+                try:
+                    await stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+
+def _closed_wake() -> None:
+    return None
+
+
+class TcpHalf:
+    """An opaque TCP (or TLS) byte stream as one half of a relayed exchange.
+
+    Bytes read from the socket are handed to the peer with their length as credit; the
+    reader stops once ``buffer`` bytes are in flight and resumes as the peer acks.  Bytes
+    written by the peer are sent by a writer task, which acks them after the socket took them.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, buffer: int, x: Any = None,
+                 down: bool = False) -> None:
+        self.stream = stream
+        self.peer: Any = None
+        self.buffer = buffer
+        self.in_flight = 0
+        self.x = x  # Exchange, when this half is the downstream side
+        self.is_down = down
+        self.out: list[tuple[bytes, int]] = []
+        self.out_end = False
+        self.closed = False
+        self.open_ok = trio.Event()  # peer answered 2xx (or we are the upstream)
+        self.failed = False
+        self._wake_writer = trio.Event()
+        self._wake_reader = trio.Event()
+
+    # -- Half protocol ----------------------------------------------------------------
+    def write_headers(self, headers: Headers, end: bool) -> None:
+        status = b""
+        for k, v in headers:
+            if k == b":status":
+                status = v
+        if self.x is not None and status:
+            self.x.response_code = int(status)
+        if status and not status.startswith(b"2"):
+            self.failed = True
+            if self.x is not None and not self.x.response_flags:
+                self.x.response_flags = "UF" if status.startswith(b"5") else "NR"
+            self._close()
+            return
+        self.open_ok.set()
+        if end:
+            self.write_end()
+
+    def write_data(self, data: bytes, credit: int) -> None:
+        if self.closed:
+            if self.peer is not None:
+                self.peer.ack(credit)
+            return
+        self.out.append((data, credit))
+        self._wake_writer.set()
+
+    def write_trailers(self, trailers: Headers) -> None:
+        self.write_end()
+
+    def write_end(self) -> None:
+        self.out_end = True
+        self._wake_writer.set()
+
+    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
+        if self.x is not None and not self.x.response_flags:
+            self.x.response_flags = flags
+        self._close()
+
+    def ack(self, credit: int) -> None:
+        self.in_flight -= credit
+        self._wake_reader.set()
+
+    def _close(self) -> None:
+        self.closed = True
+        self.open_ok.set()
+        self._wake_writer.set()
+        self._wake_reader.set()
+
+    # -- tasks ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Pump both directions until both ends closed or either failed."""
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._writer, n.cancel_scope)
+                await self.open_ok.wait()
+                if not self.closed:
+                    await self._reader()
+                # Reader done: wait for the writer to finish the other direction.
+        finally:
+            self.closed = True
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self.stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    async def _reader(self) -> None:
+        peer = self.peer
+        try:
+            while not self.closed:
+                while self.in_flight >= self.buffer and not self.closed:
+                    self._wake_reader = trio.Event()
+                    await self._wake_reader.wait()
+                if self.closed:
+                    return
+                data = await self.stream.receive_some(min(MAX_READ, self.buffer))
+                if not data:
+                    peer.write_end()
+                    return
+                self.in_flight += len(data)
+                if self.x is not None:
+                    self.x.bytes_received += len(data)
+                peer.write_data(data, len(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._fail()
+
+    async def _writer(self, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                while not self.out and not self.out_end and not self.closed:
+                    self._wake_writer = trio.Event()
+                    await self._wake_writer.wait()
+                if self.out:
+                    batch, self.out = self.out, []
+                    await self.stream.send_all(b"".join(d for d, _ in batch))
+                    n = sum(len(d) for d, _ in batch)
+                    if self.x is not None:
+                        self.x.bytes_sent += n
+                    peer = self.peer
+                    if peer is not None:
+                        peer.ack(sum(c for _, c in batch))
+                    continue
+                if self.closed:
+                    scope.cancel()
+                    return
+                if self.out_end:
+                    try:
+                        await self.stream.send_eof()  # type: ignore[attr-defined]
+                    except (AttributeError, NotImplementedError):
+                        pass  # TLS without half-close: the close at the end does it
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._fail()
+            scope.cancel()
+
+    def _fail(self) -> None:
+        if self.closed:
+            return
+        self._close()
+        if self.peer is not None:
+            self.peer.abort(8, "UC", "connection reset")
+
+
+def link(a: Any, b: Any) -> None:
+    a.peer = b
+    b.peer = a
+
+
+def new_upstream() -> H2Half:
+    return H2Half(None, down=False)

@@ -1,0 +1,195 @@
+"""Per-request decisions of both listeners, as pure functions of headers and tables.
+
+Outbound (local workload -> peer gateway): route the ``:authority``/Host of an imported
+name (see :mod:`gateway._routes` for the scheme), strip anything a workload must not set
+(``isthmus-source-identity``), assert the caller's verified SPIFFE ID, continue or start a
+W3C trace.
+
+Inbound (peer gateway -> local service): the service must be exported to the peer's
+cluster; the caller identity the peer asserts must lie in the peer's own trust domain (a
+gateway of ``east`` cannot speak for ``west``); then the :data:`Authorizer` hook decides
+(default allow — federation-wide AuthorizationPolicy/JWT plug in here later).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from trust import InvalidSpiffeId, SpiffeId
+
+from ._relay import Headers
+from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable
+from ._telemetry import Exchange
+
+log = structlog.get_logger("isthmus.gateway")
+
+SOURCE_IDENTITY = b"isthmus-source-identity"
+TRACEPARENT = b"traceparent"
+# Never forwarded from a workload: only gateways may assert these.
+_STRIPPED_OUTBOUND = frozenset({SOURCE_IDENTITY, b"host", b"connection", b"keep-alive",
+                                b"proxy-connection", b"transfer-encoding", b"upgrade"})
+_HEX = frozenset(b"0123456789abcdef")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAttrs:
+    """What the authorization hook sees of an inbound request."""
+
+    peer_cluster: str
+    peer_principal: str
+    source_principal: str  # asserted caller identity ("" if none)
+    namespace: str
+    service: str
+    port: int
+    method: str
+    path: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    reason: str = ""
+
+
+ALLOW = Decision(True)
+Authorizer = Callable[[RequestAttrs], Decision]
+
+
+def allow_all(attrs: RequestAttrs) -> Decision:
+    return ALLOW
+
+
+@dataclass(slots=True)
+class Forward:
+    headers: Headers
+    route: Any  # OutboundRoute (outbound) or LocalTarget (inbound)
+    connect: bool = False
+
+
+@dataclass(slots=True)
+class Reject:
+    flags: str  # Envoy response flag: NR no route, RBAC denied
+    message: str
+    status: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
+    """(header value for the next hop, trace id): continue ``incoming`` if valid."""
+    span = os.urandom(8).hex()
+    if incoming is not None and len(incoming) == 55:
+        parts = incoming.split(b"-")
+        if (len(parts) == 4 and parts[0] == b"00" and len(parts[1]) == 32
+                and len(parts[2]) == 16 and len(parts[3]) == 2
+                and _HEX.issuperset(parts[1]) and _HEX.issuperset(parts[3])
+                and parts[1] != b"0" * 32):
+            trace = parts[1].decode()
+            return f"00-{trace}-{span}-{parts[3].decode()}".encode(), trace
+    trace = os.urandom(16).hex()
+    return f"00-{trace}-{span}-01".encode(), trace
+
+
+def _scan(headers: Headers, x: Exchange) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """Fill the exchange from request headers; return (authority, traceparent, host)."""
+    authority = tp = host = None
+    for k, v in headers:
+        if k[0] == 58:  # ':'
+            if k == b":authority":
+                authority = v
+            elif k == b":method":
+                x.method = v.decode()
+            elif k == b":path":
+                x.path = v.decode("latin-1")
+        elif k == b"content-type":
+            x.grpc = v.startswith(b"application/grpc")
+        elif k == TRACEPARENT:
+            tp = v
+        elif k == b"host":
+            host = v
+        elif k == b"x-forwarded-for":
+            x.x_forwarded_for = v.decode("latin-1")
+        elif k == b"user-agent":
+            x.user_agent = v.decode("latin-1")
+        elif k == b"x-request-id":
+            x.request_id = v.decode("latin-1")
+    return authority or host, tp, host
+
+
+def outbound(headers: Headers, table: RouteTable, caller: str, x: Exchange) -> Forward | Reject:
+    authority, tp, _ = _scan(headers, x)
+    if not authority:
+        return Reject("NR", "request has no :authority or Host header", 400)
+    x.authority = auth = authority.decode("latin-1")
+    route = table.outbound_route(auth)
+    if route is None:
+        return Reject("NR", f"no imported service is named {auth!r}")
+    x.destination_service = route.destination_service
+    tpv, x.trace_id = traceparent(tp)
+    new_auth = route.authority.encode()
+    out: Headers = []
+    for k, v in headers:
+        if k == b":authority":
+            out.append((k, new_auth))
+        elif k in _STRIPPED_OUTBOUND or k == TRACEPARENT or k.startswith(b"isthmus-"):
+            continue
+        else:
+            out.append((k, v))
+    if not any(k == b":authority" for k, _ in out):
+        out.insert(1, (b":authority", new_auth))
+    if caller:
+        out.append((SOURCE_IDENTITY, caller.encode()))
+    out.append((TRACEPARENT, tpv))
+    return Forward(out, route, x.method == "CONNECT")
+
+
+def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_principal: str,
+            authorize: Authorizer, x: Exchange) -> Forward | Reject:
+    authority, tp, _ = _scan(headers, x)
+    x.source_cluster = peer.name
+    x.peer_principal = peer_principal
+    x.destination_cluster = table.local_cluster
+    if not authority:
+        return Reject("NR", "request has no :authority", 400)
+    x.authority = auth = authority.decode("latin-1")
+    target = table.inbound_target(auth)
+    if target is None or not target.visible_to(peer.name):
+        # Same answer whether the service does not exist or is not exported to the peer.
+        return Reject("NR", f"no service {auth!r} is exported to cluster {peer.name!r}")
+    x.destination_service = target.destination_service
+    source = ""
+    for k, v in headers:
+        if k == SOURCE_IDENTITY:
+            source = v.decode("latin-1")
+    if source:
+        try:
+            sid = SpiffeId.parse(source)
+        except InvalidSpiffeId:
+            log.warning("inbound.bad_source_identity", peer=peer_principal, asserted=source)
+            return Reject("RBAC", "isthmus-source-identity is not a valid SPIFFE ID", 403)
+        if sid.trust_domain != peer.trust_domain:
+            log.warning("inbound.impersonation_refused", peer=peer_principal,
+                        peer_cluster=peer.name, asserted=source)
+            return Reject("RBAC", f"gateway of cluster {peer.name!r} may not assert "
+                          f"identities of trust domain {sid.trust_domain!r}", 403)
+        x.source_principal = source
+    decision = authorize(RequestAttrs(peer.name, peer_principal, source, target.namespace,
+                                      target.service, target.port, x.method, x.path,
+                                      tuple(headers)))
+    if not decision.allow:
+        log.info("inbound.denied", peer=peer_principal, source=source,
+                 service=target.destination_service, reason=decision.reason)
+        return Reject("RBAC", decision.reason or "denied by policy", 403)
+    tpv, x.trace_id = traceparent(tp)
+    out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT]
+    out.append((TRACEPARENT, tpv))
+    return Forward(out, target, x.method == "CONNECT")
+
+
+__all__ = ["ALLOW", "Authorizer", "Decision", "Forward", "LocalTarget", "OutboundRoute",
+           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "traceparent"]

@@ -1,0 +1,511 @@
+"""Sans-IO relay of HTTP/2 streams between connections.
+
+Theory of operation
+-------------------
+An :class:`H2Endpoint` wraps one ``h2`` connection (either side).  The shell feeds it
+bytes (:meth:`H2Endpoint.receive`) and, when told to through the ``wake`` callback, writes
+``conn.data_to_send()`` to the socket.  Nothing here awaits or touches a socket.
+
+A proxied request is two *halves* linked to each other: the downstream half (a stream on
+the connection the request arrived on) and the upstream half (a stream on a pooled
+connection to the next hop, or an opaque TCP socket, or an HTTP/1.1 connection — anything
+that implements the :class:`Half` methods).  Every event a half receives from its remote is
+written into its peer half: headers, data, trailers, end of stream, reset.
+
+Flow control is end to end.  A half that receives DATA does *not* acknowledge it to its
+sender; it hands the bytes and their flow-controlled length (``credit``) to the peer half,
+which queues them and writes them as the peer's send window allows.  Only once written
+does the peer call ``ack(credit)`` back, which returns the window to the original sender.
+So a slow reader on one side closes the window on the other, and the queue of any half is
+bounded by the window its sender was granted.
+
+The upstream half may exist before its connection does (the pool is still connecting):
+it queues headers and data until :meth:`H2Half.attach` gives it an endpoint.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import h2.events as ev
+import h2.exceptions
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+
+Headers = list[tuple[bytes, bytes]]
+
+_HEADERS, _DATA, _TRAILERS, _END = 0, 1, 2, 3
+
+
+class Half(Protocol):
+    """One side of a relayed exchange; its peer calls these to write toward its remote."""
+
+    peer: Half | None
+
+    def write_headers(self, headers: Headers, end: bool) -> None: ...
+    def write_data(self, data: bytes, credit: int) -> None: ...
+    def write_trailers(self, trailers: Headers) -> None: ...
+    def write_end(self) -> None: ...
+    def abort(self, code: int, flags: str = "UR", message: str = "") -> None: ...
+    def ack(self, credit: int) -> None: ...
+
+
+def _noop() -> None:
+    return None
+
+
+class H2Endpoint:
+    """One HTTP/2 connection and the relayed halves on it."""
+
+    __slots__ = ("conn", "halves", "blocked", "wake", "dirty", "closed", "on_request",
+                 "info", "on_idle", "draining")
+
+    def __init__(self, conn: H2Connection, *,
+                 on_request: Callable[[H2Half, Headers, bool], None] | None = None,
+                 info: Any = None) -> None:
+        self.conn = conn
+        self.halves: dict[int, H2Half] = {}
+        self.blocked: set[H2Half] = set()
+        self.wake: Callable[[], None] = _noop
+        self.dirty = False
+        self.closed = False
+        self.draining = False  # no new upstream streams (pool is replacing it)
+        self.on_request = on_request
+        self.info = info  # shell-owned: peer identity, pool key, ...
+        self.on_idle: Callable[[H2Endpoint], None] | None = None
+
+    # -- shell entry points ---------------------------------------------------------
+    def receive(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            # h2 has queued a GOAWAY; tell every stream and let the shell flush and close.
+            self.mark()
+            self.terminate(ErrorCodes.PROTOCOL_ERROR)
+            return
+        handlers = _DISPATCH
+        for event in events:
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.mark()
+
+    def terminate(self, code: int = ErrorCodes.CANCEL, flags: str = "UC") -> None:
+        """The connection is gone (closed, failed, GOAWAY): fail every stream on it."""
+        self.closed = True
+        halves = list(self.halves.values())
+        self.halves.clear()
+        self.blocked.clear()
+        for h in halves:
+            h.remote_reset(code, flags)
+
+    def mark(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.wake()
+
+    def take_output(self) -> bytes:
+        self.dirty = False
+        return self.conn.data_to_send()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.halves)
+
+    def has_capacity(self, limit: int) -> bool:
+        if self.closed or self.draining:
+            return False
+        remote_max = self.conn.remote_settings.max_concurrent_streams
+        return len(self.halves) < min(limit, remote_max)
+
+    def _forget(self, half: H2Half) -> None:
+        self.halves.pop(half.sid, None)
+        self.blocked.discard(half)
+        if not self.halves and self.on_idle is not None:
+            self.on_idle(self)
+
+    # -- events -------------------------------------------------------------------------
+    def _request(self, e: ev.RequestReceived) -> None:
+        half = H2Half(self, e.stream_id)
+        self.halves[e.stream_id] = half
+        if e.stream_ended:
+            # h2 follows with StreamEnded; the end already rides on the headers.
+            half.recv_ended = half.ended_forwarded = True
+        if self.on_request is None:
+            half.respond(404, end_headers_only=True)
+        else:
+            self.on_request(half, e.headers, bool(e.stream_ended))
+
+    def _response(self, e: ev.ResponseReceived) -> None:
+        half = self.halves.get(e.stream_id)
+        if half is None:
+            return
+        if e.stream_ended:
+            half.recv_ended = half.ended_forwarded = True
+        if half.peer is not None:
+            half.peer.write_headers(e.headers, bool(e.stream_ended))
+        if e.stream_ended:
+            half._maybe_done()
+
+    def _informational(self, e: ev.InformationalResponseReceived) -> None:
+        half = self.halves.get(e.stream_id)
+        if half is not None and half.peer is not None:
+            half.peer.write_headers(e.headers, False)
+
+    def _trailers(self, e: ev.TrailersReceived) -> None:
+        half = self.halves.get(e.stream_id)
+        if half is None:
+            return
+        half.recv_ended = half.ended_forwarded = True
+        if half.peer is not None:
+            half.peer.write_trailers(e.headers)
+        half._maybe_done()
+
+    def _data(self, e: ev.DataReceived) -> None:
+        half = self.halves.get(e.stream_id)
+        credit = e.flow_controlled_length
+        if half is None or half.peer is None:
+            # Nobody to hand it to (stream already failed): give the window back now.
+            if credit:
+                self.conn.acknowledge_received_data(credit, e.stream_id)
+            return
+        x = half.x
+        if x is not None:
+            x.bytes_received += len(e.data)
+        half.peer.write_data(e.data, credit)
+
+    def _ended(self, e: ev.StreamEnded) -> None:
+        half = self.halves.get(e.stream_id)
+        if half is None:
+            return
+        if half.ended_forwarded:
+            return
+        half.recv_ended = True
+        half.ended_forwarded = True
+        if half.peer is not None:
+            half.peer.write_end()
+        half._maybe_done()
+
+    def _reset(self, e: ev.StreamReset) -> None:
+        half = self.halves.get(e.stream_id)
+        if half is not None:
+            half.remote_reset(e.error_code, "UR" if not half.is_down else "DC")
+
+    def _window(self, e: ev.WindowUpdated) -> None:
+        if not self.blocked:
+            return
+        if e.stream_id == 0:
+            for h in list(self.blocked):
+                h.flush()
+        else:
+            h = self.halves.get(e.stream_id)
+            if h is not None and h in self.blocked:
+                h.flush()
+
+    def _settings(self, e: ev.RemoteSettingsChanged) -> None:
+        for h in list(self.blocked):
+            h.flush()
+
+    def _goaway(self, e: ev.ConnectionTerminated) -> None:
+        self.terminate(ErrorCodes.REFUSED_STREAM if e.error_code == 0 else e.error_code, "UC")
+
+
+_DISPATCH: dict[type, Callable[[H2Endpoint, Any], None]] = {
+    ev.RequestReceived: H2Endpoint._request,
+    ev.ResponseReceived: H2Endpoint._response,
+    ev.InformationalResponseReceived: H2Endpoint._informational,
+    ev.TrailersReceived: H2Endpoint._trailers,
+    ev.DataReceived: H2Endpoint._data,
+    ev.StreamEnded: H2Endpoint._ended,
+    ev.StreamReset: H2Endpoint._reset,
+    ev.WindowUpdated: H2Endpoint._window,
+    ev.RemoteSettingsChanged: H2Endpoint._settings,
+    ev.ConnectionTerminated: H2Endpoint._goaway,
+}
+
+
+class H2Half:
+    """A stream on an :class:`H2Endpoint` (or, before :meth:`attach`, one waiting for it)."""
+
+    __slots__ = ("ep", "sid", "peer", "q", "recv_ended", "ended_forwarded", "sent_end",
+                 "closed", "x", "is_down", "headers_sent", "on_fail")
+
+    def __init__(self, ep: H2Endpoint | None, sid: int = 0, *, down: bool = True) -> None:
+        self.ep = ep
+        self.sid = sid
+        self.peer: Half | None = None
+        self.q: deque[list[Any]] = deque()
+        self.recv_ended = False
+        self.ended_forwarded = False
+        self.sent_end = False
+        self.closed = False
+        self.x: Any = None  # the Exchange (telemetry) on downstream halves
+        self.is_down = down
+        self.headers_sent = False
+        # Upstream halves: called when the connection fails before our headers went out,
+        # so the shell may retry elsewhere; returns True if it took over.
+        self.on_fail: Callable[[H2Half, str], bool] | None = None
+
+    def __repr__(self) -> str:
+        return f"<H2Half sid={self.sid} down={self.is_down} closed={self.closed}>"
+
+    # -- attach (upstream halves) --------------------------------------------------
+    def attach(self, ep: H2Endpoint) -> None:
+        self.ep = ep
+        if self.closed:
+            return
+        self.sid = ep.conn.get_next_available_stream_id()
+        ep.halves[self.sid] = self
+        self.flush()
+
+    # -- written by the peer ---------------------------------------------------------
+    def write_headers(self, headers: Headers, end: bool) -> None:
+        if self.closed:
+            return
+        x = self.x
+        if x is not None:
+            x.on_response_headers(headers, end)
+        self.q.append([_HEADERS, headers, end])
+        if self.ep is not None:
+            self.flush()
+
+    def write_data(self, data: bytes, credit: int) -> None:
+        if self.closed:
+            if self.peer is not None:
+                self.peer.ack(credit)
+            return
+        x = self.x
+        if x is not None:
+            x.bytes_sent += len(data)
+        self.q.append([_DATA, data, credit])
+        if self.ep is not None:
+            self.flush()
+
+    def write_trailers(self, trailers: Headers) -> None:
+        if self.closed:
+            return
+        x = self.x
+        if x is not None:
+            x.on_trailers(trailers)
+        self.q.append([_TRAILERS, trailers])
+        if self.ep is not None:
+            self.flush()
+
+    def write_end(self) -> None:
+        if self.closed:
+            return
+        self.q.append([_END])
+        if self.ep is not None:
+            self.flush()
+
+    def ack(self, credit: int) -> None:
+        ep = self.ep
+        if ep is None or ep.closed or not credit:
+            return
+        ep.conn.acknowledge_received_data(credit, self.sid)
+        ep.mark()
+
+    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
+        """The peer failed.  Downstream: answer with an error if we still can, else reset."""
+        if self.closed:
+            return
+        x = self.x
+        if self.is_down and not self.headers_sent and x is not None:
+            self.q.clear()
+            x.response_flags = flags
+            self.respond_error(flags, message or "upstream reset")
+            return
+        if x is not None and not x.response_flags:
+            x.response_flags = flags
+        self._reset(code)
+
+    # -- local answers ----------------------------------------------------------------
+    def respond(self, status: int, headers: Headers = (), body: bytes = b"",  # type: ignore[assignment]
+                end_headers_only: bool = False) -> None:
+        """Answer this downstream request locally (errors, 404s)."""
+        hs: Headers = [(b":status", str(status).encode())]
+        hs.extend(headers)
+        if body:
+            hs.append((b"content-length", str(len(body)).encode()))
+        self.write_headers(hs, not body)
+        if body:
+            self.write_data(body, 0)
+            self.write_end()
+        # Request bytes still coming are not wanted: acknowledge and drop them.
+        self.peer = _Sink(self)
+
+    def respond_error(self, flags: str, message: str) -> None:
+        x = self.x
+        status = _FLAG_STATUS.get(flags, 503)
+        if x is not None and x.grpc:
+            self.respond_grpc(_FLAG_GRPC.get(flags, 14), message)
+        else:
+            self.respond(status, [(b"content-type", b"text/plain")], message.encode() + b"\n")
+
+    def respond_grpc(self, status: int, message: str) -> None:
+        """A gRPC trailers-only response."""
+        self.write_headers([(b":status", b"200"), (b"content-type", b"application/grpc"),
+                            (b"grpc-status", str(status).encode()),
+                            (b"grpc-message", _grpc_message(message))], True)
+        self.peer = _Sink(self)
+
+    # -- internals ------------------------------------------------------------------------
+    def flush(self) -> None:
+        ep = self.ep
+        if ep is None or self.closed:
+            return
+        conn = ep.conn
+        q = self.q
+        sid = self.sid
+        try:
+            while q:
+                item = q[0]
+                kind = item[0]
+                if kind == _DATA:
+                    data = item[1]
+                    win = conn.local_flow_control_window(sid)
+                    if win <= 0:
+                        ep.blocked.add(self)
+                        ep.mark()
+                        return
+                    n = len(data)
+                    fmax = conn.max_outbound_frame_size
+                    if n <= win and n <= fmax:
+                        q.popleft()
+                        end = bool(q) and q[0][0] == _END
+                        if end:
+                            q.popleft()
+                        conn.send_data(sid, data, end_stream=end)
+                        if end:
+                            self.sent_end = True
+                        credit = item[2]
+                    else:
+                        n = min(n, win, fmax)
+                        conn.send_data(sid, data[:n])
+                        item[1] = data[n:]
+                        credit = min(n, item[2])
+                        item[2] -= credit
+                    if credit and self.peer is not None:
+                        self.peer.ack(credit)
+                elif kind == _HEADERS:
+                    q.popleft()
+                    end = item[2]
+                    conn.send_headers(sid, item[1], end_stream=end)
+                    self.headers_sent = True
+                    if end:
+                        self.sent_end = True
+                elif kind == _TRAILERS:
+                    q.popleft()
+                    q.clear()
+                    conn.send_headers(sid, item[1], end_stream=True)
+                    self.sent_end = True
+                else:
+                    q.popleft()
+                    q.clear()
+                    conn.end_stream(sid)
+                    self.sent_end = True
+        except h2.exceptions.ProtocolError:
+            # The stream died under us (reset crossing in flight): treat as a reset.
+            self.remote_reset(ErrorCodes.CANCEL, "UR")
+            return
+        ep.blocked.discard(self)
+        ep.mark()
+        if self.sent_end:
+            self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.recv_ended and self.sent_end and not self.closed:
+            self.closed = True
+            if self.ep is not None:
+                self.ep._forget(self)
+            if self.x is not None:
+                self.x.finish()
+
+    def _reset(self, code: int) -> None:
+        self.closed = True
+        self._release_queue()
+        ep = self.ep
+        if ep is not None and not ep.closed and self.sid:
+            try:
+                ep.conn.reset_stream(self.sid, code)
+            except h2.exceptions.ProtocolError:
+                pass
+            ep.mark()
+        if ep is not None:
+            ep._forget(self)
+        if self.x is not None:
+            self.x.finish()
+
+    def _release_queue(self) -> None:
+        # Queued data will never be written: give its window back to the sender.
+        credit = sum(item[2] for item in self.q if item[0] == _DATA)
+        self.q.clear()
+        if credit and self.peer is not None:
+            self.peer.ack(credit)
+
+    def remote_reset(self, code: int, flags: str = "UR") -> None:
+        """Our remote reset the stream (or the connection died)."""
+        if self.closed:
+            return
+        if not self.is_down and not self.headers_sent and self.on_fail is not None:
+            # Never reached the upstream: the shell may retry on another connection.
+            if self.on_fail(self, flags):
+                return
+        self.closed = True
+        self._release_queue()
+        if self.ep is not None:
+            self.ep._forget(self)
+        x = self.x
+        if x is not None:
+            if not x.response_flags:
+                x.response_flags = flags
+            x.finish()
+        peer = self.peer
+        if peer is not None:
+            peer.abort(int(code) if int(code) else ErrorCodes.CANCEL, flags,
+                       "upstream connection failed" if flags == "UC" else "upstream reset")
+
+
+class _Sink:
+    """Peer of a locally answered stream: swallows the rest of the request body."""
+
+    __slots__ = ("half", "peer")
+
+    def __init__(self, half: H2Half) -> None:
+        self.half = half
+        self.peer = half
+
+    def write_headers(self, headers: Headers, end: bool) -> None:
+        pass
+
+    def write_data(self, data: bytes, credit: int) -> None:
+        self.half.ack(credit)
+
+    def write_trailers(self, trailers: Headers) -> None:
+        pass
+
+    def write_end(self) -> None:
+        pass
+
+    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
+        pass
+
+    def ack(self, credit: int) -> None:
+        pass
+
+
+# Envoy response flags -> HTTP status / gRPC status for locally generated errors.
+_FLAG_STATUS = {"NR": 404, "RBAC": 403, "UF": 503, "UC": 503, "UR": 503, "UH": 503, "UO": 503,
+                "UT": 504, "DT": 504, "UAEX": 403, "RL": 429}
+_FLAG_GRPC = {"NR": 12, "RBAC": 7, "UF": 14, "UC": 14, "UR": 14, "UH": 14, "UO": 14, "UT": 4, "DT": 4,
+              "UAEX": 7, "RL": 8}
+
+
+def _grpc_message(message: str) -> bytes:
+    # grpc-message is percent-encoded UTF-8 (gRPC over HTTP/2 spec).
+    out = bytearray()
+    for b in message.encode():
+        out += bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b
+    return bytes(out)
