@@ -17,6 +17,7 @@ import trio
 
 from ._relay import _FLAG_STATUS, Headers
 
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                   b"upgrade", b"te", b"host"})
 
@@ -128,6 +129,7 @@ class H1Connection:
         self.broken = False
         self._writer_ev = trio.Event()
         self._reader_ev = trio.Event()
+        self.half: H1Half | None = None
 
     def send(self, event: Any, credit: int = 0, ack_to: Any = None) -> None:
         try:
@@ -148,6 +150,14 @@ class H1Connection:
         self._reader_ev.set()
 
     async def _writer(self) -> None:
+        try:
+            await self._write_loop()
+        except _BROKEN:
+            self.broken = True
+            if self.half is not None and self.half.peer is not None:
+                self.half.peer.abort(8, "DC", "client went away")
+
+    async def _write_loop(self) -> None:
         while True:
             while not self.out and not self.broken:
                 self._writer_ev = trio.Event()
@@ -165,9 +175,13 @@ class H1Connection:
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(self._writer)
-                await self._serve()
+                try:
+                    await self._serve()
+                except _BROKEN:
+                    if self.half is not None and self.half.peer is not None:
+                        self.half.peer.abort(8, "DC", "client went away")
                 n.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _BROKEN:
             pass
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -203,7 +217,7 @@ class H1Connection:
                 return
             if not isinstance(event, h11.Request):
                 return
-            half = H1Half(self, self.new_exchange())
+            half = self.half = H1Half(self, self.new_exchange())
             headers: Headers = [(b":method", event.method), (b":scheme", self.scheme)]
             host = b""
             rest: Headers = []

@@ -24,6 +24,7 @@ from ._relay import H2Endpoint, H2Half, Headers
 log = structlog.get_logger("isthmus.gateway")
 
 MAX_READ = 256 * 1024
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
@@ -96,12 +97,16 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
 
     async def writer() -> None:
         nonlocal wake_ev
-        while True:
-            await wake_ev.wait()
-            wake_ev = trio.Event()
-            data = ep.take_output()
-            if data:
-                await stream.send_all(data)
+        try:
+            while True:
+                await wake_ev.wait()
+                wake_ev = trio.Event()
+                data = ep.take_output()
+                if data:
+                    await stream.send_all(data)
+        except _BROKEN:
+            ep.closed = True
+            nursery.cancel_scope.cancel()
 
     try:
         async with trio.open_nursery() as nursery:
@@ -109,26 +114,28 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
             if first:
                 ep.receive(first)
             receive = stream.receive_some
-            while not ep.closed:
-                with trio.move_on_after(idle_timeout if idle_timeout else math.inf) as scope:
-                    data = await receive(MAX_READ)
-                if scope.cancelled_caught:
-                    if ep.halves:
-                        continue
-                    ep.conn.close_connection()
-                    break
-                if not data:
-                    break
-                ep.receive(data)
-            # Say goodbye (GOAWAY, last frames) if the socket still takes bytes.
+            try:
+                while not ep.closed:
+                    with trio.move_on_after(idle_timeout if idle_timeout else math.inf) as scope:
+                        data = await receive(MAX_READ)
+                    if scope.cancelled_caught:
+                        if ep.halves:
+                            continue
+                        ep.conn.close_connection()
+                        break
+                    if not data:
+                        break
+                    ep.receive(data)
+            except _BROKEN:
+                ep.closed = True
             nursery.cancel_scope.cancel()
-        with trio.move_on_after(1):
-            out = ep.take_output()
-            if out:
-                await stream.send_all(out)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    except trio.TooSlowError:
+        if not ep.closed:
+            # Say goodbye (GOAWAY, last frames) if the socket still takes bytes.
+            with trio.move_on_after(1):
+                out = ep.take_output()
+                if out:
+                    await stream.send_all(out)
+    except _BROKEN:
         pass
     finally:
         ep.terminate()
@@ -137,7 +144,7 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
             with trio.move_on_after(1):
                 try:
                     await stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except _BROKEN:
                     pass
 
 
