@@ -636,7 +636,7 @@ def load_policies(
                 source=name, document=index,
             )
         kind = doc.get("kind")
-        if kind not in _POLICY_KINDS:
+        if not isinstance(kind, str) or kind not in _POLICY_KINDS:
             raise PolicyFileError(
                 f"kind: {kind!r} is not a policy kind; use AuthorizationPolicy or "
                 "RequestAuthentication",
