@@ -75,6 +75,7 @@ __all__ = [
     "RequestAttributes",
     "StringMatcher",
     "load_policies",
+    "validate_policy",
 ]
 
 MAX_POLICY_FILE_BYTES = 4 * 1024 * 1024
@@ -430,6 +431,19 @@ def _check_request_authentication(policy: RequestAuthentication) -> None:
             raise PolicyError(f"jwt_rules[{i}].from_headers: name at least one header, none empty")
 
 
+def validate_policy(policy: Policy) -> None:
+    """Raise :class:`PolicyError` (naming the field) if the gateways could not enforce
+    ``policy``: beyond the model's own checks, wildcard forms, port ranges, selectors and
+    inline JWKS.  The federation service can call it before storing a policy."""
+    if isinstance(policy, AuthorizationPolicy):
+        compile_policy(policy)
+    else:
+        try:
+            _check_request_authentication(policy)
+        except PolicyError as exc:
+            raise PolicyError(f"policy {policy.name!r}: {exc}") from None
+
+
 def compile_policy(policy: AuthorizationPolicy) -> None:
     """Raise :class:`PolicyError` (naming the field) if ``policy`` cannot be evaluated."""
     try:
@@ -658,10 +672,7 @@ def load_policies(
         except (TypeError, ValueError, RecursionError) as exc:
             raise PolicyFileError(str(exc), source=name, document=index) from None
         try:
-            if isinstance(policy, AuthorizationPolicy):
-                compile_policy(policy)
-            else:
-                _check_request_authentication(policy)
+            validate_policy(policy)
         except PolicyError as exc:
             text_ = str(exc).removeprefix(f"policy {policy.name!r}: ")
             raise PolicyFileError(

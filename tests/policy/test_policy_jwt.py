@@ -377,3 +377,32 @@ rules: [{{from: [{{request_principals: ["*"]}}]}}]
     assert decide(bearer(sign(ec_key, claims(aud=None)))) == (True, True)
     assert decide({}) == (True, False)  # authenticated as nobody; authz refuses
     assert decide(bearer(sign(ec_key, claims(exp=int(NOW) - 999))))[0] is False  # 401
+
+
+def test_fetch_failures_are_logged_without_tokens(clock: Clock, ec_key: ECKey) -> None:
+    from structlog.testing import capture_logs
+
+    server = FakeJwksServer(keys=[ec_key], failure=OSError("network unreachable"))
+    v = uri_validator(clock, server)
+    token = sign(ec_key, claims(aud=None))
+    with capture_logs() as logs:
+        v.validate(bearer(token))
+        v.refresh()
+    assert [e["event"] for e in logs] == ["jwt.jwks_fetch_failed"]
+    assert logs[0]["uri"] == URI and "network unreachable" in logs[0]["error"]
+    assert token not in repr(logs)
+
+
+def test_public_surface() -> None:
+    import federation.jwt as j
+    import federation.policy as p
+
+    assert sorted(p.__all__) == ["Decision", "PolicyError", "PolicyFileError", "PolicySet",
+                                 "RequestAttributes", "StringMatcher", "load_policies",
+                                 "validate_policy"]
+    assert sorted(j.__all__) == ["DEFAULT_ALGORITHMS", "JwksSource", "JwksStore", "JwksUnavailable",
+                                 "JwtError", "JwtResult", "JwtValidator", "default_fetch", "parse_jwks"]
+    from federation._errors import FederationError, InvalidRequest
+
+    assert issubclass(p.PolicyFileError, InvalidRequest) and issubclass(j.JwtError, FederationError)
+    assert not any(a.startswith(("HS", "none")) for a in j.DEFAULT_ALGORITHMS)
