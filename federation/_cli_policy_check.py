@@ -199,6 +199,7 @@ def check(
         click.echo(f"  reason:  {decision.reason}")
         if decision.audit:
             click.echo(f"  audit:   yes ({decision.audit_policy})")
-        click.echo(f"  checked: {len(policy_set)} policies from {origin}"
+        n = len(policy_set)
+        click.echo(f"  checked: {n} polic{'y' if n == 1 else 'ies'} from {origin}"
                    + (f" at revision {revision}" if revision else ""))
     ctx.exit(0 if decision.allowed else 1)
