@@ -133,6 +133,7 @@ class Gateway:
         self.peer_pool: Pool | None = None
         self.svc_pool: Pool | None = None
         self._tls_generation = self.client_tls.generation
+        self.endpoints: set[H2Endpoint] = set()  # every live HTTP/2 connection (introspection)
         if cfg.static is not None:
             self.apply_snapshot(cfg.static, source="file")
 
@@ -167,6 +168,15 @@ class Gateway:
 
     def confirm_current(self) -> None:
         self.last_confirmed = time.time()
+
+    def buffered_bytes(self) -> int:
+        """Bytes held by the relay right now (queued in halves + h2 output buffers)."""
+        total = 0
+        for ep in self.endpoints:
+            total += len(ep.conn._data_to_send)
+            for h in ep.halves.values():
+                total += sum(len(item[1]) for item in h.q if item[0] == 1)
+        return total
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
@@ -285,9 +295,11 @@ class Gateway:
         ep.on_request = functools.partial(self._inbound_request, sid)
         self.downstream["inbound"] += 1
         self.metrics.downstream_connections.labels("inbound").inc()
+        self.endpoints.add(ep)
         try:
             await pump_h2(tls, ep, self.limits.idle_timeout)
         finally:
+            self.endpoints.discard(ep)
             self.downstream["inbound"] -= 1
             self.metrics.downstream_connections.labels("inbound").dec()
 
@@ -389,7 +401,11 @@ class Gateway:
             if h2:
                 ep = H2Endpoint(h2_connection(False, self.limits, trusted=False))
                 ep.on_request = functools.partial(self._outbound_request, caller, "HTTP/2")
-                await pump_h2(s, ep, self.limits.idle_timeout)
+                self.endpoints.add(ep)
+                try:
+                    await pump_h2(s, ep, self.limits.idle_timeout)
+                finally:
+                    self.endpoints.discard(ep)
             else:
                 conn = H1Connection(
                     s, scheme, self.limits.tcp_buffer,
@@ -577,9 +593,11 @@ class Gateway:
                 e.mark()
 
         ep.on_idle = idle
+        self.endpoints.add(ep)
         try:
             await pump_h2(stream, ep, self.limits.idle_timeout)
         finally:
+            self.endpoints.discard(ep)
             pool.closed(key, ep)
 
 
