@@ -228,15 +228,31 @@ class Etcd:
             raise _convert(exc) from None
 
     # ------------------------------------------------------------------ watch
-    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[pb.WatchResponse]:
+    async def current_revision(self) -> int:
+        """etcd's current revision (a linearizable read of one missing key)."""
+        return (await self.range(b"\0", count_only=True)).header.revision
+
+    @staticmethod
+    def progress_request() -> pb.WatchRequest:
+        return pb.WatchRequest(progress_request=pb.WatchProgressRequest())
+
+    async def watch(
+        self,
+        prefix: bytes,
+        start_revision: int,
+        requests: asyncio.Queue[pb.WatchRequest | None] | None = None,
+    ) -> AsyncIterator[pb.WatchResponse]:
         """Yield raw watch responses for ``prefix`` from ``start_revision`` on.
 
         Raises :class:`Compacted` when etcd compacted past ``start_revision`` and
         :class:`StoreUnavailable` when the stream breaks (callers re-list or resume).
         Progress notifications (responses without events) are yielded too: their header
-        revision tells the caller the store has nothing newer for the prefix.
+        revision tells the caller the store has nothing newer for the prefix.  Put
+        :meth:`progress_request` on ``requests`` to ask for one now.
         """
-        queue: asyncio.Queue[pb.WatchRequest | None] = asyncio.Queue()
+        queue: asyncio.Queue[pb.WatchRequest | None] = requests if requests is not None else asyncio.Queue()
+        while not queue.empty():  # drop requests meant for a previous stream
+            queue.get_nowait()
         await queue.put(
             pb.WatchRequest(
                 create_request=pb.WatchCreateRequest(

@@ -29,6 +29,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from cryptography import x509
@@ -76,6 +77,7 @@ class Hub:
         self._advanced = asyncio.Condition()
         self._snapshot_cache: tuple[int, bytes] = (-1, b"")
         self._revocations: tuple[int, trust.Revocations] = (-1, trust.Revocations())
+        self._requests: asyncio.Queue[Any] = asyncio.Queue()
 
     # ------------------------------------------------------------------ etcd side
     def _classify(self, key: bytes) -> tuple[int, str] | None:
@@ -209,7 +211,7 @@ class Hub:
                 if need_list:
                     await self._relist()
                     need_list = False
-                async for resp in self.etcd.watch(self.keys.family(""), self.revision + 1):
+                async for resp in self.etcd.watch(self.keys.family(""), self.revision + 1, self._requests):
                     self._apply(resp)
                     backoff = 0.1
             except Compacted as exc:
@@ -303,9 +305,27 @@ class Hub:
         changes += [self._change(k, None) for k in old if k not in current]
         return pb.WatchEvent(revision=rev, changes=changes)
 
+    async def catch_up(self, timeout: float = 5.0) -> bool:
+        """Wait until everything etcd had committed when we were called has been applied.
+
+        So a client that wrote something and then starts a watch sees its own write in
+        the first message.  Writes outside the prefix also move etcd's revision; a
+        progress request makes etcd confirm there is nothing more for us.
+        """
+        target = await self.etcd.current_revision()
+        if self.revision >= target:
+            return True
+        self._requests.put_nowait(self.etcd.progress_request())
+        return await self.wait_for(target, timeout)
+
     async def watch(self, from_revision: int = 0) -> AsyncIterator[pb.WatchEvent]:
         """Snapshot-or-resume, then deltas.  Each yielded event is newer than the last."""
         await self.ready.wait()
+        try:
+            if not await self.catch_up():
+                log.warning("watch.catch_up_timeout", revision=self.revision)
+        except FederationError as exc:  # etcd away: serve what we have (static stability)
+            log.warning("watch.catch_up_failed", error=str(exc), revision=self.revision)
         if from_revision > self.revision:
             # The caller saw a newer revision (on another replica): let us catch up first,
             # else keys we have not seen yet would look deleted.
