@@ -232,10 +232,6 @@ class Etcd:
         """etcd's current revision (a linearizable read of one missing key)."""
         return (await self.range(b"\0", count_only=True)).header.revision
 
-    @staticmethod
-    def progress_request() -> pb.WatchRequest:
-        return pb.WatchRequest(progress_request=pb.WatchProgressRequest())
-
     async def watch(
         self,
         prefix: bytes,
@@ -247,8 +243,7 @@ class Etcd:
         Raises :class:`Compacted` when etcd compacted past ``start_revision`` and
         :class:`StoreUnavailable` when the stream breaks (callers re-list or resume).
         Progress notifications (responses without events) are yielded too: their header
-        revision tells the caller the store has nothing newer for the prefix.  Put
-        :meth:`progress_request` on ``requests`` to ask for one now.
+        revision tells the caller the store has nothing newer for the prefix.
         """
         queue: asyncio.Queue[pb.WatchRequest | None] = requests if requests is not None else asyncio.Queue()
         while not queue.empty():  # drop requests meant for a previous stream

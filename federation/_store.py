@@ -15,6 +15,10 @@ and newer replicas read it; only ever add new key families.
     <prefix>tokens/<sha256(token) hex>            {"cluster": "", "expires_at": t}; bound to
                                                   a lease of the token's TTL; deleted on use
     <prefix>status/<cluster>/<url-quoted id>      {"gateway_id", "revision", "reported_at"}
+    <prefix>election/<job>                        a replica's id, bound to its lease: the
+                                                  leader of a background job (trust-sync)
+    <prefix>meta/sync                             empty; a replica writes it to flush its own
+                                                  watch up to "now" (see _hub.Hub.catch_up)
 
 The watch stream carries the *config* families (clusters, exports, policies, trust);
 tokens, leases and status never reach gateways.  Values are the models' JSON
