@@ -59,24 +59,31 @@ def validation_message(exc: ValidationError, what: str) -> str:
     """``invalid AuthorizationPolicy: rules.0.from.0.principals: Input should be ...``."""
     parts = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = list(err["loc"])
+        if loc and loc[0] == what:  # the union's discriminator tag; the kind is named already
+            loc = loc[1:]
+        path = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{path}: {msg}")
     return f"invalid {what}: " + "; ".join(parts)
 
 
 def parse_policy(data: dict[str, Any] | str | bytes) -> models.AuthorizationPolicy | models.RequestAuthentication:
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid policy: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("invalid policy: expected an object with kind, name, ...")
     try:
-        if isinstance(data, (str, bytes)):
-            return PolicyAdapter.validate_json(data)
-        if isinstance(data, dict) and "kind" not in data:
+        if "kind" not in data:
             raise InvalidRequest(
                 "invalid policy: kind: missing; set kind: AuthorizationPolicy or RequestAuthentication"
             )
         return PolicyAdapter.validate_python(data)
     except ValidationError as exc:
-        kind = data.get("kind", "policy") if isinstance(data, dict) else "policy"
-        raise InvalidRequest(validation_message(exc, str(kind))) from None
+        raise InvalidRequest(validation_message(exc, str(data.get("kind", "policy")))) from None
 
 
 def parse_service(data: str | bytes) -> models.ExportedService:
