@@ -106,7 +106,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
     table = Table(title=title, show_lines=False)
     for c in columns:
-        table.add_column(c)
+        table.add_column(c, overflow="fold")
     for r in rows:
         table.add_row(*(str(x) for x in r))
-    Console().print(table)
+    # Piped output (grep, files) must not be cut at 80 columns.
+    out = click.get_text_stream("stdout")
+    console = Console(file=out) if out.isatty() else Console(file=out, width=250, color_system=None)
+    console.print(table)
