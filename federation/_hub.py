@@ -75,6 +75,7 @@ class Hub:
         self._watchers: set[_Watcher] = set()
         self._advanced = asyncio.Condition()
         self._snapshot_cache: tuple[int, bytes] = (-1, b"")
+        self._snapshot_event: pb.WatchEvent | None = None
         self._revocations: tuple[int, trust.Revocations] = (-1, trust.Revocations())
 
     # ------------------------------------------------------------------ etcd side
@@ -256,8 +257,12 @@ class Hub:
         return self.revision, body
 
     def snapshot_event(self) -> pb.WatchEvent:
+        # Cached per revision: a herd of (re)connecting watchers shares one message.
         rev, body = self.snapshot_json()
-        return pb.WatchEvent(revision=rev, is_snapshot=True, snapshot_json=body.decode())
+        cached = self._snapshot_event
+        if cached is None or cached.revision != rev:
+            cached = self._snapshot_event = pb.WatchEvent(revision=rev, is_snapshot=True, snapshot_json=body.decode())
+        return cached
 
     def revocations(self) -> trust.Revocations:
         """Revoked cluster CAs, from the CRL and the CA certificates in the cluster records."""
