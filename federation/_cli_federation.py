@@ -32,6 +32,7 @@ def federation() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), help="State folder (embedded etcd, server TLS); default: user data dir.")
 @click.option("--advertise", multiple=True, help="Extra DNS name or IP for the server certificate (repeatable).")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="File with the root key passphrase.")
+@click.option("--trust-sync-interval", default=5.0, show_default=True, help="Seconds between checks of the trust folder (bundle, CRL).")
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     trust_dir: str,
@@ -42,6 +43,7 @@ def serve(
     data_dir: str | None,
     advertise: tuple[str, ...],
     passphrase_file: str | None,
+    trust_sync_interval: float,
     log_level: str,
 ) -> None:
     """Serve the federation API (stops on SIGTERM/SIGINT)."""
@@ -59,6 +61,7 @@ def serve(
         data_dir=Path(data_dir) if data_dir else default_data_dir(),
         advertise=advertise,
         passphrase=read_passphrase(passphrase_file),
+        trust_sync_interval=trust_sync_interval,
     )
     handle_errors(lambda: asyncio.run(run(cfg)))()
 
