@@ -62,7 +62,7 @@ class JoinOptions:
     labels: dict[str, str] = field(default_factory=dict)
     validity: str = ""
     wait_timeout: float = 600.0
-    poll_interval: float = 2.0
+    poll_interval: float = 1.0
 
 
 @dataclass
@@ -124,7 +124,7 @@ def wait_for_gateway_address(rest: Rest, opts: JoinOptions, say: Progress) -> st
         if waited - last_note >= 10 or last_note < 0:
             say(f"waiting for the gateway's {opts.service_type} address ({waited:.0f}s)")
             last_note = waited
-        time.sleep(opts.poll_interval)
+        time.sleep(max(0.05, min(opts.poll_interval, opts.wait_timeout - waited)))
 
 
 # ---------------------------------------------------------------- the join folder

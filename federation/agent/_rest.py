@@ -60,10 +60,10 @@ class Ref:
         return f"{self.kind.lower()}/{self.name}" + (f" -n {self.namespace}" if self.namespace else "")
 
 
-def collection_path(api_version: str, kind: str, namespace: str = "") -> str:
+def collection_path(api_version: str, kind: str, namespace: str = "", all_namespaces: bool = False) -> str:
     plural, namespaced = KINDS[kind]
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    if namespaced:
+    if namespaced and not (all_namespaces and not namespace):
         if not namespace:
             raise ValueError(f"{kind} is namespaced: a namespace is needed")
         return f"{base}/namespaces/{namespace}/{plural}"
@@ -111,9 +111,10 @@ class Rest:
             return None
 
     def list(self, api_version: str, kind: str, namespace: str = "", label_selector: str = "") -> list[dict[str, Any]]:
+        """Objects of a kind (in every namespace when ``namespace`` is empty)."""
         query = [("labelSelector", label_selector)] if label_selector else []
         try:
-            body = self.request("GET", collection_path(api_version, kind, namespace), query=query)
+            body = self.request("GET", collection_path(api_version, kind, namespace, all_namespaces=True), query=query)
         except NotFound:
             return []
         return list((body or {}).get("items") or ())

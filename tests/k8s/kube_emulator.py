@@ -19,8 +19,26 @@ from contextlib import contextmanager
 from typing import Any
 
 import kmock
-from kmock._internal import apps
+from kmock._internal import apps, parsing
 from kubernetes import client
+
+_parse_path = parsing.parse_path
+
+
+def _parse_path_with_namespaces(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads ``/api/v1/namespaces[/NAME]`` as a namespace prefix with no resource,
+    so Namespace objects cannot be created or read.  Route those paths to the cluster-scoped
+    ``namespaces`` resource; everything under ``/namespaces/NAME/<plural>`` is unchanged."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (len(parts) <= 4 or parts[4] in ("status", "finalize")):
+        return parsing.ParsedPath(
+            group="", version="v1", plural="namespaces", namespace=None,
+            name=parts[3] if len(parts) > 3 else None, subresource=parts[4] if len(parts) > 4 else None,
+        )
+    return _parse_path(path)
+
+
+parsing.parse_path = _parse_path_with_namespaces
 
 RESOURCES = (
     "v1/namespaces",
