@@ -50,6 +50,9 @@ class Limits(_Model):
     initial_stream_window: int = Field(1 << 20, ge=65535, le=2**31 - 1)
     initial_connection_window: int = Field(16 << 20, ge=65535, le=2**31 - 1)
     max_frame_size: int = Field(16384, ge=16384, le=2**24 - 1)
+    # Frames we accept from peer gateways and local services: larger frames mean fewer
+    # events per byte on bulk transfers (HTTP/2 allows up to 16 MiB).
+    peer_max_frame_size: int = Field(256 * 1024, ge=16384, le=2**24 - 1)
     handshake_timeout: float = Field(10.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
     idle_timeout: float = Field(3600.0, gt=0)

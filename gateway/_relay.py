@@ -86,10 +86,29 @@ class H2Endpoint:
             self.terminate(ErrorCodes.PROTOCOL_ERROR)
             return
         handlers = _DISPATCH
+        # Consecutive DATA events of one stream (a read often holds dozens of small frames)
+        # are forwarded as one chunk: fewer, larger frames onward and one window update.
+        pend: ev.DataReceived | None = None
+        chunks: list[bytes] = []
+        credit = 0
         for event in events:
+            if type(event) is ev.DataReceived:
+                if pend is not None and event.stream_id == pend.stream_id:
+                    chunks.append(event.data)
+                    credit += event.flow_controlled_length
+                    continue
+                if pend is not None:
+                    self._data_merged(pend.stream_id, chunks, credit)
+                pend, chunks, credit = event, [event.data], event.flow_controlled_length
+                continue
+            if pend is not None:
+                self._data_merged(pend.stream_id, chunks, credit)
+                pend = None
             handler = handlers.get(type(event))
             if handler is not None:
                 handler(self, event)
+        if pend is not None:
+            self._data_merged(pend.stream_id, chunks, credit)
         self.mark()
 
     def terminate(self, code: int = ErrorCodes.CANCEL, flags: str = "UC") -> None:
@@ -163,18 +182,18 @@ class H2Endpoint:
             half.peer.write_trailers(e.headers)
         half._maybe_done()
 
-    def _data(self, e: ev.DataReceived) -> None:
-        half = self.halves.get(e.stream_id)
-        credit = e.flow_controlled_length
+    def _data_merged(self, sid: int, chunks: list[bytes], credit: int) -> None:
+        half = self.halves.get(sid)
         if half is None or half.peer is None:
             # Nobody to hand it to (stream already failed): give the window back now.
             if credit:
-                self.conn.acknowledge_received_data(credit, e.stream_id)
+                self.conn.acknowledge_received_data(credit, sid)
             return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         x = half.x
         if x is not None:
-            x.bytes_received += len(e.data)
-        half.peer.write_data(e.data, credit)
+            x.bytes_received += len(data)
+        half.peer.write_data(data, credit)
 
     def _ended(self, e: ev.StreamEnded) -> None:
         half = self.halves.get(e.stream_id)
@@ -217,7 +236,6 @@ _DISPATCH: dict[type, Callable[[H2Endpoint, Any], None]] = {
     ev.ResponseReceived: H2Endpoint._response,
     ev.InformationalResponseReceived: H2Endpoint._informational,
     ev.TrailersReceived: H2Endpoint._trailers,
-    ev.DataReceived: H2Endpoint._data,
     ev.StreamEnded: H2Endpoint._ended,
     ev.StreamReset: H2Endpoint._reset,
     ev.WindowUpdated: H2Endpoint._window,
@@ -383,8 +401,10 @@ class H2Half:
                         credit = item[2]
                     else:
                         n = min(n, win, fmax)
-                        conn.send_data(sid, data[:n])
-                        item[1] = data[n:]
+                        # memoryview: slicing a large chunk frame by frame must not copy it.
+                        view = data if type(data) is memoryview else memoryview(data)
+                        conn.send_data(sid, view[:n])
+                        item[1] = view[n:]
                         credit = min(n, item[2])
                         item[2] -= credit
                     if credit and self.peer is not None:

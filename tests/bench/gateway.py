@@ -1,0 +1,415 @@
+"""Gateway benchmark on loopback: h2load and a gRPC load script, three paths compared.
+
+    python tests/bench/gateway.py            # full run (a few minutes)
+    python tests/bench/gateway.py --smoke    # < 60 s, small numbers, same code paths
+
+Paths (all HTTP/2):
+  (1) direct:   client -> server over TLS (h2load cannot present a client certificate,
+                so the server does not ask for one; gRPC load uses mTLS)
+  (2) isthmus:  client -h2c-> gateway(east) outbound =mTLS h2= gateway(west) inbound -h2c-> server
+  (3) nginx:    client -h2c-> nginx(east) =mTLS h2 (grpc_pass)= nginx(west) -h2c-> server
+
+The server is nginx (h2c and TLS: "ok" and a 1 MiB file), so the server is never the
+bottleneck.  Each gateway runs one worker process; so does each nginx.  Reported per
+scenario: req/s, p50 and p99 latency (h2load --log-file, per request), at a fixed
+concurrency, at half of the measured saturation rate (the latency target) and at
+saturation; small unary and 1 MiB bodies; L4 throughput through a CONNECT tunnel;
+a gRPC unary load (grpc.aio client) direct vs through the gateways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import trust  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as f:
+            p = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+# ------------------------------------------------------------------ setup
+
+def make_pki(d: Path) -> dict[str, trust.IssuedFiles]:
+    root = trust.TrustDir(d / "root")
+    root.init("isthmus.local")
+    out: dict[str, trust.IssuedFiles] = {}
+    for c in ("east", "west"):
+        ca = root.issue_cluster(c)
+        # DNS name only for nginx's upstream hostname check; Isthmus checks the SPIFFE ID.
+        out[c] = ca.issue(trust.gateway_id(f"{c}.isthmus.local"), d / f"gw-{c}",
+                          dns_names=("localhost",), validity=86400)
+    out["server"] = root.issue_cluster("svc").issue(
+        trust.workload_id("svc.isthmus.local", "default", "server"), d / "server",
+        dns_names=("localhost",), validity=86400)
+    out["client"] = root.issue_cluster("cli").issue(
+        trust.workload_id("cli.isthmus.local", "default", "client"), d / "client", validity=86400)
+    return out
+
+
+NGINX_BASE = """worker_processes 1;
+user root;
+daemon off;
+pid {d}/{name}.pid;
+error_log {d}/{name}.err warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/{name}-body;
+  proxy_temp_path {d}/{name}-proxy;
+  fastcgi_temp_path {d}/{name}-fcgi;
+  uwsgi_temp_path {d}/{name}-uwsgi;
+  scgi_temp_path {d}/{name}-scgi;
+  http2_max_concurrent_streams 1024;
+  keepalive_requests 1000000;
+{body}
+}}
+"""
+
+
+def nginx_conf(d: Path, name: str, body: str) -> Path:
+    p = d / f"{name}.conf"
+    p.write_text(NGINX_BASE.format(d=d, name=name, body=body))
+    return p
+
+
+def setup(d: Path, procs: Procs, grpc_port: int = 0) -> dict[str, int]:
+    pki = make_pki(d)
+    (d / "www").mkdir()
+    (d / "www" / "big").write_bytes(os.urandom(1 << 20))
+    ports = {k: free_port() for k in (
+        "backend", "backend_tls", "west_in", "west_out", "west_admin", "east_in", "east_out",
+        "east_admin", "east_tcp", "tcp_sink", "ngx_east", "ngx_west")}
+    s = pki["server"]
+    backend = f"""
+  server {{
+    listen 127.0.0.1:{ports['backend']} http2;
+    listen 127.0.0.1:{ports['backend_tls']} ssl http2;
+    ssl_certificate {s.cert}; ssl_certificate_key {s.key};
+    ssl_client_certificate {s.bundle}; ssl_verify_client optional;
+    ssl_protocols TLSv1.3;
+    root {d}/www;
+    location = /big {{ }}
+    location / {{ return 200 "ok\\n"; }}
+  }}"""
+    # grpc_pass is nginx's only HTTP/2 upstream: it relays any h2 request.
+    e, w = pki["east"], pki["west"]
+    ngx_east = f"""
+  upstream west {{ server 127.0.0.1:{ports['ngx_west']}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{ports['ngx_east']} http2;
+    location / {{
+      grpc_pass grpcs://west;
+      grpc_ssl_certificate {e.cert}; grpc_ssl_certificate_key {e.key};
+      grpc_ssl_trusted_certificate {e.bundle}; grpc_ssl_verify on; grpc_ssl_verify_depth 3;
+      grpc_ssl_name localhost; grpc_ssl_session_reuse on; grpc_ssl_protocols TLSv1.3;
+      grpc_buffer_size 64k;
+    }}
+  }}"""
+    ngx_west = f"""
+  upstream backend {{ server 127.0.0.1:{ports['backend']}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{ports['ngx_west']} ssl http2;
+    ssl_certificate {w.cert}; ssl_certificate_key {w.key};
+    ssl_client_certificate {w.bundle}; ssl_verify_client on; ssl_verify_depth 3;
+    ssl_protocols TLSv1.3;
+    location / {{ grpc_pass grpc://backend; grpc_buffer_size 64k; }}
+  }}"""
+    for name, body in (("backend", backend), ("ngx_east", ngx_east), ("ngx_west", ngx_west)):
+        procs.start(["nginx", "-c", str(nginx_conf(d, name, body))], d / f"{name}.log")
+    # A TCP sink for L4 throughput: reads everything, answers with the byte count.
+    procs.start([sys.executable, "-c", TCP_SINK, str(ports["tcp_sink"])], d / "sink.log")
+    static = {
+        "revision": 1,
+        "clusters": [{"name": c, "trust_domain": f"{c}.isthmus.local",
+                      "gateway_addresses": [f"127.0.0.1:{ports[c + '_in']}"]} for c in ("east", "west")],
+        "services": [
+            {"cluster": "west", "namespace": "default", "name": "web",
+             "ports": [{"port": 80, "protocol": "HTTP2", "target": f"127.0.0.1:{ports['backend']}"}]},
+            {"cluster": "west", "namespace": "default", "name": "sink",
+             "ports": [{"port": 9, "protocol": "TCP", "target": f"127.0.0.1:{ports['tcp_sink']}"}]},
+            {"cluster": "west", "namespace": "default", "name": "echo",
+             "ports": [{"port": 50051, "protocol": "GRPC", "target": f"127.0.0.1:{grpc_port or 1}"}]},
+        ],
+    }
+    for c in ("west", "east"):
+        f = pki[c]
+        cfg = {
+            "cluster": c,
+            "inbound": {"host": "127.0.0.1", "port": ports[f"{c}_in"]},
+            "outbound": {"host": "127.0.0.1", "port": ports[f"{c}_out"]},
+            "admin": {"host": "127.0.0.1", "port": ports[f"{c}_admin"]},
+            "tls": {"cert_file": str(f.cert), "key_file": str(f.key), "bundle_file": str(f.bundle)},
+            "outbound_allow_plain": True,
+            "access_log": False,
+            "static": static,
+            "last_known_good": str(d / f"{c}-lkg.json"),
+            "tcp_ports": [{"host": "127.0.0.1", "port": ports["east_tcp"],
+                           "target": "sink.default.west.isthmus.local:9"}] if c == "east" else [],
+        }
+        (d / f"{c}.yaml").write_text(yaml.safe_dump(cfg))
+        procs.start([sys.executable, "-c", "from federation.cli import main; main()", "gateway",
+                     "run", "--config", str(d / f"{c}.yaml"), "--log-level", "warning"],
+                    d / f"gw-{c}.log")
+    for k in ("backend", "backend_tls", "ngx_east", "ngx_west", "west_in", "east_out", "east_tcp",
+              "tcp_sink"):
+        wait_port(ports[k])
+    ports["_pki"] = pki  # type: ignore[assignment]
+    return ports
+
+
+TCP_SINK = r"""
+import socket, sys, threading
+def serve(c):
+    n = 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        n += len(b)
+    c.sendall(str(n).encode()); c.close()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+# ------------------------------------------------------------------ measurement
+
+def h2load(url: str, d: Path, *, clients: int, streams: int, duration: float,
+           authority: str | None = None, rps: float | None = None, warmup: float = 0.5) -> dict:
+    log = d / f"h2load-{time.monotonic_ns()}.log"
+    args = ["h2load", "-c", str(clients), "-m", str(streams), "-D", f"{int(duration * 1000)}ms",
+            "--warm-up-time", f"{int(warmup * 1000)}ms", "--log-file", str(log), "-t", "1"]
+    if authority:
+        args += ["-H", f":authority: {authority}"]
+    if rps:
+        args += ["--rps", str(max(1, int(rps / clients)))]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=duration + 60).stdout
+    lat = []
+    codes = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                codes[parts[1]] = codes.get(parts[1], 0) + 1
+                lat.append(int(parts[2]) / 1000.0)
+        log.unlink()
+    lat.sort()
+    rate = 0.0
+    for line in out.splitlines():
+        if line.startswith("finished in"):
+            rate = float(line.split(",")[1].strip().split()[0])
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    return {"rps": rate, "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
+            "requests": len(lat), "ok": ok, "errors": len(lat) - ok}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def l4_throughput(port: int, size: int) -> float:
+    """MB/s of a one-way upload through the CONNECT tunnel."""
+    chunk = b"\0" * (1 << 20)
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        sent = 0
+        while sent < size:
+            s.sendall(chunk)
+            sent += len(chunk)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while b := s.recv(100):
+            reply += b
+    dt = time.perf_counter() - t0
+    assert int(reply) == size, reply
+    return size / dt / 1e6
+
+
+GRPC_LOAD = r"""
+import asyncio, json, sys, time, grpc
+target, authority, conc, duration = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+async def main():
+    opts = [("grpc.default_authority", authority)] if authority != "-" else []
+    async with grpc.aio.insecure_channel(target, options=opts) as ch:
+        call = ch.unary_unary("/isthmus.test.Echo/Unary")
+        lat = []
+        end = time.perf_counter() + duration
+        errors = 0
+        async def worker():
+            nonlocal errors
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                try:
+                    await call(b"x" * 64, timeout=5)
+                    lat.append((time.perf_counter() - t) * 1000)
+                except grpc.RpcError:
+                    errors += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(conc)])
+        dt = time.perf_counter() - t0
+        lat.sort()
+        print(json.dumps({"rps": len(lat) / dt, "p50_ms": lat[len(lat)//2] if lat else None,
+                          "p99_ms": lat[int(len(lat)*0.99)] if lat else None, "errors": errors}))
+asyncio.run(main())
+"""
+
+
+def grpc_load(target: str, authority: str, conc: int, duration: float) -> dict:
+    out = subprocess.run([sys.executable, "-c", GRPC_LOAD, target, authority, str(conc),
+                          str(duration)], capture_output=True, text=True, timeout=duration + 60)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": out.stderr[-500:]}
+
+
+def run(smoke: bool, duration: float, concurrency: int) -> dict:
+    from tests.gateway.backends import start_grpc_server
+
+    d = Path(tempfile.mkdtemp(prefix="isthmus-bench-"))
+    procs = Procs()
+    results: dict = {}
+    server, gport = start_grpc_server()
+    try:
+        ports = setup(d, procs, gport)
+        dur = 1.0 if smoke else duration
+        auth = "web.default.west.isthmus.local:80"
+        paths = {
+            "direct": (f"https://127.0.0.1:{ports['backend_tls']}", None),
+            "isthmus": (f"http://127.0.0.1:{ports['east_out']}", auth),
+            "nginx": (f"http://127.0.0.1:{ports['ngx_east']}", None),
+        }
+        # Warm every path (connections, pools, TLS).
+        for base, a in paths.values():
+            h2load(base + "/", d, clients=2, streams=2, duration=0.3, authority=a, warmup=0.1)
+        fixed_c, fixed_m = (2, 4) if smoke else (4, max(1, concurrency // 4))
+        sat_c, sat_m = (4, 16) if smoke else (8, 32)
+        for name, (base, a) in paths.items():
+            r = results.setdefault(name, {})
+            r["small_fixed"] = h2load(base + "/", d, clients=fixed_c, streams=fixed_m,
+                                      duration=dur, authority=a)
+            r["small_saturation"] = h2load(base + "/", d, clients=sat_c, streams=sat_m,
+                                           duration=dur, authority=a)
+            half = r["small_saturation"]["rps"] / 2
+            r["small_half_load"] = h2load(base + "/", d, clients=4, streams=1, duration=dur,
+                                          authority=a, rps=half)
+            if not smoke:
+                r["big_fixed"] = h2load(base + "/big", d, clients=2, streams=2, duration=dur,
+                                        authority=a)
+            r["big_saturation"] = h2load(base + "/big", d, clients=4, streams=8, duration=dur,
+                                         authority=a)
+        size = (32 if smoke else 512) << 20
+        results["l4_connect_MBps"] = round(l4_throughput(ports["east_tcp"], size), 1)
+        results["l4_direct_MBps"] = round(l4_throughput(ports["tcp_sink"], size), 1)
+        gd = 1.0 if smoke else duration
+        results["grpc_direct"] = grpc_load(f"127.0.0.1:{gport}", "-", 16, gd)
+        results["grpc_isthmus"] = grpc_load(f"127.0.0.1:{ports['east_out']}",
+                                            "echo.default.west.isthmus.local:50051", 16, gd)
+    finally:
+        procs.stop()
+        server.stop(0)
+        if not os.environ.get("ISTHMUS_BENCH_KEEP"):
+            shutil.rmtree(d, ignore_errors=True)
+    _ratios(results)
+    return results
+
+
+def _ratios(results: dict) -> None:
+    rat = {}
+    for k in ("small_fixed", "small_saturation", "small_half_load", "big_saturation"):
+        try:
+            i, dct, n = (results["isthmus"][k]["rps"], results["direct"][k]["rps"],
+                         results["nginx"][k]["rps"])
+            rat[k] = {"isthmus/direct": round(i / dct, 3) if dct else None,
+                      "isthmus/nginx": round(i / n, 3) if n else None}
+        except KeyError:
+            pass
+    results["ratios"] = rat
+
+
+def report(results: dict) -> str:
+    lines = [f"{'path':8} {'scenario':18} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
+    for name in ("direct", "isthmus", "nginx"):
+        for k, v in results.get(name, {}).items():
+            lines.append(f"{name:8} {k:18} {v['rps']:10.0f} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['errors']:7d}")
+    lines.append(f"L4 via CONNECT: {results.get('l4_connect_MBps')} MB/s "
+                 f"(direct {results.get('l4_direct_MBps')} MB/s)")
+    for k in ("grpc_direct", "grpc_isthmus"):
+        g = results.get(k, {})
+        if "rps" in g:
+            lines.append(f"{k:13} unary c=16 {g['rps']:8.0f} req/s  p50 {g['p50_ms']:.2f} ms  "
+                         f"p99 {g['p99_ms']:.2f} ms  errors {g['errors']}")
+        elif g:
+            lines.append(f"{k}: {g}")
+    for k, v in results.get("ratios", {}).items():
+        lines.append(f"ratio {k}: {v}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="quick run (< 60 s)")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    results = run(a.smoke, a.duration, a.concurrency)
+    print(json.dumps(results, indent=2) if a.json else report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The gateway benchmark's --smoke mode runs end to end (h2load, nginx, real processes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not (shutil.which("h2load") and shutil.which("nginx")),
+                    reason="needs h2load and nginx (apt-get install nghttp2-client nginx-light)")
+def test_benchmark_smoke_mode_completes_without_errors() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "tests/bench/gateway.py"), "--smoke", "--json"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    for path in ("direct", "isthmus", "nginx"):
+        for name, v in r[path].items():
+            assert v["requests"] > 0, (path, name)
+            if name.startswith("small"):
+                assert v["errors"] == 0, (path, name, v)
+    assert r["isthmus"]["small_saturation"]["rps"] > 200
+    assert r["l4_connect_MBps"] > 5
+    assert r["grpc_isthmus"]["errors"] == 0 and r["grpc_isthmus"]["rps"] > 50
+    assert "isthmus/nginx" in r["ratios"]["small_saturation"]
