@@ -73,7 +73,7 @@ class Hub:
         self.ready = asyncio.Event()
         self.stats = HubStats()
         self._watchers: set[_Watcher] = set()
-        self._advanced = asyncio.Condition()
+        self._advanced = asyncio.Event()  # replaced on every advance; waiters re-check
         self._snapshot_cache: tuple[int, bytes] = (-1, b"")
         self._snapshot_event: pb.WatchEvent | None = None
         self._revocations: tuple[int, trust.Revocations] = (-1, trust.Revocations())
@@ -174,11 +174,8 @@ class Hub:
             self._notify()
 
     def _notify(self) -> None:
-        async def wake() -> None:
-            async with self._advanced:
-                self._advanced.notify_all()
-
-        asyncio.get_running_loop().create_task(wake())
+        self._advanced.set()
+        self._advanced = asyncio.Event()
 
     def _advance(self, rev: int, changes: list[pb.Change]) -> None:
         self.revision = max(self.revision, rev)
@@ -281,8 +278,8 @@ class Hub:
 
     async def wait_for(self, revision: int, timeout: float) -> bool:
         async def until() -> None:
-            async with self._advanced:
-                await self._advanced.wait_for(lambda: self.revision >= revision)
+            while self.revision < revision:
+                await self._advanced.wait()
 
         try:
             await asyncio.wait_for(until(), timeout)

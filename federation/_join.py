@@ -111,8 +111,18 @@ def join(
     trust.validate_cluster_name(name)
     addresses = parse_addresses(federation)
     out = Path(out_dir)
-    target = join_address or join_address_for(addresses[0])
-    root = fetch_pinned_root(target, ca_pin)
+    # Any replica will do: try each until one answers (a pin mismatch is fatal, not retried).
+    candidates = [join_address] if join_address else [join_address_for(a) for a in addresses]
+    for i, target in enumerate(candidates):
+        try:
+            root = fetch_pinned_root(target, ca_pin)
+            break
+        except PinMismatch:
+            raise
+        except FederationError:
+            if i == len(candidates) - 1:
+                raise
+    mtls_target = addresses[candidates.index(target)] if not join_address else addresses[0]
     fed_td = trust.trust_domain_of(root)
     if fed_td is None:
         raise FederationError("the pinned root carries no spiffe:// trust domain; is this an Isthmus federation?")
@@ -133,7 +143,7 @@ def join(
         # Re-join with an identity: the mTLS port, trusting only the pinned root.
         creds = Credentials.from_dir(cert_dir)
         channel_creds = grpc.ssl_channel_credentials(root_pem, creds.key_file.read_bytes(), creds.cert_file.read_bytes())
-        target = addresses[0]
+        target = mtls_target
     else:
         channel_creds = grpc.ssl_channel_credentials(root_certificates=root_pem)
     with grpc.secure_channel(target, channel_creds, options=channel_options()) as channel:

@@ -90,3 +90,29 @@ def test_snapshot_is_valid_model_json(etcd) -> None:  # type: ignore[no-untyped-
         assert snap.revision == hub.revision
 
     asyncio.run(_with_hub(etcd.endpoint, body))
+
+
+def test_relist_broadcasts_the_difference_as_one_delta(etcd) -> None:  # type: ignore[no-untyped-def]
+    """What the hub does after etcd compacted past its revision: re-list and diff, no gap."""
+
+    async def body(e: Etcd, hub: Hub) -> None:
+        await e.put(b"/isthmus/exports/east/default/a", svc_json("a"))
+        await e.put(b"/isthmus/exports/east/default/b", svc_json("b"))
+        assert await hub.catch_up()
+        w = hub.watch()
+        await w.__anext__()
+        await e.put(b"/isthmus/meta/x", b"")  # etcd moves on, as it does during a real gap
+        assert await hub.catch_up()
+        # Simulate changes the hub's etcd watch never delivered (a compacted gap).
+        old = dict(hub.state)
+        hub.state = {k: v for k, v in old.items() if not k.endswith(b"/b")}  # "missed" b's creation
+        hub.state[b"/isthmus/exports/east/default/gone"] = (1, svc_json("gone"))  # "missed" a deletion
+        await hub._relist()
+        ev = await asyncio.wait_for(w.__anext__(), 5)
+        assert sorted((c.key, c.deleted) for c in ev.changes) == [
+            ("east/default/b", False), ("east/default/gone", True)
+        ]  # fmt: skip
+        assert hub.stats.relists == 1
+        await w.aclose()
+
+    asyncio.run(_with_hub(etcd.endpoint, body))

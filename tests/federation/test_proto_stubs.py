@@ -22,8 +22,6 @@ def test_stale_check_fails_when_proto_changes(tmp_path, monkeypatch) -> None:  #
     proto = tmp_path / "federation.proto"
     proto.write_text(gen.PROTO.read_text().replace("message HeartbeatRequest { string cluster = 1; }",
                                                    "message HeartbeatRequest { string cluster = 1; int32 extra = 2; }"))
-    monkeypatch.setattr(gen, "PROTO", proto)
-    monkeypatch.setattr(gen, "ROOT", tmp_path.parent)
     # Generation needs the proto under ROOT at federation/proto/; lay it out that way.
     layout = tmp_path / "root" / "federation" / "proto"
     layout.mkdir(parents=True)
