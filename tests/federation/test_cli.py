@@ -163,3 +163,26 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_embedded_etcd_does_not_outlive_a_killed_service(pki: Pki, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ISTHMUS_LOG_FORMAT": "json"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "federation", "serve", "--trust-dir", str(pki.trust_dir),
+         "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data")],
+        stderr=subprocess.PIPE, env=env, cwd=REPO, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    etcd_pid = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not etcd_pid:
+        line = proc.stderr.readline()
+        if '"etcd.embedded.started"' in line:
+            etcd_pid = json.loads(line)["pid"]
+    proc.kill()
+    proc.wait()
+    assert etcd_pid
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(etcd_pid):
+        time.sleep(0.05)
+    assert not _alive(etcd_pid)
