@@ -257,3 +257,43 @@ async def test_orphans_swept_at_start_users_services_untouched(kube, fed_env, cl
         assert world.service(ns, "users--west") is not None
         assert world.mirrors(ns) == {"web--west", "web--isthmus"}
         nursery.cancel_scope.cancel()
+
+
+async def test_agent_run_command_as_a_process(kube, fed_env, clusters, east_client, ns, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`isthmus agent run` for real: kubeconfig to the emulator, readiness, an export, SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from federation._embedded import free_port
+
+    world = World(kube)
+    world.create(service(ns, "web", {n.EXPORT: "true"}))
+    port = free_port()
+    env = {**os.environ, "ISTHMUS_CLUSTER": "east", "ISTHMUS_FEDERATION": fed_env[0].address,
+           "ISTHMUS_CERT_DIR": str(clusters["east"].agent_dir), "ISTHMUS_LOG_FORMAT": "json"}
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-c", "from federation.cli import main; main()", "agent", "run", "--kubeconfig", str(kube.kubeconfig(tmp_path / "kc")),
+                                 "--health-listen", f"127.0.0.1:{port}", "--lease-ttl", "5"], env=env, stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually(ready, timeout=20, what="/readyz 200")
+        await eventually(lambda: "web" in exported_keys(east_client, "east", ns), what="web exported by the process")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(lambda: proc.wait(10)) == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "agent.synced" in log_path.read_text()
