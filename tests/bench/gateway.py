@@ -251,8 +251,11 @@ def h2load(url: str, d: Path, *, clients: int, streams: int, duration: float,
         if line.startswith("finished in"):
             rate = float(line.split(",")[1].strip().split()[0])
     ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    # Status 0: still in flight when the duration ended (at most clients*streams of them).
+    unfinished = codes.get("0", 0)
     return {"rps": rate, "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
-            "requests": len(lat), "ok": ok, "errors": len(lat) - ok}
+            "requests": len(lat), "ok": ok, "errors": len(lat) - ok - unfinished,
+            "unfinished": unfinished, "in_flight_max": clients * streams, "codes": codes}
 
 
 def _pct(xs: list[float], q: float) -> float:
