@@ -172,11 +172,13 @@ def agent() -> None:
 @click.option("--health-listen", default="127.0.0.1:15020", show_default=True, help="HOST:PORT for /healthz and /readyz; empty: off.")
 @click.option("--lease-ttl", default=30, show_default=True, type=click.IntRange(3, 3600), help="Export lease TTL, seconds.")
 @click.option("--resync", default=300.0, show_default=True, type=click.FloatRange(1.0), help="Full resync period, seconds.")
+@click.option("--rotate-interval", default=600.0, show_default=True, type=click.FloatRange(0.0),
+              help="Seconds between checks that renew the in-cluster gateway/agent certificates (Secrets in isthmus-system); 0: off.")
 @click.option("--dns-suffix", default="isthmus.local", show_default=True, help="Suffix of the gateway's outbound names.")
 @click.option("--log-level", default="info", show_default=True)
 @kube_options
 def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: str, lease_ttl: int, resync: float,
-              dns_suffix: str, log_level: str, kubeconfig: str | None, context: str | None) -> None:
+              rotate_interval: float, dns_suffix: str, log_level: str, kubeconfig: str | None, context: str | None) -> None:
     """Run the agent: export annotated Services, mirror what other clusters export here."""
     setup_logging(log_level)
     import trio
@@ -195,7 +197,8 @@ def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: 
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
         return
-    ag = Agent(AgentConfig(cluster=cluster, lease_ttl=lease_ttl, resync_interval=resync, dns_suffix=dns_suffix), kube, fed)
+    ag = Agent(AgentConfig(cluster=cluster, lease_ttl=lease_ttl, resync_interval=resync, dns_suffix=dns_suffix,
+                                 rotate_interval=rotate_interval), kube, fed)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -61,6 +61,9 @@ class AgentConfig:
     max_retries: int = 10
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
+    # Renew the in-cluster gateway/agent certificates (Secrets in isthmus-system) every
+    # this many seconds when due; 0: off (e.g. outside a cluster joined by join-cluster).
+    rotate_interval: float = 0.0
 
 
 # ---------------------------------------------------------------- events (past tense)
@@ -154,6 +157,8 @@ class Agent:
                 nursery.start_soon(self._pump_federation, send.clone())
                 nursery.start_soon(self._heartbeat, send.clone())
                 nursery.start_soon(self._ticker, send.clone())
+                if self.cfg.rotate_interval > 0:
+                    nursery.start_soon(self._rotate_certificates)
                 task_status.started()
                 await self._worker(recv, send, nursery)
         finally:
@@ -225,6 +230,18 @@ class Agent:
                     await send.send(LeaseLost())
                 else:
                     self.log.warning("heartbeat.failed", error=str(exc))
+
+    async def _rotate_certificates(self) -> None:
+        from ._rotate import rotate_once
+
+        while True:
+            try:
+                renewed = await trio.to_thread.run_sync(rotate_once, self.kube)
+                if renewed:
+                    self.log.info("certificates.rotated", secrets=renewed)
+            except Exception as exc:  # noqa: BLE001 - rotation must never stop the reconcile loop
+                self.log.error("certificates.rotation_failed", error=str(exc))
+            await trio.sleep(self.cfg.rotate_interval)
 
     async def _ticker(self, send: trio.MemorySendChannel[Event]) -> None:
         while True:

@@ -212,6 +212,23 @@ def agent_objects(image: str = IMAGE) -> list[Obj]:
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": AGENT_SA},
         "subjects": [{"kind": "ServiceAccount", "name": AGENT_SA, "namespace": NAMESPACE}],
     }
+    # Certificate rotation: read the cluster CA, rewrite the two leaf Secrets; nothing else.
+    secrets_role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(AGENT_SA, "agent"),
+        "rules": [
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [SECRET_CA], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [SECRET_GATEWAY, SECRET_AGENT], "verbs": ["get", "update", "patch"]},
+        ],
+    }
+    secrets_binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(AGENT_SA, "agent"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT_SA},
+        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SA, "namespace": NAMESPACE}],
+    }
     policy = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
@@ -289,7 +306,7 @@ def agent_objects(image: str = IMAGE) -> list[Obj]:
             },
         },
     }
-    return [sa, role, binding, policy, policy_binding, deployment]
+    return [sa, role, binding, secrets_role, secrets_binding, policy, policy_binding, deployment]
 
 
 def workloads(image: str = IMAGE, service_type: str = "LoadBalancer") -> list[Obj]:

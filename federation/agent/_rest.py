@@ -34,6 +34,8 @@ KINDS: dict[str, tuple[str, bool]] = {
     "EndpointSlice": ("endpointslices", True),
     "ClusterRole": ("clusterroles", False),
     "ClusterRoleBinding": ("clusterrolebindings", False),
+    "Role": ("roles", True),
+    "RoleBinding": ("rolebindings", True),
     "ValidatingAdmissionPolicy": ("validatingadmissionpolicies", False),
     "ValidatingAdmissionPolicyBinding": ("validatingadmissionpolicybindings", False),
     "Node": ("nodes", False),

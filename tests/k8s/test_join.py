@@ -87,6 +87,7 @@ def inventory(rest: Rest) -> dict[str, list[str]]:
                                   ("v1", "Secret", m.NAMESPACE), ("v1", "ServiceAccount", m.NAMESPACE),
                                   ("apps/v1", "Deployment", m.NAMESPACE), ("policy/v1", "PodDisruptionBudget", m.NAMESPACE),
                                   ("rbac.authorization.k8s.io/v1", "ClusterRole", ""), ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", ""),
+                                  ("rbac.authorization.k8s.io/v1", "Role", m.NAMESPACE), ("rbac.authorization.k8s.io/v1", "RoleBinding", m.NAMESPACE),
                                   ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy", ""),
                                   ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding", "")]:
         out[kind] = sorted(o["metadata"]["name"] for o in rest.list(api_version, kind, ns))
