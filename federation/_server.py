@@ -239,6 +239,11 @@ class FederationService(pb_grpc.FederationServicer):
     @_rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         self._caller(context)
+        # Read-your-writes: a change the caller just made must count as the latest config.
+        try:
+            await self.hub.catch_up(timeout=2.0)
+        except FederationError:
+            pass  # etcd away: report what this replica knows
         config_rev = self.hub.config_revision
         gateways = [
             pb.GatewayStatus(

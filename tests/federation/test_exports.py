@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -107,15 +108,19 @@ def test_keep_published_survives_a_lapsed_lease(fed, admin, clusters, etcd) -> N
         try:
             assert wait_until(lambda: len(admin.list_services("east")) == 1)
 
-            async def revoke() -> None:  # simulate the lease lapsing (e.g. a long partition)
+            async def lease() -> int:
                 async with Etcd(etcd.endpoint) as cli:
-                    import json
-
                     kv = await cli.get(b"/isthmus/leases/east")
-                    await cli.revoke(json.loads(kv.value)["lease"])
+                    return json.loads(kv.value)["lease"] if kv is not None else 0
 
-            asyncio.run(revoke())
-            assert admin.list_services("east") == []
+            async def revoke(lease_id: int) -> None:  # simulate the lease lapsing (e.g. a long partition)
+                async with Etcd(etcd.endpoint) as cli:
+                    await cli.revoke(lease_id)
+
+            old = asyncio.run(lease())
+            asyncio.run(revoke(old))
+            # keep_published notices on its next heartbeat and republishes under a new lease.
+            assert wait_until(lambda: asyncio.run(lease()) not in (0, old), timeout=5)
             assert wait_until(lambda: len(admin.list_services("east")) == 1, timeout=5)
             services.append(svc("east", "api"))
             assert wait_until(lambda: len(admin.list_services("east")) == 2, timeout=5)
