@@ -38,7 +38,7 @@ from federation._errors import RemoteError
 from federation.client import SnapshotTracker, WatchMessage
 
 from . import _names as n
-from ._convert import ObjectRef, desired_exports, export_status, gateway_endpoints, key_of, plan_mirrors
+from ._convert import SPEC_HASH, ObjectRef, desired_exports, export_status, gateway_endpoints, key_of, plan_mirrors
 from ._kube import KINDS, AgentError, Kind, Kube, KubeRefused, RetryableError, WatchExpired
 
 log = structlog.get_logger("federation.agent")
@@ -134,6 +134,9 @@ class AgentState:
     written_status: dict[str, str | None] = field(default_factory=dict)
     swept: bool = False
     conflicts_logged: set[str] = field(default_factory=set)
+    # Mirror objects the API server refused (e.g. their namespace does not exist here), by
+    # spec hash: not tried again until they change or the periodic resync.
+    refused: dict[ObjectRef, str] = field(default_factory=dict)
 
 
 class Agent:
@@ -293,6 +296,9 @@ class Agent:
             self.sides[ev.side].dirty = True
         elif isinstance(ev, ResyncDue):
             st.published = None  # republish: cheap (the server reports changed=0) and heals drift
+            st.written_status.clear()  # re-check every status annotation against the cache
+            st.refused.clear()
+            st.conflicts_logged.clear()
             ex.dirty = im.dirty = True
 
     async def _attempt(self, side: str, fn: Any, send: trio.MemorySendChannel[Event], nursery: trio.Nursery) -> None:
@@ -393,6 +399,9 @@ class Agent:
                 self.log.warning("mirror.conflict", detail=text)
         for obj in plan.upserts:
             ref = ObjectRef(kind=obj["kind"], namespace=obj["metadata"]["namespace"], name=obj["metadata"]["name"])
+            spec_hash = obj["metadata"]["annotations"][SPEC_HASH]
+            if st.refused.get(ref) == spec_hash:
+                continue
             try:
                 await trio.to_thread.run_sync(self.kube.upsert, obj)
                 self._cache_for(ref.kind)[f"{ref.namespace}/{ref.name}"] = obj  # don't re-plan it before the watch says so
@@ -400,6 +409,7 @@ class Agent:
             except RetryableError as exc:
                 first_error = first_error or exc
             except KubeRefused as exc:
+                st.refused[ref] = spec_hash
                 self.log.error("mirror.refused", object=str(ref), error=str(exc))
         for ref in plan.deletes:
             try:

@@ -18,7 +18,7 @@ from kubernetes import client
 
 from federation._errors import RemoteError
 from federation.agent import _names as n
-from federation.agent._agent import Agent, AgentConfig, _retryable
+from federation.agent._agent import Agent, AgentConfig, ResyncDue, _retryable
 from federation.agent._health import respond, serve_health
 from federation.agent._kube import KINDS, Kind, KubeRefused, RetryableError, WatchExpired, convert_error
 from federation.client import WatchMessage
@@ -141,6 +141,12 @@ async def test_refusals_are_not_retried() -> None:
         # The refused object is skipped (logged), the others are written, nothing is retried.
         assert len(kube.upserts) == 3 and kube.upsert_failures == []
         assert agent.sides["imports"].attempts == 0
+        # Later passes do not hammer the API server with the refused object; a resync retries it.
+        await agent.reconcile_imports()
+        assert len(kube.upserts) == 3 and len(agent.state.refused) == 1
+        agent.apply(ResyncDue())
+        await agent.reconcile_imports()
+        assert len(kube.upserts) == 4 and agent.state.refused == {}
         nursery.cancel_scope.cancel()
 
 
