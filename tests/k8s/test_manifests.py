@@ -31,6 +31,8 @@ def by_key(objs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, A
 
 
 def validate(tmp_path: Path, objs: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    if shutil.which("kubernetes-validate") is None:
+        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
     f = tmp_path / "objs.yaml"
     f.write_text(m.to_yaml(objs))
     return subprocess.run(["kubernetes-validate", "--strict", "--quiet", str(f)], capture_output=True, text=True, timeout=120)
