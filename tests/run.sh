@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 if command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        iproute2 curl openssl nghttp2-client nginx-light >/dev/null
+        iproute2 curl openssl nghttp2-client nginx-light shellcheck >/dev/null
 fi
 
 python3 -m pip install -q --upgrade pip
