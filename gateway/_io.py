@@ -145,22 +145,31 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
             if first:
                 ep.receive(first)
             receive = stream.receive_some
+            idle = idle_timeout if idle_timeout else math.inf
+            last = trio.current_time()
             try:
                 while not ep.closed:
-                    with trio.move_on_after(idle_timeout if idle_timeout else math.inf) as scope:
-                        data = await receive(MAX_READ)
+                    # One cancel scope per idle period, not per read: a scope costs more
+                    # than a small request's parsing.  It fires at most once per period.
+                    with trio.CancelScope(deadline=last + idle) as scope:
+                        while not ep.closed:
+                            data = await receive(MAX_READ)
+                            if not data:
+                                ep.closed = True
+                                break
+                            ep.receive(data)
+                            last = trio.current_time()
                     if scope.cancelled_caught:
-                        if ep.halves:
+                        if ep.halves or trio.current_time() - last < idle:
+                            last = trio.current_time() if ep.halves else last
                             continue
                         ep.conn.close_connection()
+                        ep.mark()
                         break
-                    if not data:
-                        break
-                    ep.receive(data)
             except _BROKEN:
                 ep.closed = True
             nursery.cancel_scope.cancel()
-        if not ep.closed:
+        if ep.dirty:
             # Say goodbye (GOAWAY, last frames) if the socket still takes bytes.
             with trio.move_on_after(1):
                 out = ep.take_output()

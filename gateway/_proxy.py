@@ -13,12 +13,13 @@ gateway of ``east`` cannot speak for ``west``); then the :data:`Authorizer` hook
 
 from __future__ import annotations
 
-import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from hpack import NeverIndexedHeaderTuple
 
 from trust import InvalidSpiffeId, SpiffeId
 
@@ -82,7 +83,8 @@ class Reject:
 
 def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
     """(header value for the next hop, trace id): continue ``incoming`` if valid."""
-    span = os.urandom(8).hex()
+    # Trace and span ids need uniqueness, not secrecy: no syscall per request.
+    span = f"{random.getrandbits(64):016x}"
     if incoming is not None and len(incoming) == 55:
         parts = incoming.split(b"-")
         if (len(parts) == 4 and parts[0] == b"00" and len(parts[1]) == 32
@@ -91,7 +93,7 @@ def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
                 and parts[1] != b"0" * 32):
             trace = parts[1].decode()
             return f"00-{trace}-{span}-{parts[3].decode()}".encode(), trace
-    trace = os.urandom(16).hex()
+    trace = f"{random.getrandbits(128):032x}"
     return f"00-{trace}-{span}-01".encode(), trace
 
 
@@ -144,7 +146,8 @@ def outbound(headers: Headers, table: RouteTable, caller: str, x: Exchange) -> F
         out.insert(1, (b":authority", new_auth))
     if caller:
         out.append((SOURCE_IDENTITY, caller.encode()))
-    out.append((TRACEPARENT, tpv))
+    # Unique per request: never indexed, so it doesn't churn the HPACK dynamic tables.
+    out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
     return Forward(out, route, x.method == "CONNECT")
 
 
@@ -187,7 +190,7 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
         return Reject("RBAC", decision.reason or "denied by policy", 403)
     tpv, x.trace_id = traceparent(tp)
     out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT]
-    out.append((TRACEPARENT, tpv))
+    out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
     return Forward(out, target, x.method == "CONNECT")
 
 

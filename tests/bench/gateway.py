@@ -59,12 +59,16 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+              name: str = "") -> subprocess.Popen[bytes]:
         with open(log, "ab") as f:
             p = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                                  env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
         self.procs.append(p)
+        if name:
+            self.named[name] = p
         return p
 
     def stop(self) -> None:
@@ -129,7 +133,7 @@ def setup(d: Path, procs: Procs, grpc_port: int = 0) -> dict[str, int]:
     (d / "www" / "big").write_bytes(os.urandom(1 << 20))
     ports = {k: free_port() for k in (
         "backend", "backend_tls", "west_in", "west_out", "west_admin", "east_in", "east_out",
-        "east_admin", "east_tcp", "tcp_sink", "ngx_east", "ngx_west")}
+        "east_admin", "east_tcp", "tcp_sink", "ngx_east", "ngx_west", "ngx_hop")}
     s = pki["server"]
     backend = f"""
   server {{
@@ -156,6 +160,21 @@ def setup(d: Path, procs: Procs, grpc_port: int = 0) -> dict[str, int]:
       grpc_buffer_size 64k;
     }}
   }}"""
+    # One Isthmus hop: nginx plays the calling cluster's gateway (mTLS with east's gateway
+    # certificate) in front of the west Isthmus gateway, so only west's work is measured.
+    ngx_hop = f"""
+  upstream isthmus_west {{ server 127.0.0.1:{ports['west_in']}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{ports['ngx_hop']} http2;
+    location / {{
+      grpc_pass grpcs://isthmus_west;
+      grpc_set_header Host web.default.svc.cluster.local:80;
+      grpc_ssl_certificate {e.cert}; grpc_ssl_certificate_key {e.key};
+      grpc_ssl_trusted_certificate {e.bundle}; grpc_ssl_verify on; grpc_ssl_verify_depth 3;
+      grpc_ssl_name localhost; grpc_ssl_session_reuse on; grpc_ssl_protocols TLSv1.3;
+      grpc_buffer_size 64k;
+    }}
+  }}"""
     ngx_west = f"""
   upstream backend {{ server 127.0.0.1:{ports['backend']}; keepalive 64; }}
   server {{
@@ -165,7 +184,8 @@ def setup(d: Path, procs: Procs, grpc_port: int = 0) -> dict[str, int]:
     ssl_protocols TLSv1.3;
     location / {{ grpc_pass grpc://backend; grpc_buffer_size 64k; }}
   }}"""
-    for name, body in (("backend", backend), ("ngx_east", ngx_east), ("ngx_west", ngx_west)):
+    for name, body in (("backend", backend), ("ngx_east", ngx_east), ("ngx_west", ngx_west),
+                       ("ngx_hop", ngx_hop)):
         procs.start(["nginx", "-c", str(nginx_conf(d, name, body))], d / f"{name}.log")
     # A TCP sink for L4 throughput: reads everything, answers with the byte count.
     procs.start([sys.executable, "-c", TCP_SINK, str(ports["tcp_sink"])], d / "sink.log")
@@ -200,9 +220,9 @@ def setup(d: Path, procs: Procs, grpc_port: int = 0) -> dict[str, int]:
         (d / f"{c}.yaml").write_text(yaml.safe_dump(cfg))
         procs.start([sys.executable, "-c", "from federation.cli import main; main()", "gateway",
                      "run", "--config", str(d / f"{c}.yaml"), "--log-level", "warning"],
-                    d / f"gw-{c}.log")
-    for k in ("backend", "backend_tls", "ngx_east", "ngx_west", "west_in", "east_out", "east_tcp",
-              "tcp_sink"):
+                    d / f"gw-{c}.log", name=f"gw_{c}")
+    for k in ("backend", "backend_tls", "ngx_east", "ngx_west", "ngx_hop", "west_in", "east_out",
+              "east_tcp", "tcp_sink"):
         wait_port(ports[k])
     ports["_pki"] = pki  # type: ignore[assignment]
     return ports
@@ -256,6 +276,11 @@ def h2load(url: str, d: Path, *, clients: int, streams: int, duration: float,
     return {"rps": rate, "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
             "requests": len(lat), "ok": ok, "errors": len(lat) - ok - unfinished,
             "unfinished": unfinished, "in_flight_max": clients * streams, "codes": codes}
+
+
+def cpu_seconds(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -335,18 +360,26 @@ def run(smoke: bool, duration: float, concurrency: int) -> dict:
             "direct": (f"https://127.0.0.1:{ports['backend_tls']}", None),
             "isthmus": (f"http://127.0.0.1:{ports['east_out']}", auth),
             "nginx": (f"http://127.0.0.1:{ports['ngx_east']}", None),
+            # nginx (as the calling gateway) -> one Isthmus gateway -> server
+            "1hop": (f"http://127.0.0.1:{ports['ngx_hop']}", None),
         }
         # Warm every path (connections, pools, TLS).
         for base, a in paths.values():
             h2load(base + "/", d, clients=2, streams=2, duration=0.3, authority=a, warmup=0.1)
         fixed_c, fixed_m = (2, 4) if smoke else (4, max(1, concurrency // 4))
         sat_c, sat_m = (4, 16) if smoke else (8, 32)
+        gws = {n: p.pid for n, p in procs.named.items()}
         for name, (base, a) in paths.items():
             r = results.setdefault(name, {})
             r["small_fixed"] = h2load(base + "/", d, clients=fixed_c, streams=fixed_m,
                                       duration=dur, authority=a)
+            before = {n: cpu_seconds(pid) for n, pid in gws.items()}
             r["small_saturation"] = h2load(base + "/", d, clients=sat_c, streams=sat_m,
                                            duration=dur, authority=a)
+            n_req = max(1, r["small_saturation"]["requests"])
+            r["small_saturation"]["gateway_cpu_us_per_request"] = {
+                n: round((cpu_seconds(pid) - before[n]) / n_req * 1e6)
+                for n, pid in gws.items() if cpu_seconds(pid) - before[n] > 0.05}
             half = r["small_saturation"]["rps"] / 2
             r["small_half_load"] = h2load(base + "/", d, clients=4, streams=1, duration=dur,
                                           authority=a, rps=half)
@@ -375,20 +408,26 @@ def _ratios(results: dict) -> None:
     rat = {}
     for k in ("small_fixed", "small_saturation", "small_half_load", "big_saturation"):
         try:
+            if "1hop" in results:
+                rat.setdefault(k, {})["1hop_added_p50_ms"] = round(
+                    results["1hop"][k]["p50_ms"] - results["direct"][k]["p50_ms"], 3)
             i, dct, n = (results["isthmus"][k]["rps"], results["direct"][k]["rps"],
                          results["nginx"][k]["rps"])
-            rat[k] = {"isthmus/direct": round(i / dct, 3) if dct else None,
-                      "isthmus/nginx": round(i / n, 3) if n else None}
+            rat.setdefault(k, {}).update({"isthmus/direct": round(i / dct, 3) if dct else None,
+                                          "isthmus/nginx": round(i / n, 3) if n else None})
         except KeyError:
             pass
     results["ratios"] = rat
 
 
 def report(results: dict) -> str:
-    lines = [f"{'path':8} {'scenario':18} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
-    for name in ("direct", "isthmus", "nginx"):
+    lines = [f"{'path':8} {'scenario':18} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+             "  gateway CPU us/request"]
+    for name in ("direct", "isthmus", "nginx", "1hop"):
         for k, v in results.get(name, {}).items():
-            lines.append(f"{name:8} {k:18} {v['rps']:10.0f} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['errors']:7d}")
+            cpu = v.get("gateway_cpu_us_per_request") or ""
+            lines.append(f"{name:8} {k:18} {v['rps']:10.0f} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} "
+                         f"{v['errors']:7d}  {cpu}")
     lines.append(f"L4 via CONNECT: {results.get('l4_connect_MBps')} MB/s "
                  f"(direct {results.get('l4_direct_MBps')} MB/s)")
     for k in ("grpc_direct", "grpc_isthmus"):
