@@ -13,6 +13,7 @@ its authentication.  Errors are converted to gRPC status codes in one place
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -224,8 +225,13 @@ class FederationService(pb_grpc.FederationServicer):
             return
         assert caller is not None
         log.info("watch.started", peer=caller.spiffe_id, from_revision=request.from_revision)
-        async for event in self.hub.watch(request.from_revision):
-            yield event
+        # aclosing: a cancelled stream (client gone) unregisters its queue right away.
+        try:
+            async with contextlib.aclosing(self.hub.watch(request.from_revision)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            log.info("watch.ended", peer=caller.spiffe_id)
 
     @_rpc
     async def ReportApplied(self, request: pb.ReportAppliedRequest, context: grpc.aio.ServicerContext) -> pb.ReportAppliedResponse:
