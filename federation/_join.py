@@ -80,7 +80,7 @@ def fetch_pinned_root(address: str, ca_pin: str, timeout: float = 5.0) -> x509.C
     root = roots[0]
     try:
         chain[0].verify_directly_issued_by(root)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
+    except Exception as exc:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError: all mean "not signed by it"
         raise PinMismatch(f"CA pin mismatch: the server certificate of {address} is not signed by the pinned root ({exc})") from None
     return root
 
