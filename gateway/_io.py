@@ -126,6 +126,8 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
     ep.dirty = True
     wake_ev.set()
 
+    done_reading = False
+
     async def writer() -> None:
         nonlocal wake_ev
         try:
@@ -135,6 +137,8 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
                 data = ep.take_output()
                 if data:
                     await stream.send_all(data)
+                if done_reading and not ep.dirty:
+                    return  # last frames (GOAWAY) are out
         except _BROKEN:
             ep.closed = True
             nursery.cancel_scope.cancel()
@@ -168,13 +172,10 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
                         break
             except _BROKEN:
                 ep.closed = True
-            nursery.cancel_scope.cancel()
-        if ep.dirty:
-            # Say goodbye (GOAWAY, last frames) if the socket still takes bytes.
-            with trio.move_on_after(1):
-                out = ep.take_output()
-                if out:
-                    await stream.send_all(out)
+            # Let the writer send what is queued (GOAWAY, last frames), for at most a second.
+            done_reading = True
+            wake()
+            nursery.cancel_scope.deadline = trio.current_time() + 1
     except _BROKEN:
         pass
     finally:
