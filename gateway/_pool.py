@@ -65,7 +65,8 @@ class Pool:
             if ep.has_capacity(self.limits.max_concurrent_streams) and (
                     best is None or len(ep.halves) < len(best.halves)):
                 best = ep
-        total = len(e.conns) + e.dialling
+        # Draining connections (old certificate) finish their streams but don't count.
+        total = sum(1 for c in e.conns if not c.draining) + e.dialling
         if best is not None and (len(best.halves) < limit
                                  or total >= self.limits.max_connections_per_peer):
             half.attach(best)
@@ -127,6 +128,8 @@ class Pool:
         for e in self.entries.values():
             for ep in e.conns:
                 ep.draining = True
+                if not ep.halves and ep.on_idle is not None:
+                    ep.on_idle(ep)
 
     def connection_count(self) -> int:
         return sum(len(e.conns) for e in self.entries.values())

@@ -161,3 +161,19 @@ async def test_peer_connections_reconnect_and_resume_tls(mesh: Mesh, logs) -> No
     connected = [e for e in logs if e["event"] == "pool.connected" and e.get("peer") == "west"]
     assert len(connected) == 2
     assert connected[1]["resumed"] is True
+
+
+async def test_renewed_client_certificate_moves_new_requests_to_new_connections(mesh: Mesh, logs) -> None:
+    async with httpx.AsyncClient(http2=True, http1=False) as c:
+        assert (await c.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})).status_code == 200
+        files = mesh.pki.gw["east"]
+        fresh = mesh.pki.cas["east"].issue(trust.gateway_id("east.isthmus.local"),
+                                           mesh.tmp / "renewed-east", validity=3600)
+        shutil.copy(fresh.cert, files.cert)
+        shutil.copy(fresh.key, files.key)
+        mesh.east.client_tls.reload()
+        for _ in range(3):
+            r = await c.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})
+            assert r.status_code == 200
+    connected = [e for e in logs if e["event"] == "pool.connected" and e.get("peer") == "west"]
+    assert len(connected) == 2  # the old connection drained, one new one carries the rest
