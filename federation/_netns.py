@@ -80,11 +80,26 @@ class Topology:
         return f"{self.prefix}-wan"
 
     @classmethod
-    def plan(cls, prefix: str, names: Sequence[str]) -> Topology:
+    def plan(cls, prefix: str, names: Sequence[str], indices: Sequence[int] | None = None) -> Topology:
+        """Plan clusters ``names``; cluster ``names[k]`` gets address index ``indices[k]``
+        (default k+1), so a cluster keeps its addresses whichever others exist."""
         t = cls(prefix)
-        for i, n in enumerate(names, start=1):
-            t.clusters[n] = ClusterNet(n, i, f"{prefix}-{n}", f"{WAN_PREFIX}.{10 + i}", f"198.19.{i}.1")
+        for n, i in zip(names, indices or range(1, len(names) + 1)):
+            t.clusters[n] = t._net(n, i)
         return t
+
+    def _net(self, name: str, i: int) -> ClusterNet:
+        return ClusterNet(name, i, f"{self.prefix}-{name}", f"{WAN_PREFIX}.{10 + i}", f"198.19.{i}.1")
+
+    def add(self, name: str, index: int) -> ClusterNet:
+        """Add a cluster to a topology that is already up (joining at run time)."""
+        c = self.clusters[name] = self._net(name, index)
+        try:
+            self._setup_cluster(c)
+        except BaseException:
+            _ip("netns", "del", c.namespace, check=False)
+            raise
+        return c
 
     def _veth(self, i: int, side: str) -> str:
         # interface names are limited to 15 characters
@@ -107,6 +122,10 @@ class Topology:
         # root namespace leg (federation, test driver)
         self._leg(0, None, f"{ROOT_WAN_ADDRESS}/24")
         for c in self.clusters.values():
+            self._setup_cluster(c)
+
+    def _setup_cluster(self, c: ClusterNet) -> None:
+        if True:
             self._add_ns(c.namespace)
             _ip("link", "set", "lo", "up", ns=c.namespace)
             self._leg(c.index, c.namespace, f"{c.wan_address}/24")
