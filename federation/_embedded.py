@@ -64,6 +64,7 @@ class EmbeddedEtcd:
         auto_compaction: str = "1h",
     ) -> None:
         self.data_dir = Path(data_dir)
+        self._auto_ports = client_port is None and peer_port is None
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.name = name
@@ -75,6 +76,19 @@ class EmbeddedEtcd:
         return f"http://127.0.0.1:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> EmbeddedEtcd:
+        # A port picked by free_port() can be taken by someone else before etcd binds
+        # it; with picked (not given) ports, try again on fresh ones.
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except FederationError:
+                if not self._auto_ports or attempt == 2 or (self.proc is not None and self.proc.returncode is None):
+                    raise
+                log.warning("etcd.embedded.retry", client_port=self.client_port, peer_port=self.peer_port)
+                self.client_port, self.peer_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> EmbeddedEtcd:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         client = f"http://127.0.0.1:{self.client_port}"

@@ -91,6 +91,30 @@ def start_federation(
     timeout: float = 30.0,
 ) -> FederationProcess:
     """Run ``python -m federation serve`` and wait until its health check answers SERVING."""
+    # Free ports are only free until someone else binds them (other tests run in
+    # parallel): with picked ports, retry on fresh ones when the listen fails.
+    for attempt in range(3):
+        try:
+            return _start_federation(pki, etcd_endpoint, tmp_path, port, name, extra, timeout)
+        except _PortTaken:
+            if port is not None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start_federation(
+    pki: Pki,
+    etcd_endpoint: str | None,
+    tmp_path: Path,
+    port: int | None,
+    name: str,
+    extra: tuple[str, ...],
+    timeout: float,
+) -> FederationProcess:
     port = port or free_port()
     join_port = free_port()
     data_dir = tmp_path / f"{name}-data"
@@ -113,7 +137,10 @@ def start_federation(
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"federation exited with {proc.returncode}:\n{fed.log_text()[-3000:]}")
+                text = fed.log_text()[-3000:]
+                if "cannot listen on" in text:
+                    raise _PortTaken(text)
+                raise RuntimeError(f"federation exited with {proc.returncode}:\n{text}")
             if client.health(timeout=1.0):
                 return fed
             time.sleep(0.1)
