@@ -228,7 +228,15 @@ class Gateway:
                         continue
                     raise
                 assert self._nursery is not None
-                self._nursery.start_soon(handler, stream)
+                self._nursery.start_soon(self._guarded, handler, stream)
+
+    async def _guarded(self, handler: Any, stream: trio.abc.Stream) -> None:
+        """A bug in one connection's handling must not take the gateway down."""
+        try:
+            await handler(stream)
+        except Exception as exc:  # noqa: BLE001 - logged with traceback, connection dropped
+            log.error("connection.crashed", error=repr(exc), exc_info=True)
+            await trio.aclose_forcefully(stream)
 
     def _pool_changed(self, key: Any, n: int) -> None:
         self.metrics.pool_connections.labels(str(key[1])).set(n)
@@ -596,6 +604,8 @@ class Gateway:
         self.endpoints.add(ep)
         try:
             await pump_h2(stream, ep, self.limits.idle_timeout)
+        except Exception as exc:  # noqa: BLE001 - as in _guarded
+            log.error("connection.crashed", error=repr(exc), exc_info=True)
         finally:
             self.endpoints.discard(ep)
             pool.closed(key, ep)
