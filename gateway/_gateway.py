@@ -40,7 +40,7 @@ from ._errors import ConfigError, GatewayError, UpstreamError
 from ._h1 import H1Connection, H1Half
 from ._io import PrefixedStream, TcpHalf, h2_connection, link, new_upstream, pump_h2
 from ._pool import Pool
-from ._proxy import Authorizer, Forward, Reject, allow_all, inbound, outbound
+from ._proxy import Authorizer, Reject, allow_all, inbound, outbound
 from ._relay import H2Endpoint, H2Half, Headers
 from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable, build_routes
 from ._telemetry import Exchange, Metrics, Recorder

@@ -130,6 +130,7 @@ class H1Connection:
         self._writer_ev = trio.Event()
         self._reader_ev = trio.Event()
         self.half: H1Half | None = None
+        self._idle = trio.Event()  # set while the writer has nothing left to send
 
     def send(self, event: Any, credit: int = 0, ack_to: Any = None) -> None:
         try:
@@ -160,15 +161,19 @@ class H1Connection:
     async def _write_loop(self) -> None:
         while True:
             while not self.out and not self.broken:
+                self._idle.set()
                 self._writer_ev = trio.Event()
                 await self._writer_ev.wait()
             if self.out:
+                if self._idle.is_set():  # idle -> busy; waiters hold the event until idle again
+                    self._idle = trio.Event()
                 data, self.out = b"".join(self.out), []
                 acks, self.acks = self.acks, []
                 await self.stream.send_all(data)
                 for credit, peer in acks:
                     peer.ack(credit)
             elif self.broken:
+                self._idle.set()
                 return
 
     async def run(self) -> None:
@@ -205,13 +210,12 @@ class H1Connection:
         while True:
             try:
                 event = await self._next_event()
-            except h11.RemoteProtocolError as exc:
+            except h11.RemoteProtocolError:
                 if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     self.send(h11.Response(status_code=400, headers=[(b"content-length", b"0"),
                                                                      (b"connection", b"close")]))
                     self.send(h11.EndOfMessage())
                     await self._flush()
-                del exc
                 return
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return
@@ -279,5 +283,9 @@ class H1Connection:
                 return
 
     async def _flush(self) -> None:
-        while self.out:
-            await trio.sleep(0)
+        """Wait until the writer has sent everything queued so far."""
+        while self.out or not self._idle.is_set():
+            if self.broken:
+                return
+            self._writer_ev.set()
+            await self._idle.wait()

@@ -9,7 +9,7 @@ import pytest
 
 import trust
 
-from .conftest import Mesh, make_snapshot
+from .conftest import Mesh
 from .h2client import ConnectionRefusedByPeer, h2_request
 
 

@@ -3,16 +3,13 @@ join, exports), surviving its outage with the last-known-good config, and --work
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 import yaml
 
@@ -163,7 +160,6 @@ async def test_gateway_processes_follow_federation_and_serve_last_good_config_wh
 
 async def test_workers_share_the_listeners(tmp_path: Path, nursery: trio.Nursery) -> None:
     """--workers 2 without federation: static config, two processes on one port."""
-    from .conftest import FED_TD  # noqa: F401  (same PKI conventions)
     import trust
 
     web = await nursery.start(H2Backend().serve)
