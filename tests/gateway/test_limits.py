@@ -177,3 +177,14 @@ async def test_renewed_client_certificate_moves_new_requests_to_new_connections(
             assert r.status_code == 200
     connected = [e for e in logs if e["event"] == "pool.connected" and e.get("peer") == "west"]
     assert len(connected) == 2  # the old connection drained, one new one carries the rest
+
+
+async def test_handshake_timeout_closes_silent_connections(mesh: Mesh, nursery: trio.Nursery) -> None:
+    gw = Gateway(gateway_config(mesh.pki, "east", mesh.tmp, limits={"handshake_timeout": 0.2}))
+    await nursery.start(gw.run)
+    for port in (gw.ports["inbound"], gw.ports["outbound"]):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(2):
+            assert await stream.receive_some(100) == b""  # closed by the gateway
+        await stream.aclose()
+    gw.stop()
