@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 import h11
+import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -80,6 +81,8 @@ async def _handle(gw: Gateway, stream: trio.SocketStream) -> None:
             await stream.send_all(data)
     except (trio.TooSlowError, trio.BrokenResourceError, h11.RemoteProtocolError, OSError):
         pass
+    except Exception:  # noqa: BLE001 - the admin endpoint must never take the gateway down
+        structlog.get_logger("isthmus.gateway").error("admin.failed", exc_info=True)
     finally:
         await trio.aclose_forcefully(stream)
 

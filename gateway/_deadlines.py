@@ -6,6 +6,7 @@ import heapq
 import itertools
 from typing import Any
 
+import structlog
 import trio
 
 from h2.errors import ErrorCodes
@@ -46,7 +47,11 @@ class Deadlines:
             now = trio.current_time()
             while self.heap and self.heap[0][0] <= now:
                 _, _, half = heapq.heappop(self.heap)
-                expire(half)
+                try:
+                    expire(half)
+                except Exception:  # noqa: BLE001 - one odd stream must not stop the timer
+                    structlog.get_logger("isthmus.gateway").error("deadline.expire_failed",
+                                                                   exc_info=True)
 
 
 def expire(half: Any) -> None:

@@ -347,6 +347,13 @@ class Gateway:
 
     async def _run_connect_local(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
         try:
+            await self._connect_local_inner(half, target, x)
+        except Exception as exc:  # noqa: BLE001 - as in _guarded
+            log.error("connection.crashed", error=repr(exc), exc_info=True)
+            half.abort(8, "UF", "tunnel failed")
+
+    async def _connect_local_inner(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
+        try:
             with trio.fail_after(self.limits.connect_timeout):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(target.host, target.target_port)
                 if target.tls:

@@ -21,7 +21,6 @@ import structlog
 import trio
 
 from ._config import Limits
-from ._errors import UpstreamError
 from ._relay import H2Endpoint, H2Half
 
 log = structlog.get_logger("isthmus.gateway")
@@ -90,7 +89,7 @@ class Pool:
         try:
             with trio.fail_after(self.limits.connect_timeout + self.limits.handshake_timeout):
                 ep = await self.dial(key, self.nursery)
-        except (OSError, trio.TooSlowError, UpstreamError, ssl.SSLError, trio.BrokenResourceError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any dial failure fails its waiters, never the pool
             e.dialling -= 1
             e.failures += 1
             backoff = min(self.limits.reconnect_backoff_max,
