@@ -3,22 +3,24 @@
 Topology, for clusters c1..cN (stable: tests and ``isthmus demo`` rely on it)::
 
     root namespace ── veth ── ┐
-      198.18.0.1 (federation)  │
+      198.18.k.1 (federation)  │
                                ├── bridge in <prefix>-wan (the "WAN")
-    <prefix>-<c1> ── veth ──── ┤     cluster i's WAN address: 198.18.0.(10+i)
+    <prefix>-<c1> ── veth ──── ┤     cluster i's WAN address: 198.18.k.(10+i)
     <prefix>-<c2> ── veth ──── ┘
 
-    inside <prefix>-<ci>: 198.19.i.1/24 on lo,, the cluster-internal
+    inside <prefix>-<ci>: 198.19.i.1/24 on lo, the cluster-internal
     network where its services listen. No namespace has a route to another cluster's
     198.19.i.0/24 and forwarding is off, so a service is reachable from elsewhere only
     through its cluster's gateway, which listens on the WAN address.
 
 198.18.0.0/15 is the RFC 2544 benchmarking range: it never collides with a real network.
+k is the first 198.18.k.0/24 free in the root namespace, so topologies can coexist.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -26,8 +28,15 @@ from dataclasses import dataclass, field
 
 from ._errors import FederationError
 
-WAN_PREFIX = "198.18.0"
-ROOT_WAN_ADDRESS = f"{WAN_PREFIX}.1"
+def _free_wan_subnet() -> int:
+    """The first k with no 198.18.k.0/24 in the root namespace, so several topologies
+    (a demo and a test run, say) can be up at once."""
+    r = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True)
+    used = {int(m) for m in re.findall(r"inet 198\.18\.(\d+)\.", r.stdout)}
+    for k in range(256):
+        if k not in used:
+            return k
+    raise NetnsError("every 198.18.k.0/24 is in use: remove leftover demo namespaces (ip netns list)")
 
 
 class NetnsError(FederationError):
@@ -74,6 +83,12 @@ class Topology:
     prefix: str
     clusters: dict[str, ClusterNet] = field(default_factory=dict)
     up: bool = False
+    wan_subnet: int = 0  # the k of 198.18.k.0/24
+
+    @property
+    def root_address(self) -> str:
+        """The root namespace's address on the WAN (where the federation listens)."""
+        return f"198.18.{self.wan_subnet}.1"
 
     @property
     def wan_ns(self) -> str:
@@ -83,13 +98,13 @@ class Topology:
     def plan(cls, prefix: str, names: Sequence[str], indices: Sequence[int] | None = None) -> Topology:
         """Plan clusters ``names``; cluster ``names[k]`` gets address index ``indices[k]``
         (default k+1), so a cluster keeps its addresses whichever others exist."""
-        t = cls(prefix)
+        t = cls(prefix, wan_subnet=_free_wan_subnet())
         for n, i in zip(names, indices or range(1, len(names) + 1)):
             t.clusters[n] = t._net(n, i)
         return t
 
     def _net(self, name: str, i: int) -> ClusterNet:
-        return ClusterNet(name, i, f"{self.prefix}-{name}", f"{WAN_PREFIX}.{10 + i}", f"198.19.{i}.1")
+        return ClusterNet(name, i, f"{self.prefix}-{name}", f"198.18.{self.wan_subnet}.{10 + i}", f"198.19.{i}.1")
 
     def add(self, name: str, index: int) -> ClusterNet:
         """Add a cluster to a topology that is already up (joining at run time)."""
@@ -102,8 +117,9 @@ class Topology:
         return c
 
     def _veth(self, i: int, side: str) -> str:
-        # interface names are limited to 15 characters
-        return f"ism{os.getpid() % 10000}{side}{i}"[:15]
+        # Interface names are limited to 15 characters; the root namespace's leg must be
+        # unique among live topologies, which wan_subnet is.
+        return f"ism{self.wan_subnet}{side}{i}"
 
     def setup(self) -> None:
         """Create every namespace, link and address; undo everything on failure."""
@@ -120,7 +136,7 @@ class Topology:
         _ip("link", "set", "br0", "up", ns=self.wan_ns)
         _ip("link", "set", "lo", "up", ns=self.wan_ns)
         # root namespace leg (federation, test driver)
-        self._leg(0, None, f"{ROOT_WAN_ADDRESS}/24")
+        self._leg(0, None, f"{self.root_address}/24")
         for c in self.clusters.values():
             self._setup_cluster(c)
 

