@@ -37,7 +37,7 @@ from federation.models import Snapshot
 from ._config import GatewayConfig
 from ._deadlines import Deadlines, parse_grpc_timeout
 from ._errors import ConfigError, GatewayError, UpstreamError
-from ._h1 import H1Connection, H1Half
+from ._h1 import H1Connection, H1Half, H1Pool, H1Upstream
 from ._io import PrefixedStream, TcpHalf, h2_connection, link, new_upstream, pump_h2
 from ._pool import Pool
 from ._proxy import Authorizer, Reject, allow_all, inbound, outbound
@@ -104,6 +104,9 @@ class Gateway:
             self.client_tls = trust.CertificateSource(
                 functools.partial(trust.client_context, tls.bundle_file, tls.cert_file,
                                   tls.key_file, alpn=("h2",)), watched)
+            self.client_tls_h1 = trust.CertificateSource(
+                functools.partial(trust.client_context, tls.bundle_file, tls.cert_file,
+                                  tls.key_file, alpn=("http/1.1",)), watched)
         except trust.TrustError as exc:
             raise ConfigError(f"invalid gateway config: tls: {exc}") from None
         leaf = self.inbound_tls.leaf()
@@ -133,7 +136,8 @@ class Gateway:
         self.peer_pool: Pool | None = None
         self.svc_pool: Pool | None = None
         self._tls_generation = self.client_tls.generation
-        self.endpoints: set[H2Endpoint] = set()  # every live HTTP/2 connection (introspection)
+        self.endpoints: set[H2Endpoint] = set()
+        self.h1_pool = H1Pool()  # every live HTTP/2 connection (introspection)
         if cfg.static is not None:
             self.apply_snapshot(cfg.static, source="file")
 
@@ -334,11 +338,36 @@ class Gateway:
         if d.connect:
             self._connect_local(half, target, x)
             return
+        if target.protocol == "HTTP":
+            # Plain "HTTP" services may speak HTTP/1.1 only: re-originate with h11.
+            h1 = H1Upstream(self.limits.tcp_buffer)
+            link(half, h1)
+            h1.write_headers(d.headers, end)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_h1_upstream, h1, target)
+            return
         up = new_upstream()
         link(half, up)
         up.write_headers(d.headers, end)
         assert self.svc_pool is not None
         self.svc_pool.open(("svc", target.host, target.target_port, target.tls), up)
+
+    async def _run_h1_upstream(self, h1: H1Upstream, target: LocalTarget) -> None:
+        async def connect() -> trio.abc.Stream:
+            with trio.fail_after(self.limits.connect_timeout):
+                tcp = await trio.open_tcp_stream(target.host, target.target_port)
+            _nodelay(tcp)
+            if not target.tls:
+                return tcp
+            return await self._tls_client(tcp, target.host, None,
+                                          frozenset({self.trust_domain}), ctx=self.client_tls_h1)
+
+        try:
+            await h1.run((target.host, target.target_port, target.tls), self.h1_pool, connect)
+        except Exception as exc:  # noqa: BLE001 - as in _guarded
+            log.error("connection.crashed", error=repr(exc), exc_info=True)
+            if h1.peer is not None:
+                h1.peer.abort(8, "UF", "upstream failed")
 
     def _connect_local(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
         x.tcp = True
@@ -543,8 +572,8 @@ class Gateway:
     # -- dialling ----------------------------------------------------------------------------
     async def _tls_client(self, stream: trio.abc.Stream, host: str, alpn: str | None,
                           allowed: frozenset[str], require_gateway: bool = False,
-                          session: Any = None) -> trio.SSLStream:
-        ctx = self.client_tls.current()
+                          session: Any = None, ctx: Any = None) -> trio.SSLStream:
+        ctx = (ctx or self.client_tls).current()
         tls = trio.SSLStream(stream, ctx, server_hostname=host or None)
         if session is not None:
             try:

@@ -289,3 +289,199 @@ class H1Connection:
                 return
             self._writer_ev.set()
             await self._idle.wait()
+
+
+# ---------------------------------------------------------------- upstream (to services)
+
+_RESP_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                       b"upgrade", b"te", b"trailer"})
+
+
+class H1Pool:
+    """Idle keep-alive HTTP/1.1 connections per local target.
+
+    Reused only while younger than ``max_idle`` seconds (below common server keep-alive
+    timeouts), so a reused connection is very unlikely to have been closed under us.
+    """
+
+    def __init__(self, max_idle: float = 4.0, per_target: int = 64) -> None:
+        self.idle: dict[Any, list[tuple[float, trio.abc.Stream, h11.Connection]]] = {}
+        self.max_idle = max_idle
+        self.per_target = per_target
+
+    def get(self, key: Any) -> tuple[trio.abc.Stream, h11.Connection] | None:
+        conns = self.idle.get(key)
+        now = trio.current_time()
+        while conns:
+            t, stream, conn = conns.pop()
+            if now - t < self.max_idle:
+                return stream, conn
+        return None
+
+    def put(self, key: Any, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+        conns = self.idle.setdefault(key, [])
+        if len(conns) >= self.per_target:
+            return False
+        conns.append((trio.current_time(), stream, conn))
+        return True
+
+
+class H1Upstream:
+    """Upstream half speaking HTTP/1.1 to a local service (``protocol: HTTP`` ports).
+
+    The request (h2-style headers from the peer gateway) is queued until the connection
+    is up; request body bytes are acked to the peer once written; the response body is
+    read only while fewer than ``buffer`` bytes wait unacknowledged downstream.
+    """
+
+    def __init__(self, buffer: int) -> None:
+        self.peer: Any = None
+        self.x = None
+        self.buffer = buffer
+        self.queue: list[tuple[Any, int]] = []
+        self.closed = False
+        self.headers_sent = False
+        self.in_flight = 0
+        self._wq = trio.Event()
+        self._wr = trio.Event()
+        self.request_done = False
+
+    # -- Half protocol (written by the downstream peer) ---------------------------------
+    def write_headers(self, headers: Headers, end: bool) -> None:
+        method = path = authority = b""
+        out: Headers = []
+        chunked = not end
+        for k, v in headers:
+            if k[:1] == b":":
+                if k == b":method":
+                    method = v
+                elif k == b":path":
+                    path = v
+                elif k == b":authority":
+                    authority = v
+            elif k not in _HOP:
+                if k == b"content-length":
+                    chunked = False
+                out.append((k, v))
+        out.insert(0, (b"host", authority))
+        if chunked:
+            out.append((b"transfer-encoding", b"chunked"))
+        self._push(h11.Request(method=method, target=path or b"/", headers=out), 0)
+        if end:
+            self._push(h11.EndOfMessage(), 0)
+
+    def write_data(self, data: bytes, credit: int) -> None:
+        if self.closed:
+            if self.peer is not None:
+                self.peer.ack(credit)
+            return
+        self._push(h11.Data(data=data), credit)
+
+    def write_trailers(self, trailers: Headers) -> None:
+        self._push(h11.EndOfMessage(), 0)  # HTTP/1.1 request trailers: dropped
+
+    def write_end(self) -> None:
+        self._push(h11.EndOfMessage(), 0)
+
+    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
+        self.closed = True
+        self._wq.set()
+        self._wr.set()
+
+    def ack(self, credit: int) -> None:
+        self.in_flight -= credit
+        self._wr.set()
+
+    def _push(self, event: Any, credit: int) -> None:
+        if not self.closed:
+            self.queue.append((event, credit))
+            self._wq.set()
+
+    # -- the exchange ---------------------------------------------------------------------
+    async def run(self, key: Any, pool: H1Pool, connect: Any) -> None:
+        reused = pool.get(key)
+        try:
+            if reused is not None:
+                stream, conn = reused
+            else:
+                stream, conn = await connect(), h11.Connection(h11.CLIENT)
+        except Exception as exc:  # noqa: BLE001 - any connect failure is a 503 downstream
+            self.closed = True
+            if self.peer is not None:
+                self.peer.abort(8, "UF", f"upstream connect failed: {exc}")
+            return
+        keep = False
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._send, stream, conn, n.cancel_scope)
+                keep = await self._receive(stream, conn)
+                n.cancel_scope.cancel()
+        except (*_BROKEN, h11.ProtocolError) as exc:
+            if not self.closed and self.peer is not None:
+                self.peer.abort(8, "UC" if self.headers_sent else "UF", f"upstream failed: {exc}")
+            self.closed = True
+        if keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            if pool.put(key, stream, conn):
+                return
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+    async def _send(self, stream: trio.abc.Stream, conn: h11.Connection,
+                    scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                while not self.queue and not self.closed:
+                    self._wq = trio.Event()
+                    await self._wq.wait()
+                if self.closed:
+                    scope.cancel()
+                    return
+                batch, self.queue = self.queue, []
+                data = b"".join(conn.send(ev) or b"" for ev, _ in batch)
+                await stream.send_all(data)
+                credit = sum(c for _, c in batch)
+                if credit and self.peer is not None:
+                    self.peer.ack(credit)
+                if any(isinstance(ev, h11.EndOfMessage) for ev, _ in batch):
+                    self.request_done = True
+                    return
+        except (*_BROKEN, h11.LocalProtocolError):
+            self.closed = True
+            scope.cancel()
+
+    async def _receive(self, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+        """Relay the response; True if the connection may be kept alive."""
+        peer = self.peer
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                while self.in_flight >= self.buffer and not self.closed:
+                    self._wr = trio.Event()
+                    await self._wr.wait()
+                if self.closed:
+                    return False
+                data = await stream.receive_some(64 * 1024)
+                conn.receive_data(data)
+                if not data and conn.their_state is not h11.DONE:
+                    raise trio.BrokenResourceError("upstream closed the connection")
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                hs: Headers = [(b":status", str(event.status_code).encode())]
+                hs.extend((k, v) for k, v in event.headers if k not in _RESP_HOP)
+                self.headers_sent = True
+                peer.write_headers(hs, False)
+            elif isinstance(event, h11.Data):
+                self.in_flight += len(event.data)
+                peer.write_data(bytes(event.data), len(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self.closed = True
+                peer.write_end()
+                # The request may still be sending (server answered early): then don't reuse.
+                return self.request_done
+            elif isinstance(event, h11.ConnectionClosed):
+                raise trio.BrokenResourceError("upstream closed the connection")
+            else:
+                return False
