@@ -488,13 +488,22 @@ class Gateway:
         up.write_headers(d.headers, end)
         self._check_tls_generation()
         assert self.peer_pool is not None
-        self.peer_pool.open(("peer", pc.name, pc.trust_domain, pc.addresses[0]), up)
+        self.peer_pool.open(self._peer_key(pc), up)
+
+    def _peer_key(self, pc: PeerCluster) -> tuple[str, str, str, str]:
+        """Pool key of a peer: its first gateway address not backing off."""
+        pool = self.peer_pool
+        for address in pc.addresses:
+            key = ("peer", pc.name, pc.trust_domain, address)
+            if pool is None or pool.healthy(key):
+                return key
+        return ("peer", pc.name, pc.trust_domain, pc.addresses[0])
 
     def _fill_upstream(self, x: Exchange, route: OutboundRoute, pc: PeerCluster) -> None:
         x.destination_cluster = pc.name
         x.destination_principal = str(trust.gateway_id(pc.trust_domain))
         x.upstream_cluster = f"outbound|{route.port}||{route.destination_service}|{pc.name}"
-        x.upstream_host = pc.addresses[0]
+        x.upstream_host = self._peer_key(pc)[3]
 
     def _pick(self, route: OutboundRoute) -> PeerCluster | None:
         """Round-robin over the exporting clusters, skipping ones backing off."""
@@ -506,7 +515,8 @@ class Gateway:
         pool = self.peer_pool
         for i in range(len(clusters)):
             pc = clusters[(n + i) % len(clusters)]
-            if pool is None or pool.healthy(("peer", pc.name, pc.trust_domain, pc.addresses[0])):
+            if pool is None or any(pool.healthy(("peer", pc.name, pc.trust_domain, a))
+                                   for a in pc.addresses):
                 return pc
         return clusters[n % len(clusters)]
 
@@ -559,7 +569,7 @@ class Gateway:
         up.write_headers([(b":method", b"CONNECT"), (b":authority", route.authority.encode()),
                           (b"traceparent", tp)], False)
         assert self.peer_pool is not None
-        self.peer_pool.open(("peer", pc.name, pc.trust_domain, pc.addresses[0]), up)
+        self.peer_pool.open(self._peer_key(pc), up)
         self.downstream["tcp"] += 1
         try:
             await down.run()

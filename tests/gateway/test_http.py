@@ -99,3 +99,19 @@ async def test_backend_status_and_default_port(mesh: Mesh) -> None:
         r = await client.get(f"http://127.0.0.1:{mesh.east_out}/status/418",
                              headers={"host": "web.default.west.isthmus.local"})
     assert r.status_code == 418
+
+
+async def test_dead_gateway_address_fails_over_to_the_next(mesh: Mesh) -> None:
+    """A cluster registered with two gateway addresses, the first dead: after one failed
+    dial (503, fast), requests go to the live address."""
+    snap = mesh.snapshot(revision=9)
+    clusters = tuple(
+        c.model_copy(update={"gateway_addresses": ("127.0.0.1:1", *c.gateway_addresses)})
+        if c.name == "west" else c for c in snap.clusters)
+    mesh.east.apply_snapshot(snap.model_copy(update={"clusters": clusters}))
+    codes = []
+    async with httpx.AsyncClient(http2=True, http1=False) as client:
+        for _ in range(4):
+            r = await client.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})
+            codes.append(r.status_code)
+    assert codes[0] in (200, 503) and codes[1:] == [200, 200, 200]
