@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from federation.demo.harness import LocalFederation
 
 from .conftest import logs_of
@@ -24,7 +22,6 @@ def test_service_unreachable_directly_but_reachable_through_the_gateways(federat
     assert first.ok and first.body == "hello east from west", logs_of(lf)
 
 
-@pytest.mark.xfail(reason="the gateway re-originates to services over HTTP/2 only; HTTP/1.1 upstreams pending", strict=True)
 def test_http1_and_http2_across(federation: LocalFederation) -> None:
     lf = federation
     for src, dst in (("east", "west"), ("west", "east")):
