@@ -13,6 +13,11 @@ Naming scheme (stable API — workloads and the agent's mirror Services use thes
   - ``<svc>.<ns>.<dns_suffix>[:port]`` — the federated name, spread across every cluster
     that exports ``<ns>/<svc>`` to us.
 
+  - the Kubernetes agent's mirror Services, as a workload calls them:
+    ``<svc>--<cluster>.<ns>[.svc[.cluster.local]][:port]`` for one source cluster and
+    ``<svc>--isthmus.<ns>[.svc[.cluster.local]][:port]`` for the federated name (the agent's
+    scheme, ``federation/agent/_names.py``; a mirror's endpoints are this listener).
+
   Without a port the service's only port is meant; with several ports, port 80 if it has
   one, else its first port.  The label count tells the two forms apart (2 vs 3 labels in
   front of the suffix), which is why namespaces and services are single DNS labels.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from federation.agent._names import mirror_name
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot
 
 DEFAULT_DNS_SUFFIX = "isthmus.local"
@@ -113,6 +119,15 @@ def split_authority(authority: str) -> tuple[str, int | None]:
     return host, (int(port) if port else None)
 
 
+def mirror_hosts(name: str, namespace: str, cluster: str | None) -> tuple[str, ...]:
+    """The names a workload may use for the agent's mirror of ``namespace/name``."""
+    try:
+        m = mirror_name(name, cluster)
+    except ValueError:  # a cluster named like the federated suffix has no mirror
+        return ()
+    return (f"{m}.{namespace}.{LOCAL_SUFFIX}", f"{m}.{namespace}.svc", f"{m}.{namespace}")
+
+
 def _default_port(ports: tuple[ServicePort, ...]) -> ServicePort:
     for p in ports:
         if p.port == 80:
@@ -161,28 +176,31 @@ def build_routes(
         pc = by_name.get(svc.cluster)
         if pc is None or not svc.visible_to(local_cluster):
             continue
-        host = f"{svc.name}.{svc.namespace}.{svc.cluster}.{dns_suffix}"
+        hosts = (f"{svc.name}.{svc.namespace}.{svc.cluster}.{dns_suffix}",
+                 *mirror_hosts(svc.name, svc.namespace, svc.cluster))
         default = _default_port(svc.ports)
         for p in svc.ports:
             r = OutboundRoute(svc.namespace, svc.name, p.port, p.protocol, (pc,),
                               f"{svc.hostname}:{p.port}")
-            outbound[(host, p.port)] = r
-            if p is default:
-                outbound[(host, None)] = r
+            for host in hosts:
+                outbound[(host, p.port)] = r
+                if p is default:
+                    outbound[(host, None)] = r
             federated.setdefault((svc.namespace, svc.name, p.port), []).append(pc)
             fed_ports.setdefault((svc.namespace, svc.name), {})[p.port] = p
 
     for (ns, name), ports in fed_ports.items():
-        host = f"{name}.{ns}.{dns_suffix}"
+        hosts = (f"{name}.{ns}.{dns_suffix}", *mirror_hosts(name, ns, None))
         plist = tuple(ports.values())
         default = _default_port(plist)
         for p in plist:
             r = OutboundRoute(ns, name, p.port, p.protocol,
                               tuple(federated[(ns, name, p.port)]),
                               f"{name}.{ns}.{LOCAL_SUFFIX}:{p.port}")
-            outbound[(host, p.port)] = r
-            if p is default:
-                outbound[(host, None)] = r
+            for host in hosts:
+                outbound[(host, p.port)] = r
+                if p is default:
+                    outbound[(host, None)] = r
     return RouteTable(snapshot.revision, local_cluster, dns_suffix, outbound, inbound, peers)
 
 
