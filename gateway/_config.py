@@ -65,6 +65,28 @@ class Limits(_Model):
     max_downstream_connections: int = Field(10_000, ge=1)
     # Bytes read ahead from an opaque TCP or HTTP/1.1 socket before the other side takes them.
     tcp_buffer: int = Field(256 * 1024, ge=4096)
+    # -- abuse containment (gateway/_abuse.py); defaults after Envoy's edge best practices.
+    # A new connection must complete its first request headers within this, and any header
+    # block (HTTP/2) or request head (HTTP/1.1) once begun.
+    request_headers_timeout: float = Field(10.0, gt=0)
+    # Rapid reset (CVE-2023-44487): once this many streams were opened on a connection, it
+    # is closed when half of them were reset by the client within the lifetime below.
+    premature_reset_total_stream_count: int = Field(500, ge=1)
+    premature_reset_min_stream_lifetime: float = Field(1.0, ge=0)
+    # Per connection and second: SETTINGS, PING, PRIORITY, empty DATA, unknown frames; and
+    # WINDOW_UPDATE frames (GOAWAY ENHANCE_YOUR_CALM above either).
+    max_control_frames_per_second: int = Field(1000, ge=10)
+    max_window_updates_per_second: int = Field(10_000, ge=10)
+    # Bytes queued toward a client that does not read before its connection is closed.
+    # Must exceed the flow-control windows well-behaved clients grant (often 16 MiB).
+    max_outbound_buffer: int = Field(32 << 20, ge=65536)
+    # Open connections per source IP (every listener, counted from accept, so TLS
+    # handshakes in progress count) and per peer gateway identity (inbound).
+    max_connections_per_ip: int = Field(1024, ge=1)
+    max_inbound_connections_per_peer: int = Field(256, ge=1)
+    # Process RSS above which new connections and streams are shed (503 / UNAVAILABLE).
+    # null: 90% of the container's cgroup memory limit, if it has one; 0: never.
+    max_memory_bytes: int | None = Field(None, ge=0)
 
 
 class TcpPort(_Model):

@@ -34,6 +34,7 @@ from cryptography import x509
 import trust
 from federation.models import Snapshot
 
+from ._abuse import FrameGuard, HeadersDeadlineStream, Shield, refuse_connection
 from ._config import GatewayConfig
 from ._deadlines import Deadlines, parse_grpc_timeout
 from ._errors import ConfigError, GatewayError, UpstreamError
@@ -121,6 +122,8 @@ class Gateway:
         self.metrics = Metrics()
         self.metrics.cert_expiry.set(leaf.not_valid_after_utc.timestamp())
         self.recorder = Recorder(self.metrics, cfg.access_log)
+        # Abuse containment: per-IP / per-peer caps, memory shedding (see _abuse).
+        self.shield = Shield(self.limits, self.metrics.overload)
         self.table = RouteTable(0, self.cluster, cfg.dns_suffix)
         self.snapshot: Snapshot | None = None
         self.revocations = trust.Revocations()
@@ -204,6 +207,7 @@ class Gateway:
             self.peer_pool = Pool(nursery, self.limits, self._dial_peer, self._pool_changed)
             self.svc_pool = Pool(nursery, self.limits, self._dial_service, self._pool_changed)
             nursery.start_soon(self.deadlines.run)
+            nursery.start_soon(self.shield.memory.run)
             nursery.start_soon(self._accept, listeners["inbound"], self._handle_inbound)
             nursery.start_soon(self._accept, listeners["outbound"], self._handle_outbound)
             for t, lst in tcp:
@@ -236,11 +240,34 @@ class Gateway:
 
     async def _guarded(self, handler: Any, stream: trio.abc.Stream) -> None:
         """A bug in one connection's handling must not take the gateway down."""
+        # Counted from accept, so connections still in their TLS handshake count too.
+        ip = _remote_ip(stream)
+        if not self.shield.accept(ip):
+            await trio.aclose_forcefully(stream)
+            return
         try:
             await handler(stream)
         except Exception as exc:  # noqa: BLE001 - logged with traceback, connection dropped
             log.error("connection.crashed", error=repr(exc), exc_info=True)
             await trio.aclose_forcefully(stream)
+        finally:
+            self.shield.release(ip)
+
+    def _guard_h2(self, ep: H2Endpoint, listener: str, peer: str,
+                  remote: str) -> tuple[FrameGuard, Callable[[str, str], None]]:
+        """Abuse limits for a downstream HTTP/2 connection: frame guard, output ceiling."""
+        guard = FrameGuard(self.limits, trio.current_time,
+                           lambda: self.shield.reject("max_concurrent_streams"))
+        guard.install(ep.conn)
+        ep.out_limit = self.limits.max_outbound_buffer
+        ep.on_request = self.shield.shed_streams(ep.on_request)  # type: ignore[arg-type]
+
+        def on_abuse(reason: str, detail: str) -> None:
+            self.metrics.abuse_closed.labels(listener, reason).inc()
+            log.warning("abuse.connection_closed", listener=listener, peer=peer or None,
+                        remote=remote, reason=reason, detail=detail)
+
+        return guard, on_abuse
 
     def _pool_changed(self, key: Any, n: int) -> None:
         self.metrics.pool_connections.labels(str(key[1])).set(n)
@@ -257,7 +284,7 @@ class Gateway:
     # -- connection admission -------------------------------------------------------------
     def _admit(self, listener: str, peer: str, stream: Any) -> bool:
         if self.downstream.get(listener, 0) >= self.limits.max_downstream_connections:
-            self.metrics.overload.labels("downstream_connections").inc()
+            self.shield.reject("downstream_connections", listener=listener)
             return False
         if self.guard is not None:
             remote = ""
@@ -301,16 +328,21 @@ class Gateway:
             await trio.aclose_forcefully(tls)
             return
         if not self._admit("inbound", str(sid), stream):
-            await trio.aclose_forcefully(tls)
+            await refuse_connection(tls, True, "gateway connection limit reached")
+            return
+        if not self.shield.admit_peer(str(sid)):
+            await refuse_connection(tls, True, "too many connections from this peer")
             return
         ep = H2Endpoint(h2_connection(False, self.limits, trusted=True))
         ep.on_request = functools.partial(self._inbound_request, sid)
+        guard, on_abuse = self._guard_h2(ep, "inbound", str(sid), _remote_ip(stream))
         self.downstream["inbound"] += 1
         self.metrics.downstream_connections.labels("inbound").inc()
         self.endpoints.add(ep)
         try:
-            await pump_h2(tls, ep, self.limits.idle_timeout)
+            await pump_h2(tls, ep, self.limits.idle_timeout, guard=guard, on_abuse=on_abuse)
         finally:
+            self.shield.release_peer(str(sid))
             self.endpoints.discard(ep)
             self.downstream["inbound"] -= 1
             self.metrics.downstream_connections.labels("inbound").dec()
@@ -437,7 +469,7 @@ class Gateway:
                 first.startswith(H2_PREFACE)
             scheme = b"http"
         if not self._admit("outbound", caller, stream):
-            await trio.aclose_forcefully(s)
+            await refuse_connection(s, h2, "gateway connection limit reached")
             return
         self.downstream["outbound"] += 1
         self.metrics.downstream_connections.labels("outbound").inc()
@@ -445,15 +477,24 @@ class Gateway:
             if h2:
                 ep = H2Endpoint(h2_connection(False, self.limits, trusted=False))
                 ep.on_request = functools.partial(self._outbound_request, caller, "HTTP/2")
+                guard, on_abuse = self._guard_h2(ep, "outbound", caller, _remote_ip(stream))
                 self.endpoints.add(ep)
                 try:
-                    await pump_h2(s, ep, self.limits.idle_timeout)
+                    await pump_h2(s, ep, self.limits.idle_timeout, guard=guard,
+                                  on_abuse=on_abuse)
                 finally:
                     self.endpoints.discard(ep)
             else:
+                remote = _remote_ip(stream)
+                slow = HeadersDeadlineStream(s, self.limits.request_headers_timeout, lambda: (
+                    self.metrics.abuse_closed.labels("outbound", "headers_timeout").inc(),
+                    log.warning("abuse.connection_closed", listener="outbound",
+                                remote=remote, reason="headers_timeout",
+                                detail="HTTP/1.1 request headers too slow")))
+                on_request = self.shield.shed_streams(
+                    functools.partial(self._outbound_request, caller, "HTTP/1.1"))
                 conn = H1Connection(
-                    s, scheme, self.limits.tcp_buffer,
-                    functools.partial(self._outbound_request, caller, "HTTP/1.1"),
+                    slow, scheme, self.limits.tcp_buffer, slow.wrap_on_request(on_request),
                     lambda: None, self.limits.idle_timeout)
                 await conn.run()
         finally:
@@ -655,6 +696,13 @@ class Gateway:
         finally:
             self.endpoints.discard(ep)
             pool.closed(key, ep)
+
+
+def _remote_ip(stream: Any) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (AttributeError, OSError, IndexError):
+        return ""
 
 
 def _nodelay(stream: trio.SocketStream) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.settings
 import hpack
 import hpack.hpack
@@ -114,9 +115,16 @@ def h2_connection(client: bool, limits: Limits, trusted: bool) -> h2.connection.
 
 
 async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
-                  first: bytes = b"") -> None:
-    """Run one HTTP/2 connection until it closes; fail its streams when it does."""
+                  first: bytes = b"", guard: Any = None,
+                  on_abuse: Any = None) -> None:
+    """Run one HTTP/2 connection until it closes; fail its streams when it does.
+
+    ``guard`` (a :class:`gateway._abuse.FrameGuard`, downstream connections only) adds
+    the request-headers deadline; ``on_abuse(reason, detail)`` hears why a connection was
+    closed for abuse (guard violations, output ceiling ``ep.out_limit``).
+    """
     wake_ev = trio.Event()
+    overflowed = False
 
     def wake() -> None:
         wake_ev.set()
@@ -145,17 +153,28 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
 
     try:
         async with trio.open_nursery() as nursery:
+            if ep.out_limit:
+                def overflow() -> None:
+                    # The peer does not read: no GOAWAY would get through, just close.
+                    nonlocal overflowed
+                    ep.on_overflow = None
+                    ep.closed = overflowed = True
+                    nursery.cancel_scope.cancel()
+
+                ep.on_overflow = overflow
             nursery.start_soon(writer)
             if first:
                 ep.receive(first)
             receive = stream.receive_some
             idle = idle_timeout if idle_timeout else math.inf
             last = trio.current_time()
+            gd = guard.deadline if guard is not None else math.inf
             try:
                 while not ep.closed:
                     # One cancel scope per idle period, not per read: a scope costs more
                     # than a small request's parsing.  It fires at most once per period.
-                    with trio.CancelScope(deadline=last + idle) as scope:
+                    period = last + idle
+                    with trio.CancelScope(deadline=min(period, gd)) as scope:
                         while not ep.closed:
                             data = await receive(MAX_READ)
                             if not data:
@@ -163,6 +182,14 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
                                 break
                             ep.receive(data)
                             last = trio.current_time()
+                            if guard is not None and guard.deadline != gd:
+                                gd = guard.deadline
+                                scope.deadline = min(period, gd)
+                    if scope.cancelled_caught and trio.current_time() >= gd:
+                        guard.headers_timed_out()
+                        ep.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                        ep.mark()
+                        break
                     if scope.cancelled_caught:
                         if ep.halves or trio.current_time() - last < idle:
                             last = trio.current_time() if ep.halves else last
@@ -179,8 +206,17 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
     except _BROKEN:
         pass
     finally:
+        ep.on_overflow = None
+        if on_abuse is not None:
+            if guard is not None and guard.violation is not None:
+                on_abuse(guard.violation.reason, guard.violation.detail)
+            elif overflowed:
+                on_abuse("outbound_buffer", f"more than {ep.out_limit} bytes queued for a "
+                         "peer that does not read")
         ep.terminate()
         ep.wake = _closed_wake
+        if overflowed:
+            await trio.aclose_forcefully(stream)
         with trio.CancelScope(shield=True):
             with trio.move_on_after(1):
                 try:

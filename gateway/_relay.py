@@ -60,7 +60,7 @@ class H2Endpoint:
     """One HTTP/2 connection and the relayed halves on it."""
 
     __slots__ = ("conn", "halves", "blocked", "wake", "dirty", "closed", "on_request",
-                 "info", "on_idle", "draining")
+                 "info", "on_idle", "draining", "out_limit", "on_overflow")
 
     def __init__(self, conn: H2Connection, *,
                  on_request: Callable[[H2Half, Headers, bool], None] | None = None,
@@ -75,6 +75,10 @@ class H2Endpoint:
         self.on_request = on_request
         self.info = info  # shell-owned: peer identity, pool key, ...
         self.on_idle: Callable[[H2Endpoint], None] | None = None
+        # Output ceiling (abuse containment): called once h2's unsent bytes exceed
+        # ``out_limit`` while the writer is still busy, i.e. the peer does not read.
+        self.out_limit = 0
+        self.on_overflow: Callable[[], None] | None = None
 
     # -- shell entry points ---------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -124,6 +128,8 @@ class H2Endpoint:
         if not self.dirty:
             self.dirty = True
             self.wake()
+        elif self.on_overflow is not None and len(self.conn._data_to_send) > self.out_limit:
+            self.on_overflow()
 
     def take_output(self) -> bytes:
         self.dirty = False

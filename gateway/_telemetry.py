@@ -63,6 +63,10 @@ class Metrics:
         self.overload = Counter("isthmus_overload_rejections_total",
                                 "Connections or streams refused by limits", ("limit",),
                                 registry=r)
+        self.abuse_closed = Counter("isthmus_abuse_connections_closed_total",
+                                    "Downstream connections closed for breaking an abuse "
+                                    "limit (rapid reset, floods, slow headers, ...)",
+                                    ("listener", "reason"), registry=r)
         # labels() is slow-ish; cache children per label tuple (the tuples are bounded).
         self._req_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
 
