@@ -41,7 +41,8 @@ from ._errors import ConfigError, GatewayError, UpstreamError
 from ._h1 import H1Connection, H1Half, H1Pool, H1Upstream
 from ._io import PrefixedStream, TcpHalf, h2_connection, link, new_upstream, pump_h2
 from ._pool import Pool
-from ._proxy import Authorizer, Reject, allow_all, inbound, outbound
+from ._authz import Authz, Parked, PolicyState
+from ._proxy import Authorizer, Forward, Reject, allow_all, inbound, outbound, refusal
 from ._relay import H2Endpoint, H2Half, Headers
 from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable, build_routes
 from ._telemetry import Exchange, Metrics, Recorder
@@ -88,6 +89,7 @@ def _listen(host: str, port: int, reuse_port: bool) -> trio.SocketListener:
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig, *, authorize: Authorizer = allow_all,
+                 jwks_store: Any = None,
                  guard: ConnectionGuard | None = None, reuse_port: bool = False) -> None:
         self.cfg = cfg
         self.limits = cfg.limits
@@ -141,6 +143,9 @@ class Gateway:
         self._tls_generation = self.client_tls.generation
         self.endpoints: set[H2Endpoint] = set()
         self.h1_pool = H1Pool()  # every live HTTP/2 connection (introspection)
+        # Federation AuthorizationPolicy + JWT; ``authorize`` runs after it (see _authz).
+        self.authz = Authz(authorize, jwks_store)
+        self.policy: PolicyState = self.authz.build(None)
         if cfg.static is not None:
             self.apply_snapshot(cfg.static, source="file")
 
@@ -162,7 +167,12 @@ class Gateway:
             self.revocations = trust.Revocations.from_crl(crl or None, intermediates)
         except trust.TrustError as exc:
             log.warning("config.bad_crl", error=str(exc))
-        self.table = table
+        policy = self.authz.build(snap)
+        # Routes and policies swap together (no await in between): a request reads both
+        # in one synchronous step, so it never mixes two revisions.
+        self.table, self.policy = table, policy
+        self.metrics.policy_revision.set(policy.revision)
+        self.metrics.policy_errors.set(len(policy.failed))
         self.snapshot = snap
         self.config_source = source
         self.last_confirmed = time.time()
@@ -207,6 +217,7 @@ class Gateway:
             self.peer_pool = Pool(nursery, self.limits, self._dial_peer, self._pool_changed)
             self.svc_pool = Pool(nursery, self.limits, self._dial_service, self._pool_changed)
             nursery.start_soon(self.deadlines.run)
+            nursery.start_soon(self.authz.run)
             nursery.start_soon(self.shield.memory.run)
             nursery.start_soon(self._accept, listeners["inbound"], self._handle_inbound)
             nursery.start_soon(self._accept, listeners["outbound"], self._handle_outbound)
@@ -359,10 +370,41 @@ class Gateway:
             x.response_flags = "RBAC"
             half.respond(403, [(b"content-type", b"text/plain")], b"peer cluster not joined\n")
             return
-        d = inbound(headers, table, peer, str(sid), self.authorize, x)
+        d = inbound(headers, table, peer, str(sid), self.policy, x)
         if isinstance(d, Reject):
             self._reject(half, x, d)
             return
+        if d.pending is not None:
+            # Decision waits on a JWKS fetch: park the request, decide in a thread.
+            parked = Parked()
+            link(half, parked)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._resume_inbound, half, parked, d, headers, end, x)
+            return
+        self._forward_inbound(half, d, headers, end, x)
+
+    async def _resume_inbound(self, half: H2Half, parked: Parked, d: Forward, headers: Headers,
+                              end: bool, x: Exchange) -> None:
+        assert d.pending is not None
+        try:
+            decision = await trio.to_thread.run_sync(d.pending, abandon_on_cancel=True)
+        except Exception as exc:  # noqa: BLE001 - fail closed, never crash the gateway
+            log.error("authz.pending_failed", error=repr(exc), exc_info=True)
+            decision = None
+        if parked.aborted or half.closed:
+            return  # the caller went away meanwhile
+        denied = refusal(decision, x, x.peer_principal) if decision is not None else \
+            Reject("RBAC", "RBAC: access denied (authorization failed)", 403)
+        if denied is not None:
+            parked.release()
+            self._reject(half, x, denied)
+            return
+        self._forward_inbound(half, d, headers, end, x)
+        if half.peer is not parked:
+            parked.replay(half.peer)
+
+    def _forward_inbound(self, half: H2Half, d: Forward, headers: Headers, end: bool,
+                         x: Exchange) -> None:
         target: LocalTarget = d.route
         x.upstream_cluster = f"inbound|{target.port}||{target.destination_service}"
         x.upstream_host = f"{target.host}:{target.target_port}"
@@ -565,9 +607,10 @@ class Gateway:
         x.response_flags = d.flags
         if x.grpc:
             from ._relay import _FLAG_GRPC
-            half.respond_grpc(_FLAG_GRPC.get(d.flags, 14), d.message)
+            half.respond_grpc(d.grpc_status or _FLAG_GRPC.get(d.flags, 14), d.message)
         elif d.status:
-            half.respond(d.status, [(b"content-type", b"text/plain")], d.message.encode() + b"\n")
+            half.respond(d.status, [(b"content-type", b"text/plain"), *d.headers],
+                         d.message.encode() + b"\n")
         else:
             half.respond_error(d.flags, d.message)
 

@@ -8,7 +8,7 @@ W3C trace.
 Inbound (peer gateway -> local service): the service must be exported to the peer's
 cluster; the caller identity the peer asserts must lie in the peer's own trust domain (a
 gateway of ``east`` cannot speak for ``west``); then the :data:`Authorizer` hook decides
-(default allow — federation-wide AuthorizationPolicy/JWT plug in here later).
+(the gateway's is :class:`gateway._authz.PolicyState`: federation AuthorizationPolicy and JWT).
 """
 
 from __future__ import annotations
@@ -54,8 +54,21 @@ class RequestAttrs:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """An authorization answer.  ``reason`` goes to the log; ``message`` (else ``reason``)
+    is the body the caller sees.  ``pending``: not decided yet - the gateway parks the
+    request and runs ``pending()`` in a worker thread for the final decision (a JWKS fetch)."""
+
     allow: bool
     reason: str = ""
+    status: int = 403
+    flags: str = "RBAC"
+    grpc_status: int = 7  # PERMISSION_DENIED
+    message: str = ""
+    policy: str | None = None
+    audit_policy: str | None = None
+    details: str = ""  # Envoy-style response_code_details for the access log
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    pending: Callable[[], Decision] | None = None
 
 
 ALLOW = Decision(True)
@@ -71,6 +84,7 @@ class Forward:
     headers: Headers
     route: Any  # OutboundRoute (outbound) or LocalTarget (inbound)
     connect: bool = False
+    pending: Callable[[], Decision] | None = None  # see Decision.pending
 
 
 @dataclass(slots=True)
@@ -79,6 +93,8 @@ class Reject:
     message: str
     status: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    grpc_status: int = 0  # 0: derived from flags
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
@@ -184,15 +200,28 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
     decision = authorize(RequestAttrs(peer.name, peer_principal, source, target.namespace,
                                       target.service, target.port, x.method, x.path,
                                       tuple(headers)))
-    if not decision.allow:
-        log.info("inbound.denied", peer=peer_principal, source=source,
-                 service=target.destination_service, reason=decision.reason)
-        return Reject("RBAC", decision.reason or "denied by policy", 403)
+    if decision.pending is None:
+        denied = refusal(decision, x, peer_principal)
+        if denied is not None:
+            return denied
     tpv, x.trace_id = traceparent(tp)
     out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT]
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
-    return Forward(out, target, x.method == "CONNECT")
+    return Forward(out, target, x.method == "CONNECT", decision.pending)
+
+
+def refusal(decision: Decision, x: Exchange, peer_principal: str) -> Reject | None:
+    """Record a final decision on the exchange; the :class:`Reject` if it refuses."""
+    x.audit_policy = decision.audit_policy or ""
+    if decision.allow:
+        return None
+    x.response_code_details = decision.details
+    log.info("inbound.denied", peer=peer_principal, source=x.source_principal,
+             service=x.destination_service, status=decision.status,
+             policy=decision.policy, reason=decision.reason)
+    return Reject(decision.flags, decision.message or decision.reason or "denied by policy",
+                  decision.status, grpc_status=decision.grpc_status, headers=decision.headers)
 
 
 __all__ = ["ALLOW", "Authorizer", "Decision", "Forward", "LocalTarget", "OutboundRoute",
-           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "traceparent"]
+           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "refusal", "traceparent"]

@@ -52,6 +52,11 @@ class Metrics:
         self.config_staleness = Gauge("isthmus_config_staleness_seconds",
                                       "Seconds since the config was last confirmed current",
                                       registry=r)
+        self.policy_revision = Gauge("isthmus_policy_revision",
+                                     "Federation revision of the policies enforced", registry=r)
+        self.policy_errors = Gauge("isthmus_policy_errors",
+                                   "Policies in force that could not be compiled (enforced "
+                                   "as DENY-all, or dropped if AUDIT)", registry=r)
         self.cert_expiry = Gauge("isthmus_certificate_expiry_timestamp_seconds",
                                  "Expiry (unix time) of the gateway's certificate", registry=r)
         self.pool_connections = Gauge("isthmus_pool_connections",
@@ -94,7 +99,8 @@ class Exchange:
                  "bytes_sent", "upstream_cluster", "upstream_host", "x_forwarded_for",
                  "user_agent", "request_id", "trace_id", "peer_principal", "source_principal",
                  "destination_principal", "source_cluster", "destination_cluster",
-                 "destination_service", "reporter", "done", "on_done", "deadline", "tcp")
+                 "destination_service", "reporter", "done", "on_done", "deadline", "tcp",
+                 "audit_policy", "response_code_details")
 
     def __init__(self, reporter: str, protocol: str, on_done: Any) -> None:
         self.t0 = time.perf_counter()
@@ -116,6 +122,8 @@ class Exchange:
         self.done = False
         self.deadline = 0.0
         self.tcp = False
+        self.audit_policy = ""  # an AUDIT AuthorizationPolicy matched this request
+        self.response_code_details = ""
 
     def on_response_headers(self, headers: Headers, end: bool) -> None:
         status = _get(headers, b":status")
@@ -182,6 +190,8 @@ class Exchange:
             "destination_cluster": self.destination_cluster or None,
             "destination_service": self.destination_service,
             "reporter": self.reporter,
+            "audit_policy": self.audit_policy or None,
+            "response_code_details": self.response_code_details or None,
         }
 
 

@@ -1,0 +1,338 @@
+"""Federation-wide authorization and JWT authentication at the inbound gateway.
+
+Theory of operation
+-------------------
+Every applied snapshot yields one :class:`PolicyState`: the snapshot's policies compiled
+into a :class:`federation.policy.PolicySet` plus lazily built per-service
+:class:`federation.jwt.JwtValidator` objects.  The gateway swaps it in together with the
+route table (both assignments happen in one synchronous step on the trio thread, so no
+request ever sees routes of one revision and policies of another), and each request
+reads it once: a request keeps the policy set it started with, whatever is applied while
+it runs.
+
+A :class:`PolicyState` *is* the gateway's :data:`~gateway._proxy.Authorizer`: called with
+the :class:`~gateway._proxy.RequestAttrs` of one request it answers a
+:class:`~gateway._proxy.Decision`, in this order:
+
+1. JWT (HTTP only; CONNECT tunnels carry no token): with a RequestAuthentication selecting
+   the service, a request carrying a token must carry a *valid* one, else 401
+   (``response_flags="UAEX"``, gRPC ``UNAUTHENTICATED``).  A request without a token passes
+   here; an AuthorizationPolicy asking for ``request_principals`` is what refuses it.
+2. AuthorizationPolicy (Istio order, :meth:`PolicySet.evaluate`): AUDIT marks, DENY
+   beats ALLOW, default deny once an ALLOW selects.  Denials answer 403
+   (``response_flags="RBAC"``, gRPC ``PERMISSION_DENIED`` in a trailers-only response)
+   with a body that names the deciding policy and nothing else.
+3. The extra hook given to :class:`gateway.Gateway` (``authorize=``), if any.
+
+JWKS fetched from ``jwks_uri`` live in one :class:`~federation.jwt.JwksStore` per gateway,
+shared by every revision.  Fetching is blocking IO and never runs on the trio loop:
+:meth:`Authz.run` refreshes due key sets in a worker thread (right after a snapshot that
+names a new ``jwks_uri``, then periodically); and when a token needs a key set we do not
+have yet (first use, or an unknown ``kid`` after the issuer rotated its keys) the decision
+is *pending*: the gateway parks the request (:class:`Parked` buffers what the caller
+sends, bounded by HTTP/2 flow control), runs :meth:`PolicyState.after_refresh` in a
+worker thread, and then forwards or refuses it.  The JWKS rate limits and the
+``max_stale`` bound of :class:`~federation.jwt.JwksSource` apply.
+
+A policy this gateway cannot evaluate (it slipped past validation, or comes from a newer
+federation) must not weaken enforcement: it is enforced as DENY-all over what it selects
+(over everything, if its selector is unusable); an AUDIT policy is dropped.  Each one is
+logged (``authz.policy_failed_closed``) and counted in ``isthmus_policy_errors``.
+
+Source attributes: ``source.principal`` is the caller identity the peer gateway asserts
+(``isthmus-source-identity``, already checked to lie in the peer's trust domain); with no
+asserted identity (a plain-text workload) there is no principal, as in Istio, so
+``principals`` rules, even ``["*"]``, do not match.  ``source.cluster`` is the peer
+gateway's cluster (from its verified certificate), never derived from the asserted ID.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from federation.jwt import JwksStore, JwtResult, JwtValidator
+from federation.models import AuthorizationPolicy, RequestAuthentication, Rule, Selector, Snapshot
+from federation.policy import PolicyError, PolicySet, RequestAttributes, validate_policy
+
+from ._proxy import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
+
+log = structlog.get_logger("isthmus.gateway")
+
+JWT_FLAG = "UAEX"  # Envoy's flag for a request refused by an authentication check
+RBAC_FLAG = "RBAC"
+GRPC_PERMISSION_DENIED = 7
+GRPC_UNAUTHENTICATED = 16
+_WWW_AUTHENTICATE = ((b"www-authenticate", b'Bearer realm="isthmus", error="invalid_token"'),)
+# How often the background task looks for key sets due a refresh (cheap: no IO unless due).
+REFRESH_CHECK_INTERVAL = 5.0
+
+
+# ---------------------------------------------------------------- denials (what callers see)
+
+
+def _jwt_public_reason(reason: str) -> str:
+    """Envoy's jwt_authn wording: says what kind of failure, never which issuers or keys
+    we accept (the detailed reason goes to the log only)."""
+    r = reason.lower()
+    if "jwks" in r and ("not fetched" in r or "max-stale" in r or "unusable" in r):
+        return "Jwks remote fetch is failed"
+    if "expired" in r:
+        return "Jwt is expired"
+    if "not valid before" in r:
+        return "Jwt not yet valid"
+    if "audience" in r:
+        return "Audiences in Jwt are not allowed"
+    if "is not accepted here" in r:
+        return "Jwt issuer is not configured"
+    if "malformed" in r or "more than one token" in r or "longer than" in r:
+        return "Jwt is not in the form of Header.Payload.Signature"
+    return "Jwt verification fails"
+
+
+def jwt_denied(result: JwtResult) -> Decision:
+    public = _jwt_public_reason(result.reason)
+    return Decision(
+        False, result.reason, status=401, flags=JWT_FLAG, grpc_status=GRPC_UNAUTHENTICATED,
+        message=public, headers=_WWW_AUTHENTICATE,
+        details=f"jwt_authn_access_denied{{{public.replace(' ', '_')}}}",
+    )
+
+
+def rbac_denied(policy: str | None, reason: str, audit_policy: str | None) -> Decision:
+    if policy is not None:
+        message = f"RBAC: access denied by policy {policy!r}"
+        details = f"rbac_access_denied_matched_policy[{policy}]"
+    else:
+        message = "RBAC: access denied (no ALLOW policy matched)"
+        details = "rbac_access_denied_matched_policy[none]"
+    return Decision(False, reason, status=403, flags=RBAC_FLAG,
+                    grpc_status=GRPC_PERMISSION_DENIED, message=message, policy=policy,
+                    audit_policy=audit_policy, details=details)
+
+
+# ---------------------------------------------------------------- fail closed
+
+
+def _deny_all(policy: AuthorizationPolicy | RequestAuthentication, selector_ok: bool) -> AuthorizationPolicy:
+    return AuthorizationPolicy(
+        name=policy.name, action="DENY", rules=(Rule(),),
+        selector=policy.selector if selector_ok else Selector(),
+    )
+
+
+def _selector_ok(sel: Selector) -> bool:
+    return all(v and (v == "*" or "*" not in v) for v in (sel.namespace, sel.service))
+
+
+def enforceable(policies: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
+    """The policies to enforce and the names of those replaced by DENY-all (or dropped)."""
+    out: list[Any] = []
+    failed: list[str] = []
+    for p in policies:
+        try:
+            validate_policy(p)
+        except PolicyError as exc:
+            failed.append(p.name)
+            log.error("authz.policy_failed_closed", policy=p.name, kind=p.kind, error=str(exc))
+            if isinstance(p, AuthorizationPolicy) and p.action == "AUDIT":
+                continue
+            out.append(_deny_all(p, _selector_ok(p.selector)))
+            continue
+        out.append(p)
+    return out, failed
+
+
+# ---------------------------------------------------------------- the per-revision state
+
+
+class PolicyState:
+    """The policies of one applied snapshot, as the gateway's authorizer."""
+
+    def __init__(self, snapshot: Snapshot | None, store: JwksStore,
+                 then: Authorizer = allow_all) -> None:
+        policies = snapshot.policies if snapshot is not None else ()
+        self.revision = snapshot.revision if snapshot is not None else 0
+        enforced, self.failed = enforceable(policies)
+        try:
+            self.set = PolicySet(enforced, revision=self.revision)
+        except PolicyError as exc:  # cannot happen after enforceable(); fail closed anyway
+            log.error("authz.policy_set_failed", error=str(exc))
+            self.set = PolicySet([AuthorizationPolicy(name="isthmus-fail-closed", action="DENY",
+                                                      rules=(Rule(),))], revision=self.revision)
+        self.store = store
+        self.then = then
+        self.jwks_uris = frozenset(r.jwks_uri for p in policies
+                                   if isinstance(p, RequestAuthentication)
+                                   for r in p.jwt_rules if r.jwks_uri)
+        self.digest = "sha256:" + hashlib.sha256(json.dumps(
+            [p.model_dump(mode="json", by_alias=True) for p in policies],
+            sort_keys=True).encode()).hexdigest()
+        self._validators: dict[tuple[str, str], JwtValidator | None] = {}
+        # No policies and no extra hook: skip building attributes per request.
+        self.trivial = not len(self.set) and then is allow_all
+
+    def __len__(self) -> int:
+        return len(self.set)
+
+    def validator(self, namespace: str, service: str) -> JwtValidator | None:
+        key = (namespace, service)
+        try:
+            return self._validators[key]
+        except KeyError:
+            pass
+        authn = self.set.request_authentications(namespace, service)
+        v = JwtValidator(
+            [r for p in authn for r in p.jwt_rules], store=self.store) if authn else None
+        # Keys are (namespace, service) of exported services: bounded by the route table.
+        self._validators[key] = v
+        return v
+
+    def __call__(self, a: RequestAttrs) -> Decision:
+        return self.decide(a, may_defer=True)
+
+    def decide(self, a: RequestAttrs, *, may_defer: bool) -> Decision:
+        if self.trivial:
+            return ALLOW
+        tcp = a.method == "CONNECT"
+        jwt: JwtResult | None = None
+        if not tcp:
+            v = self.validator(a.namespace, a.service)
+            if v is not None:
+                jwt = v.validate(a.headers)
+                if not jwt.ok:
+                    if jwt.refresh_wanted and may_defer:
+                        return Decision(True, "waiting for JWKS",
+                                        pending=functools.partial(self.after_refresh, a, v))
+                    return jwt_denied(jwt)
+        attrs = RequestAttributes.for_request(
+            source_principal=a.source_principal or None,
+            source_cluster=a.peer_cluster,
+            destination_namespace=a.namespace,
+            destination_service=a.service,
+            method=None if tcp else a.method,
+            path=None if tcp else a.path,
+            port=a.port,
+            request_principal=jwt.request_principal if jwt is not None else None,
+            jwt_claims=jwt.claims if jwt is not None else None,
+        )
+        d = self.set.evaluate(attrs)
+        if not d.allowed:
+            return rbac_denied(d.policy, d.reason, d.audit_policy)
+        extra = self.then(a)
+        if not extra.allow or extra.pending is not None:
+            return extra
+        if d.audit_policy is None and d.policy is None:
+            return ALLOW
+        return Decision(True, d.reason, policy=d.policy, audit_policy=d.audit_policy)
+
+    def after_refresh(self, a: RequestAttrs, v: JwtValidator) -> Decision:
+        """Fetch the key sets ``v`` wants (blocking: a worker thread), then decide for good."""
+        v.refresh()
+        return self.decide(a, may_defer=False)
+
+
+# ---------------------------------------------------------------- the gateway-lifetime part
+
+
+class Authz:
+    """Owns the JWKS store and builds a :class:`PolicyState` per applied snapshot."""
+
+    def __init__(self, then: Authorizer = allow_all, store: JwksStore | None = None,
+                 check_interval: float = REFRESH_CHECK_INTERVAL) -> None:
+        self.then = then
+        self.store = store if store is not None else JwksStore()
+        self.check_interval = check_interval
+        self._kick: trio.Event | None = None
+        self._uris: frozenset[str] = frozenset()
+
+    def build(self, snapshot: Snapshot | None) -> PolicyState:
+        state = PolicyState(snapshot, self.store, self.then)
+        for uri in state.jwks_uris - self._uris:
+            self.store.source(uri)  # register now so the refresher fetches it at once
+        if state.jwks_uris - self._uris and self._kick is not None:
+            self._kick.set()
+        self._uris = state.jwks_uris
+        return state
+
+    def refresh_due(self) -> bool:
+        return any(s.refresh_due() for s in self.store.sources())
+
+    async def run(self) -> None:
+        """Refresh due key sets in a worker thread: at start, after a snapshot naming a
+        new jwks_uri, and every ``check_interval`` seconds."""
+        while True:
+            self._kick = trio.Event()
+            if self.refresh_due():
+                # A fetch blocks for up to fetch_timeout per URI: a thread, never the loop.
+                await trio.to_thread.run_sync(self.store.refresh, abandon_on_cancel=True)
+            with trio.move_on_after(self.check_interval):
+                await self._kick.wait()
+
+
+# ---------------------------------------------------------------- parking a request
+
+
+class Parked:
+    """Stands in for the upstream of a request whose decision is pending.
+
+    It holds what the caller sends meanwhile (bounded by the stream's flow-control window,
+    since nothing is acknowledged) and replays it into the real upstream, or gives the
+    window back if the request is refused.
+    """
+
+    __slots__ = ("peer", "items", "aborted")
+
+    def __init__(self) -> None:
+        self.peer: Any = None
+        self.items: list[tuple[str, Any, int]] = []
+        self.aborted = False
+
+    def write_headers(self, headers: Any, end: bool) -> None:  # never: request headers went by
+        self.items.append(("headers", (headers, end), 0))
+
+    def write_data(self, data: bytes, credit: int) -> None:
+        self.items.append(("data", data, credit))
+
+    def write_trailers(self, trailers: Any) -> None:
+        self.items.append(("trailers", trailers, 0))
+
+    def write_end(self) -> None:
+        self.items.append(("end", None, 0))
+
+    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
+        self.aborted = True
+        self.items.clear()
+
+    def ack(self, credit: int) -> None:
+        if self.peer is not None:
+            self.peer.ack(credit)
+
+    def release(self) -> None:
+        """Refused: hand the held window back to the caller."""
+        credit = sum(c for _, _, c in self.items)
+        self.items.clear()
+        if credit and self.peer is not None:
+            self.peer.ack(credit)
+
+    def replay(self, into: Any) -> None:
+        items, self.items = self.items, []
+        for kind, value, credit in items:
+            if kind == "data":
+                into.write_data(value, credit)
+            elif kind == "trailers":
+                into.write_trailers(value)
+            elif kind == "end":
+                into.write_end()
+            else:
+                into.write_headers(*value)
+
+
+__all__ = ["Authz", "GRPC_PERMISSION_DENIED", "GRPC_UNAUTHENTICATED", "JWT_FLAG", "Parked",
+           "PolicyState", "RBAC_FLAG", "enforceable", "jwt_denied", "rbac_denied"]
