@@ -9,7 +9,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -89,7 +88,7 @@ def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, 
         click.echo(f"  {n:<8} istio_requests_total out {out_reqs:>4.0f}, in {in_reqs:>4.0f};  "
                    f"istio_tcp_sent_bytes_total out {tcp_bytes:>5.0f};  config revision {rev}")
     a, b = names[0], names[1]
-    ca, cb = lf.clusters[a], lf.clusters[b]
+    ca = lf.clusters[a]
     ns = f"ip netns exec {ca.namespace} " if ca.namespace else ""
     click.echo("\nWhere to look next")
     click.echo(f"  {a}'s gateway admin:  {ns}curl -s {ca.admin_url}/metrics   (also /config, /readyz)")

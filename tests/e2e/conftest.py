@@ -36,6 +36,20 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         lf.close()
 
 
+@pytest.fixture
+def fresh_federation(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalFederation]:
+    """east and west in a federation of the test's own; ``lease_ttl`` from
+    ``@pytest.mark.lease_ttl(N)`` (default 30 s)."""
+    _skip_without_netns()
+    mark = request.node.get_closest_marker("lease_ttl")
+    lf = LocalFederation(tmp_path / "fed", use_netns=True, lease_ttl=mark.args[0] if mark else 30)
+    try:
+        lf.start(["east", "west"])
+        yield lf
+    finally:
+        lf.close()
+
+
 def logs_of(lf: LocalFederation) -> str:
     out = []
     for c in lf.clusters.values():

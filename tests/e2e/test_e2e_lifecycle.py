@@ -8,7 +8,7 @@ import pytest
 
 from federation.demo.harness import LocalFederation
 
-from .conftest import _skip_without_netns, logs_of
+from .conftest import logs_of
 
 
 def test_withdrawing_an_export_removes_the_route_everywhere(federation: LocalFederation) -> None:
@@ -27,19 +27,9 @@ def test_withdrawing_an_export_removes_the_route_everywhere(federation: LocalFed
     assert lf.wait_for(lambda: lf.call_grpc("east", "west"), 30).ok, logs_of(lf)
 
 
-@pytest.fixture
-def trio_federation(tmp_path):  # type: ignore[no-untyped-def]
-    _skip_without_netns()
-    lf = LocalFederation(tmp_path / "fed", use_netns=True, lease_ttl=3)
-    try:
-        lf.start(["east", "west"])
-        yield lf
-    finally:
-        lf.close()
-
-
-def test_third_cluster_joins_at_run_time_and_a_silent_cluster_vanishes(trio_federation: LocalFederation) -> None:
-    lf = trio_federation
+@pytest.mark.lease_ttl(3)
+def test_third_cluster_joins_at_run_time_and_a_silent_cluster_vanishes(fresh_federation: LocalFederation) -> None:
+    lf = fresh_federation
     assert lf.wait_for(lambda: lf.call_grpc("east", "west"), 30).ok, logs_of(lf)
     lf.add_cluster("central")
     for src in ("east", "west"):

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from federation.demo.harness import LocalFederation
 
-from .conftest import _skip_without_netns, logs_of
+from .conftest import logs_of
 
 
-@pytest.fixture
-def fed(tmp_path):  # type: ignore[no-untyped-def]
-    _skip_without_netns()
-    lf = LocalFederation(tmp_path / "fed", use_netns=True, lease_ttl=30)
-    try:
-        lf.start(["east", "west"])
-        yield lf
-    finally:
-        lf.close()
-
-
-def test_traffic_flows_with_etcd_then_federation_down_and_a_restart_serves_last_good(fed: LocalFederation) -> None:
-    lf = fed
+def test_traffic_flows_with_etcd_then_federation_down_and_a_restart_serves_last_good(fresh_federation: LocalFederation) -> None:
+    lf = fresh_federation
     assert lf.wait_for(lambda: lf.call_grpc("east", "west"), 30).ok, logs_of(lf)
     revision = lf.gateway_config("east")["revision"]
 
