@@ -12,6 +12,9 @@ from pathlib import Path
 
 import click
 
+from trust import TrustError
+
+from .._errors import FederationError
 from .harness import CLUSTER_NAMES, CallResult, DemoError, LocalFederation
 
 
@@ -117,6 +120,9 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
     names = list(CLUSTER_NAMES[:n])
     t0 = time.monotonic()
     keep = workdir is not None
+    if workdir is not None and workdir.exists() and any(workdir.iterdir()):
+        click.echo(f"error: --workdir {workdir} is not empty: give a new or empty folder", err=True)
+        sys.exit(2)
     wd = workdir or Path(tempfile.mkdtemp(prefix="isthmus-demo-"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -150,7 +156,7 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
             click.echo("\nRunning. Press Ctrl-C to stop and clean up.")
             while not stop.is_set():
                 stop.wait(0.5)
-    except DemoError as exc:
+    except (DemoError, FederationError, TrustError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         failed.append(str(exc))
     except KeyboardInterrupt:

@@ -151,7 +151,7 @@ class LocalFederation:
         self.progress = progress
         self.lease_ttl = lease_ttl
         self.gateway_overrides = gateway_overrides or {}
-        why_not = netns_available() if use_netns is not False else "disabled"
+        why_not = netns_available() if use_netns is not False else "--loopback was given"
         if use_netns and why_not:
             raise DemoError(f"network namespaces unavailable: {why_not}")
         self.use_netns = why_not is None
