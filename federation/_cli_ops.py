@@ -1,8 +1,15 @@
-"""``isthmus clusters``, ``isthmus services``, ``isthmus status``: what is joined, exported, applied."""
+"""``isthmus clusters``, ``isthmus services``, ``isthmus status``: what is joined, exported, applied.
+
+Liveness (LIVE / STALE / EXPIRED / REVOKED) comes from each cluster's etcd lease: a
+cluster heartbeats every ttl/3; STALE means two beats were missed (its exports are still
+routed but will vanish when the lease runs out), EXPIRED that the lease is gone.
+``isthmus revoke-cluster`` revokes a cluster through the federation (CRL, record, exports).
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
@@ -12,7 +19,13 @@ from ._cli_common import connection_options, handle_errors, make_client, output_
 def _age(t: float) -> str:
     if not t:
         return "-"
-    s = max(0, int(time.time() - t))
+    return _secs(time.time() - t)
+
+
+def _secs(s_: float) -> str:
+    if s_ < 0:
+        return "-"
+    s = int(s_)
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= n:
             return f"{s // n}{unit}"
@@ -27,27 +40,48 @@ def clusters(federation_addr: str | None, cert_dir: str | None, output: str) -> 
     """Clusters joined to the federation."""
     setup_logging("warning")
     with make_client(federation_addr, cert_dir) as client:
-        records = client.list_clusters()
-        services = client.list_services()
-    counts: dict[str, int] = {}
-    for s in services:
-        counts[s.cluster] = counts.get(s.cluster, 0) + 1
+        records, live = client.clusters_with_liveness()
     if output == "json":
-        print_json([{**r.model_dump(mode="json", exclude={"ca_cert_pem"}), "exports": counts.get(r.name, 0)} for r in records])
-        return
-    rows = [
-        (
-            r.name,
-            r.trust_domain,
-            ",".join(r.gateway_addresses) or "-",
-            ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
-            counts.get(r.name, 0),
-            _age(r.joined_at),
-            "REVOKED" if r.revoked else "OK",
+        print_json(
+            [
+                {
+                    **r.model_dump(mode="json", exclude={"ca_cert_pem", "previous_ca_certs_pem"}),
+                    **_liveness_json(live.get(r.name)),
+                }
+                for r in records
+            ]
         )
-        for r in records
-    ]
-    print_table("clusters", ("NAME", "TRUST DOMAIN", "GATEWAYS", "LABELS", "EXPORTS", "AGE", "STATE"), rows)
+        return
+    rows = []
+    for r in records:
+        lv = live.get(r.name)
+        rows.append(
+            (
+                r.name,
+                r.trust_domain,
+                ",".join(r.gateway_addresses) or "-",
+                ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
+                lv.exports if lv else 0,
+                _age(r.joined_at),
+                _secs(lv.last_heartbeat_age) if lv else "-",
+                ("REVOKED" if r.revoked else lv.state if lv else "-"),
+            )
+        )
+    print_table("clusters", ("NAME", "TRUST DOMAIN", "GATEWAYS", "LABELS", "EXPORTS", "AGE", "HEARTBEAT", "STATE"), rows)
+
+
+def _liveness_json(lv: Any) -> dict[str, Any]:
+    if lv is None:
+        return {"exports": 0, "state": "EXPIRED", "lease_ttl": 0, "lease_remaining": -1, "last_heartbeat_age": None,
+                "published_at": None}
+    return {
+        "exports": lv.exports,
+        "state": lv.state,
+        "lease_ttl": lv.lease_ttl,
+        "lease_remaining": lv.lease_remaining,
+        "last_heartbeat_age": lv.last_heartbeat_age if lv.last_heartbeat_age >= 0 else None,
+        "published_at": lv.published_at or None,
+    }
 
 
 @click.command("services")
@@ -81,7 +115,8 @@ def services(cluster: str, federation_addr: str | None, cert_dir: str | None, ou
 @output_option
 @handle_errors
 def status(federation_addr: str | None, cert_dir: str | None, output: str) -> None:
-    """Config revision applied by every gateway: SYNCED or STALE (like istioctl proxy-status)."""
+    """Cluster liveness, and the config revision every gateway applied: SYNCED or STALE
+    (like istioctl proxy-status), and whether it enforces the latest policy."""
     setup_logging("warning")
     with make_client(federation_addr, cert_dir) as client:
         st = client.status()
@@ -90,6 +125,8 @@ def status(federation_addr: str | None, cert_dir: str | None, output: str) -> No
         print_json(
             {
                 "config_revision": st.config_revision,
+                "policy_revision": st.policy_revision,
+                "clusters": [{"cluster": lv.cluster, **_liveness_json(lv)} for lv in st.liveness],
                 "gateways": [
                     {
                         "cluster": g.cluster,
@@ -97,6 +134,7 @@ def status(federation_addr: str | None, cert_dir: str | None, output: str) -> No
                         "applied_revision": g.applied_revision,
                         "reported_at": g.reported_at,
                         "state": g.state,
+                        "enforces_policy": g.enforces_policy,
                     }
                     for g in st.gateways
                 ],
@@ -104,6 +142,41 @@ def status(federation_addr: str | None, cert_dir: str | None, output: str) -> No
             }
         )
         return
-    rows = [(g.cluster, g.gateway_id, g.applied_revision, st.config_revision, g.state, _age(g.reported_at)) for g in st.gateways]
-    rows += [(c, "-", "-", st.config_revision, "NO REPORT", "-") for c in st.clusters if c not in reported]
-    print_table(f"status (config revision {st.config_revision})", ("CLUSTER", "GATEWAY", "APPLIED", "LATEST", "STATE", "REPORTED"), rows)
+    live_rows = [
+        (
+            lv.cluster,
+            lv.state,
+            lv.exports,
+            _secs(lv.last_heartbeat_age),
+            f"{lv.lease_remaining}s/{lv.lease_ttl}s" if lv.lease_ttl else "-",
+        )
+        for lv in st.liveness
+    ]
+    print_table("clusters", ("CLUSTER", "STATE", "EXPORTS", "HEARTBEAT", "LEASE LEFT"), live_rows)
+    rows = [
+        (g.cluster, g.gateway_id, g.applied_revision, st.config_revision, g.state, "yes" if g.enforces_policy else "NO",
+         _age(g.reported_at))
+        for g in st.gateways
+    ]
+    rows += [(c, "-", "-", st.config_revision, "NO REPORT", "-", "-") for c in st.clusters if c not in reported]
+    print_table(
+        f"gateways (config revision {st.config_revision}, policy revision {st.policy_revision})",
+        ("CLUSTER", "GATEWAY", "APPLIED", "LATEST", "STATE", "POLICY", "REPORTED"),
+        rows,
+    )
+
+
+@click.command("revoke-cluster")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@connection_options
+@handle_errors
+def revoke_cluster(name: str, yes: bool, federation_addr: str | None, cert_dir: str | None) -> None:
+    """Revoke cluster NAME through the federation (admin): its CAs go on the CRL, its record
+    is marked revoked and its exports are dropped.  To come back it must join again."""
+    setup_logging("warning")
+    if not yes:
+        click.confirm(f"revoke cluster {name}? Its gateways and agents stop working", abort=True)
+    with make_client(federation_addr, cert_dir) as client:
+        r = client.revoke_cluster(name)
+    click.echo(f"revoked cluster {name}: {len(r.serials)} CA certificate(s) on the CRL, {r.withdrawn} export(s) dropped")

@@ -20,6 +20,11 @@ watcher is therefore bounded by the queue size, and a slow watcher never delays 
 
 etcd restarts and reconnects: the hub resumes its etcd watch from ``revision + 1``; if
 that was compacted it re-lists and broadcasts the difference as one delta.
+
+Progress: a watcher whose queue stays empty for its progress interval gets a
+``progress`` message at ``revision`` (no changes).  Sent only when the queue is empty,
+so it never overtakes a queued delta; it lets a gateway tell "nothing changed" from
+"the stream is dead" (its config staleness stays small in a quiet federation).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from .proto import federation_pb2 as pb
 log = structlog.get_logger("federation.hub")
 
 DEFAULT_QUEUE = 256
+DEFAULT_PROGRESS_INTERVAL = 5.0
+MIN_PROGRESS_INTERVAL, MAX_PROGRESS_INTERVAL = 0.2, 300.0
 _KIND = {"clusters": pb.CLUSTER, "exports": pb.SERVICE, "policies": pb.POLICY}
 
 
@@ -70,6 +77,7 @@ class Hub:
         self.state: dict[bytes, tuple[int, bytes]] = {}
         self.revision = 0
         self.config_revision = 0
+        self.policy_revision = 0  # newest revision that applied or deleted a policy
         self.ready = asyncio.Event()
         self.stats = HubStats()
         self._watchers: set[_Watcher] = set()
@@ -114,21 +122,25 @@ class Hub:
             self.state = state
             self.revision = rev
             self.config_revision = await self._last_config_change(rev, state)
+            self.policy_revision = await self._last_config_change(rev, state, ("policies/",))
             self.ready.set()
             log.info("hub.listed", revision=rev, config_revision=self.config_revision, keys=len(state))
 
-    async def _last_config_change(self, rev: int, state: dict[bytes, tuple[int, bytes]]) -> int:
+    async def _last_config_change(
+        self, rev: int, state: dict[bytes, tuple[int, bytes]], families: tuple[str, ...] = CONFIG_FAMILIES
+    ) -> int:
         """The revision of the newest config change, as far as a fresh replica can tell.
 
         The newest mod_revision is it unless a key was deleted after that; a keys-only
         range at that revision shows whether one was.  When unsure (compacted), the
         list revision: gateways then read STALE until the next change, never a false SYNCED.
         """
-        newest = max((mod for mod, _ in state.values()), default=0)
+        prefixes = tuple(self.keys.family(f) for f in families)
+        newest = max((mod for k, (mod, _) in state.items() if k.startswith(prefixes)), default=0)
         if newest == 0:
             return rev
         try:
-            for fam in CONFIG_FAMILIES:
+            for fam in families:
                 p = self.keys.family(fam)
                 resp = await self.etcd.range(p, prefix_end(p), revision=newest, keys_only=True)
                 if any(kv.key not in state for kv in resp.kvs):
@@ -182,6 +194,8 @@ class Hub:
         if not changes:
             return
         self.config_revision = rev
+        if any(c.kind == pb.POLICY for c in changes):
+            self.policy_revision = rev
         self.stats.events += 1
         event = pb.WatchEvent(revision=rev, changes=changes)
         for w in self._watchers:
@@ -269,9 +283,11 @@ class Hub:
         crl = self.state.get(self.keys.k("trust", "crl"))
         cas = []
         for v in self.values("clusters/"):
-            pem = json.loads(v).get("ca_cert_pem")
-            if pem:
-                cas.append(x509.load_pem_x509_certificate(pem.encode()))
+            body = json.loads(v)
+            # The previous CAs of re-joined clusters too: their serials are in the CRL.
+            for pem in [body.get("ca_cert_pem") or "", *body.get("previous_ca_certs_pem", ())]:
+                if pem:
+                    cas.extend(x509.load_pem_x509_certificates(pem.encode()))
         revs = trust.Revocations.from_crl(json.loads(crl[1])["pem"].encode() if crl else None, cas)
         self._revocations = (self.config_revision, revs)
         return revs
@@ -322,8 +338,13 @@ class Hub:
         resp = await self.etcd.put(self.keys.k("meta", "sync"), b"")
         return await self.wait_for(resp.header.revision, timeout)
 
-    async def watch(self, from_revision: int = 0) -> AsyncIterator[pb.WatchEvent]:
-        """Snapshot-or-resume, then deltas.  Each yielded event is newer than the last."""
+    async def watch(
+        self, from_revision: int = 0, progress_interval: float = 0.0
+    ) -> AsyncIterator[pb.WatchEvent]:
+        """Snapshot-or-resume, then deltas.  Each yielded event is newer than the last,
+        except progress messages, which repeat the last revision when nothing happened."""
+        interval = progress_interval or DEFAULT_PROGRESS_INTERVAL
+        interval = min(max(interval, MIN_PROGRESS_INTERVAL), MAX_PROGRESS_INTERVAL)
         await self.ready.wait()
         try:
             if not await self.catch_up():
@@ -345,7 +366,13 @@ class Hub:
             sent = first.revision
             yield first
             while True:
-                item = await w.queue.get()
+                try:
+                    item = await asyncio.wait_for(w.queue.get(), interval)
+                except asyncio.TimeoutError:
+                    # Queue empty: every change up to ``revision`` has been sent already.
+                    sent = max(sent, self.revision)
+                    yield pb.WatchEvent(revision=sent, progress=True)
+                    continue
                 if item is None:
                     w.resync = False
                     item = self.snapshot_event()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
 import trust
@@ -29,7 +32,8 @@ import trust
 from . import models
 from ._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 from ._hub import Hub
-from ._store import DEFAULT_TTL, Store, parse_policy, parse_service, validation_message
+from ._store import DEFAULT_TTL, Liveness, Store, parse_policy, parse_service, validation_message
+from .policy import PolicyError, validate_policy
 from .proto import federation_pb2 as pb
 from .proto import federation_pb2_grpc as pb_grpc
 
@@ -89,7 +93,6 @@ class FederationService(pb_grpc.FederationServicer):
                     "(ISTHMUS_CERT_DIR or --cert-dir)"
                 )
             return None
-        from cryptography import x509
 
         cert = x509.load_pem_x509_certificate(pem[0])
         try:
@@ -144,13 +147,25 @@ class FederationService(pb_grpc.FederationServicer):
             if not caller.may_write_cluster(name):
                 raise PermissionDenied(f"{caller.spiffe_id} may not take over cluster name {name!r}")
         cluster_td = trust.cluster_trust_domain(name, self.trust_domain)
-        trust.load_csr(request.csr_pem, cluster_td)  # refuse a bad CSR before burning the token
+        csr = trust.load_csr(request.csr_pem, cluster_td)  # refuse a bad CSR before burning the token
+        previous = _previous_cas(existing[0]) if existing is not None else []
+        if previous and any(_same_key(c, csr.public_key()) for c in previous):
+            # Re-joining revokes the previous CA by its key: the same key would be revoked too.
+            raise InvalidRequest(
+                f"invalid join request: cluster {name!r} re-joins with the key of its previous CA, which a "
+                "re-join revokes; generate a new key (isthmus join-cluster does)"
+            )
         validity = trust.parse_duration(request.validity) if request.validity else DEFAULT_CLUSTER_VALIDITY
         await self.store.consume_token(request.token, name)
         async with self._sign_lock:  # the trust folder is files: one writer at a time
             cert = await asyncio.to_thread(self.trust_dir.sign_cluster_csr, name, request.csr_pem, validity)
+            if previous:
+                # The old intermediate (and every leaf it signed) must stop working: the
+                # name may have been re-joined precisely because that key leaked.
+                await asyncio.to_thread(self._revoke_serials, [c.serial_number for c in previous])
             bundle, crl = await asyncio.to_thread(lambda: (self.trust_dir.bundle_pem(), self.trust_dir.crl_pem()))
-        from cryptography.hazmat.primitives import serialization
+            if previous:
+                await self.store.publish_trust(bundle, crl)
 
         ca_pem = cert.public_bytes(serialization.Encoding.PEM)
         try:
@@ -161,11 +176,15 @@ class FederationService(pb_grpc.FederationServicer):
                 labels=dict(request.labels),
                 ca_cert_pem=ca_pem.decode(),
                 joined_at=time.time(),
+                previous_ca_certs_pem=tuple(_pem(c) for c in previous),
             )
         except ValidationError as exc:
             raise InvalidRequest(validation_message(exc, "join request")) from None
         revision = await self.store.put_cluster(record, expect)
-        log.info("cluster.joined", cluster=name, rejoin=existing is not None, by=caller.spiffe_id if caller else "token", revision=revision)
+        log.info(
+            "cluster.joined", cluster=name, rejoin=existing is not None, by=caller.spiffe_id if caller else "token",
+            revision=revision, revoked_cas=[f"{c.serial_number:x}" for c in previous],
+        )
         return pb.JoinResponse(
             ca_cert_pem=ca_pem,
             bundle_pem=bundle,
@@ -175,6 +194,34 @@ class FederationService(pb_grpc.FederationServicer):
             cluster_json=record.model_dump_json(),
             revision=revision,
         )
+
+    def _revoke_serials(self, serials: list[int]) -> None:
+        revoked = self.trust_dir.revoked_serials()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if all(s in revoked for s in serials):
+            return
+        for s in serials:
+            revoked.setdefault(s, now)
+        self.trust_dir.write_crl(revoked, now)
+
+    @_rpc
+    async def RevokeCluster(self, request: pb.RevokeClusterRequest, context: grpc.aio.ServicerContext) -> pb.RevokeClusterResponse:
+        caller = self._admin(context, "revoke clusters")
+        name = request.name
+        existing = await self.store.get_cluster(name)
+        if existing is None:
+            raise NotFound(f"cluster {name!r} has not joined the federation")
+        record, mod = existing
+        async with self._sign_lock:
+            serials = await asyncio.to_thread(self.trust_dir.revoke_cluster, name)
+            bundle, crl = await asyncio.to_thread(lambda: (self.trust_dir.bundle_pem(), self.trust_dir.crl_pem()))
+        await self.store.publish_trust(bundle, crl)
+        # Its exports go at once (no waiting for the lease), and the record says why.
+        await self.store.drop_lease(name)
+        _, withdrawn = await self.store.withdraw(name)
+        revision = await self.store.put_cluster(record.model_copy(update={"revoked": True}), mod)
+        log.warning("cluster.revoked", cluster=name, by=caller.spiffe_id, serials=[f"{s:x}" for s in serials], revision=revision)
+        return pb.RevokeClusterResponse(revision=revision, serials=[f"{s:x}" for s in serials], withdrawn=withdrawn)
 
     @_rpc
     async def CreateToken(self, request: pb.CreateTokenRequest, context: grpc.aio.ServicerContext) -> pb.CreateTokenResponse:
@@ -227,7 +274,8 @@ class FederationService(pb_grpc.FederationServicer):
         log.info("watch.started", peer=caller.spiffe_id, from_revision=request.from_revision)
         # aclosing: a cancelled stream (client gone) unregisters its queue right away.
         try:
-            async with contextlib.aclosing(self.hub.watch(request.from_revision)) as events:
+            events_ = self.hub.watch(request.from_revision, request.progress_interval)
+            async with contextlib.aclosing(events_) as events:
                 async for event in events:
                     yield event
         finally:
@@ -251,6 +299,7 @@ class FederationService(pb_grpc.FederationServicer):
         except FederationError:
             pass  # etcd away: report what this replica knows
         config_rev = self.hub.config_revision
+        policy_rev = self.hub.policy_revision
         gateways = [
             pb.GatewayStatus(
                 cluster=cluster,
@@ -258,17 +307,42 @@ class FederationService(pb_grpc.FederationServicer):
                 applied_revision=body["revision"],
                 reported_at=body["reported_at"],
                 synced=body["revision"] >= config_rev,
+                enforces_policy=body["revision"] >= policy_rev,
             )
             for cluster, body in await self.store.list_status()
         ]
-        clusters = sorted(k.decode().rsplit("/", 1)[1] for k in self.hub.state if k.startswith(self.store.keys.family("clusters/")))
-        return pb.GetStatusResponse(config_revision=config_rev, gateways=gateways, clusters=clusters)
+        records = self._hub_clusters()
+        return pb.GetStatusResponse(
+            config_revision=config_rev,
+            gateways=gateways,
+            clusters=[r.name for r in records],
+            policy_revision=policy_rev,
+            liveness=await self._liveness(records),
+        )
+
+    def _hub_clusters(self) -> list[models.ClusterRecord]:
+        return sorted(
+            (models.ClusterRecord.model_validate_json(v) for v in self.hub.values("clusters/")), key=lambda r: r.name
+        )
+
+    async def _liveness(self, records: list[models.ClusterRecord]) -> list[pb.ClusterLiveness]:
+        exports: dict[str, int] = {}
+        prefix = self.store.keys.family("exports/")
+        for k in self.hub.state:
+            if k.startswith(prefix):
+                c = k[len(prefix) :].split(b"/", 1)[0].decode()
+                exports[c] = exports.get(c, 0) + 1
+        return [_liveness_pb(lv, exports.get(lv.cluster, 0)) for lv in await self.store.liveness(records)]
 
     # ------------------------------------------------------------------ policies
     @_rpc
     async def ApplyPolicy(self, request: pb.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> pb.ApplyPolicyResponse:
         caller = self._admin(context, "write policies")
         policy = parse_policy(request.policy_json.encode())
+        try:
+            validate_policy(policy)  # what the gateways could not enforce is refused here
+        except PolicyError as exc:
+            raise InvalidRequest(f"invalid {policy.kind}: {str(exc).removeprefix(f'policy {policy.name!r}: ')}") from None
         rev, changed = await self.store.apply_policy(policy)
         log.info("policy.applied", kind=policy.kind, name=policy.name, changed=changed, by=caller.spiffe_id, revision=rev)
         return pb.ApplyPolicyResponse(revision=rev, changed=changed)
@@ -291,10 +365,49 @@ class FederationService(pb_grpc.FederationServicer):
     async def ListClusters(self, request: pb.ListClustersRequest, context: grpc.aio.ServicerContext) -> pb.ListClustersResponse:
         self._caller(context)
         clusters, rev = await self.store.list_clusters()
-        return pb.ListClustersResponse(clusters_json=[c.model_dump_json() for c in clusters], revision=rev)
+        try:
+            await self.hub.catch_up(timeout=2.0)  # export counts include the caller's own writes
+        except FederationError:
+            pass
+        return pb.ListClustersResponse(
+            clusters_json=[c.model_dump_json() for c in clusters], revision=rev, liveness=await self._liveness(clusters)
+        )
 
     @_rpc
     async def ListServices(self, request: pb.ListServicesRequest, context: grpc.aio.ServicerContext) -> pb.ListServicesResponse:
         self._caller(context)
         services, rev = await self.store.list_services(request.cluster)
         return pb.ListServicesResponse(services_json=[s.model_dump_json() for s in services], revision=rev)
+
+
+def _liveness_pb(lv: Liveness, exports: int) -> pb.ClusterLiveness:
+    return pb.ClusterLiveness(
+        cluster=lv.cluster,
+        exports=exports,
+        lease_ttl=lv.lease_ttl,
+        lease_remaining=lv.lease_remaining,
+        last_heartbeat_age=lv.last_heartbeat_age,
+        published_at=lv.published_at,
+        state=lv.state,
+    )
+
+
+def _previous_cas(record: models.ClusterRecord) -> list[x509.Certificate]:
+    """The CA a re-join replaces (the ones it replaced are revoked already, and kept)."""
+    pems = [record.ca_cert_pem] if record.ca_cert_pem else []
+    pems += list(record.previous_ca_certs_pem)
+    out: list[x509.Certificate] = []
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for pem in pems:
+        # Expired ones need no revocation entry any more: the list stays short.
+        out.extend(c for c in x509.load_pem_x509_certificates(pem.encode()) if c.not_valid_after_utc > now)
+    return out
+
+
+def _same_key(cert: x509.Certificate, key: object) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return cert.public_key().public_bytes(*fmt) == key.public_bytes(*fmt)  # type: ignore[attr-defined]
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()

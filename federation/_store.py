@@ -27,6 +27,7 @@ tokens, leases and status never reach gateways.  Values are the models' JSON
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -36,12 +37,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote, unquote
 
+import grpc
 import structlog
+from aetcd.rpc import rpc_pb2 as etcd_pb
 from pydantic import Field, TypeAdapter, ValidationError
 
 from . import models
 from ._errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
-from ._etcd import Etcd, prefix_end
+from ._etcd import Etcd, _convert, prefix_end
 
 log = structlog.get_logger("federation.store")
 
@@ -91,6 +94,45 @@ def parse_service(data: str | bytes) -> models.ExportedService:
         return models.ExportedService.model_validate_json(data)
     except ValidationError as exc:
         raise InvalidRequest(validation_message(exc, "exported service")) from None
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """A cluster's liveness as its etcd lease tells it."""
+
+    cluster: str
+    lease_ttl: int = 0  # granted TTL; 0: no live lease
+    lease_remaining: int = -1  # whole seconds left (etcd rounds down); -1: no live lease
+    published_at: float = 0.0
+    revoked: bool = False
+
+    @property
+    def last_heartbeat_age(self) -> float:
+        """Seconds since the last keep-alive: a keep-alive resets the lease to its TTL.
+
+        etcd reports whole seconds rounded down, so the true remainder is in
+        [remaining, remaining + 1); the midpoint keeps the error within half a second.
+        """
+        if self.lease_ttl <= 0 or self.lease_remaining < 0:
+            return -1.0
+        return max(0.0, self.lease_ttl - self.lease_remaining - 0.5)
+
+    @property
+    def state(self) -> str:
+        return liveness_state(self.lease_ttl, self.lease_remaining, self.revoked)
+
+
+def liveness_state(lease_ttl: int, lease_remaining: int, revoked: bool = False) -> str:
+    """LIVE, STALE (no heartbeat for more than two of the ttl/3 beat intervals: the
+    remainder fell under ttl/3), EXPIRED (no live lease: its exports are gone or were
+    never published) or REVOKED."""
+    if revoked:
+        return "REVOKED"
+    if lease_ttl <= 0 or lease_remaining < 0:
+        return "EXPIRED"
+    if (lease_remaining + 0.5) * 3 < lease_ttl:
+        return "STALE"
+    return "LIVE"
 
 
 def dump(model: models._Model) -> bytes:
@@ -236,9 +278,15 @@ class Store:
             if left > 0:
                 return lease, left
         lease, granted = await self.etcd.grant(ttl)
-        await self.etcd.put(self.keys.lease(cluster), json.dumps({"lease": lease, "ttl": granted}).encode(), lease=lease)
+        await self.etcd.put(self.keys.lease(cluster), self._lease_value(lease, granted), lease=lease)
         log.info("lease.granted", cluster=cluster, lease=lease, ttl=granted)
         return lease, granted
+
+    @staticmethod
+    def _lease_value(lease: int, ttl: int) -> bytes:
+        # Stable layout: leases/<cluster> = {"lease", "ttl", "published_at"}, bound to the
+        # lease itself so it vanishes with the exports.
+        return json.dumps({"lease": lease, "ttl": ttl, "published_at": time.time()}).encode()
 
     async def publish(
         self, cluster: str, services: Sequence[models.ExportedService], ttl: int = DEFAULT_TTL
@@ -265,6 +313,9 @@ class Store:
                 for k, v in desired.items()
                 if have.get(k) != (v, lease)
             ] + [self.etcd.op_delete(k) for k in have if k not in desired]
+            changed = len(ops)
+            if ops:  # the set changed: remember when (status shows it)
+                ops.append(self.etcd.op_put(self.keys.lease(cluster), self._lease_value(lease, granted), lease))
             revision = current.header.revision
             try:
                 for i in range(0, len(ops), MAX_TXN_OPS):
@@ -276,7 +327,7 @@ class Store:
                 if attempt == 0 and "lease not found" in str(exc):
                     continue  # the lease lapsed between our keep-alive and the write
                 raise
-            return revision, lease, granted, len(ops)
+            return revision, lease, granted, changed
         raise AssertionError("unreachable")
 
     async def heartbeat(self, cluster: str) -> int:
@@ -286,6 +337,42 @@ class Store:
             if left > 0:
                 return left
         raise NotFound(f"no live export lease for cluster {cluster!r}: it lapsed; publish the export set again")
+
+    async def liveness(self, clusters: Sequence[models.ClusterRecord]) -> list[Liveness]:
+        """Each cluster's lease, as etcd's LeaseTimeToLive reports it (one read per cluster)."""
+        resp = await self.etcd.get_prefix(self.keys.family("leases/"))
+        bodies: dict[str, dict[str, Any]] = {}
+        for kv in resp.kvs:
+            split = self.keys.split(kv.key)
+            if split is not None:
+                bodies[split[1]] = json.loads(kv.value)
+
+        async def one(c: models.ClusterRecord) -> Liveness:
+            body = bodies.get(c.name)
+            if body is None:
+                return Liveness(c.name, revoked=c.revoked)
+            ttl, remaining = await self._time_to_live(int(body["lease"]))
+            return Liveness(c.name, ttl, remaining, float(body.get("published_at", 0.0)), c.revoked)
+
+        return list(await asyncio.gather(*(one(c) for c in clusters)))
+
+    async def _time_to_live(self, lease: int) -> tuple[int, int]:
+        """(granted TTL, remaining); (0, -1) when the lease is gone."""
+        try:
+            r = await self.etcd.lease.LeaseTimeToLive(
+                etcd_pb.LeaseTimeToLiveRequest(ID=lease), timeout=self.etcd.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _convert(exc) from None
+        if r.TTL < 0:
+            return 0, -1
+        return int(r.grantedTTL), int(r.TTL)
+
+    async def drop_lease(self, cluster: str) -> None:
+        """Revoke a cluster's export lease: its exports vanish at once."""
+        kv = await self.etcd.get(self.keys.lease(cluster))
+        if kv is not None:
+            await self.etcd.revoke(json.loads(kv.value)["lease"])
 
     async def withdraw(self, cluster: str, namespace: str = "", name: str = "") -> tuple[int, int]:
         if bool(namespace) != bool(name):

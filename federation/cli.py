@@ -19,6 +19,7 @@ _LAZY_COMMANDS: dict[str, str] = {
     "demo": "federation.demo._cli:demo",
     "gateway": "gateway._cli:gateway",
     "federation": "federation._cli_federation:federation", "clusters": "federation._cli_ops:clusters", "services": "federation._cli_ops:services", "status": "federation._cli_ops:status", "policy": "federation._cli_policy:policy",  # noqa: E501
+    "revoke-cluster": "federation._cli_ops:revoke_cluster",
     "join-cluster": "federation._cli_k8s:join_cluster", "leave-cluster": "federation._cli_k8s:leave_cluster", "check": "federation._cli_k8s:check", "agent": "federation._cli_k8s:agent",  # noqa: E501
 }
 

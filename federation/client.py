@@ -87,11 +87,16 @@ class WatchMessage:
     revision: int
     snapshot: models.Snapshot | None = None  # set: replaces all state
     changes: tuple[Change, ...] = ()
+    # A heartbeat of a quiet stream: nothing changed up to ``revision``; the config held
+    # is still current (a gateway confirms it instead of re-applying).
+    progress: bool = False
 
 
 def decode_event(event: pb.WatchEvent) -> WatchMessage:
     if event.is_snapshot:
         return WatchMessage(event.revision, snapshot=models.Snapshot.model_validate_json(event.snapshot_json))
+    if event.progress:
+        return WatchMessage(event.revision, progress=True)
     changes = []
     for c in event.changes:
         kind = KIND_NAMES.get(c.kind, "unknown")
@@ -121,6 +126,7 @@ class SnapshotTracker:
     crl_pem: str = ""
 
     def apply(self, message: WatchMessage) -> models.Snapshot:
+        """Fold one message in; return the current snapshot (unchanged content for progress)."""
         if message.snapshot is not None:
             s = message.snapshot
             self.clusters = {c.name: c for c in s.clusters}
@@ -171,6 +177,7 @@ class GatewayStatus:
     applied_revision: int
     reported_at: float
     synced: bool
+    enforces_policy: bool = False  # applied the newest policy change
 
     @property
     def state(self) -> str:
@@ -178,10 +185,29 @@ class GatewayStatus:
 
 
 @dataclass(frozen=True)
+class ClusterLiveness:
+    """A cluster's liveness from its etcd lease (see ``isthmus status``)."""
+
+    cluster: str
+    exports: int
+    lease_ttl: int  # 0: no live lease
+    lease_remaining: int  # -1: no live lease
+    last_heartbeat_age: float  # -1: unknown
+    published_at: float  # 0: unknown
+    state: str  # LIVE | STALE | EXPIRED | REVOKED
+
+    @classmethod
+    def from_pb(cls, m: pb.ClusterLiveness) -> ClusterLiveness:
+        return cls(m.cluster, m.exports, m.lease_ttl, m.lease_remaining, m.last_heartbeat_age, m.published_at, m.state)
+
+
+@dataclass(frozen=True)
 class Status:
     config_revision: int
     gateways: tuple[GatewayStatus, ...]
     clusters: tuple[str, ...]
+    policy_revision: int = 0
+    liveness: tuple[ClusterLiveness, ...] = ()
 
 
 # ---------------------------------------------------------------------- the client
@@ -341,10 +367,15 @@ class FederationClient:
 
     # ------------------------------------------------------------------ watch
     def watch(
-        self, from_revision: int = 0, stop: threading.Event | None = None, raw: bool = False
+        self,
+        from_revision: int = 0,
+        stop: threading.Event | None = None,
+        raw: bool = False,
+        progress_interval: float = 5.0,
     ) -> Iterator[WatchMessage]:
         """Yield watch messages forever (until ``stop`` or :meth:`close`), reconnecting as needed.
 
+        A quiet stream yields a ``progress`` message every ``progress_interval`` seconds.
         With ``raw=True`` yields the protobuf ``WatchEvent`` undecoded (benchmarks).
         """
         revision = from_revision
@@ -361,7 +392,7 @@ class FederationClient:
             threading.Thread(target=cancel_on_stop, daemon=True, name="watch-stop").start()
         while not self._closed and not (stop and stop.is_set()):
             stub = self._connect()
-            call = stub.Watch(pb.WatchRequest(from_revision=revision))
+            call = stub.Watch(pb.WatchRequest(from_revision=revision, progress_interval=progress_interval))
             current[0] = self._watch_call = call
             if stop is not None and stop.is_set():
                 call.cancel()
@@ -409,8 +440,16 @@ class FederationClient:
 
     # ------------------------------------------------------------------ listings
     def list_clusters(self) -> list[models.ClusterRecord]:
+        return self.clusters_with_liveness()[0]
+
+    def clusters_with_liveness(self) -> tuple[list[models.ClusterRecord], dict[str, ClusterLiveness]]:
         r = self._call("ListClusters", pb.ListClustersRequest())
-        return [models.ClusterRecord.model_validate_json(c) for c in r.clusters_json]
+        records = [models.ClusterRecord.model_validate_json(c) for c in r.clusters_json]
+        return records, {m.cluster: ClusterLiveness.from_pb(m) for m in r.liveness}
+
+    def revoke_cluster(self, name: str) -> pb.RevokeClusterResponse:
+        """Admin: revoke every CA of cluster ``name``, mark it revoked, drop its exports."""
+        return self._call("RevokeCluster", pb.RevokeClusterRequest(name=name))
 
     def list_services(self, cluster: str = "") -> list[models.ExportedService]:
         r = self._call("ListServices", pb.ListServicesRequest(cluster=cluster))
@@ -420,8 +459,13 @@ class FederationClient:
         r = self._call("GetStatus", pb.GetStatusRequest())
         return Status(
             r.config_revision,
-            tuple(GatewayStatus(g.cluster, g.gateway_id, g.applied_revision, g.reported_at, g.synced) for g in r.gateways),
+            tuple(
+                GatewayStatus(g.cluster, g.gateway_id, g.applied_revision, g.reported_at, g.synced, g.enforces_policy)
+                for g in r.gateways
+            ),
             tuple(r.clusters),
+            r.policy_revision,
+            tuple(ClusterLiveness.from_pb(m) for m in r.liveness),
         )
 
     def health(self, timeout: float = 2.0) -> bool:

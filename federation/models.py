@@ -78,6 +78,9 @@ class ClusterRecord(_Model):
     ca_cert_pem: str = ""  # the cluster's intermediate CA (PEM)
     joined_at: float = 0.0
     revoked: bool = False
+    # CAs this cluster held before a re-join, all revoked (their serials are in the CRL):
+    # kept so that every reader can map the CRL onto them (trust.Revocations.from_crl).
+    previous_ca_certs_pem: tuple[str, ...] = ()
 
     _v_name = field_validator("name")(lambda cls, v: _label(v, "cluster name"))
 

@@ -134,10 +134,12 @@ class WithdrawResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., deleted: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("from_revision",)
+    __slots__ = ("from_revision", "progress_interval")
     FROM_REVISION_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     from_revision: int
-    def __init__(self, from_revision: _Optional[int] = ...) -> None: ...
+    progress_interval: float
+    def __init__(self, from_revision: _Optional[int] = ..., progress_interval: _Optional[float] = ...) -> None: ...
 
 class Change(_message.Message):
     __slots__ = ("kind", "key", "deleted", "json")
@@ -152,16 +154,18 @@ class Change(_message.Message):
     def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., key: _Optional[str] = ..., deleted: _Optional[bool] = ..., json: _Optional[str] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("revision", "snapshot_json", "changes", "is_snapshot")
+    __slots__ = ("revision", "snapshot_json", "changes", "is_snapshot", "progress")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_JSON_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     IS_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     revision: int
     snapshot_json: str
     changes: _containers.RepeatedCompositeFieldContainer[Change]
     is_snapshot: bool
-    def __init__(self, revision: _Optional[int] = ..., snapshot_json: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., is_snapshot: _Optional[bool] = ...) -> None: ...
+    progress: bool
+    def __init__(self, revision: _Optional[int] = ..., snapshot_json: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., is_snapshot: _Optional[bool] = ..., progress: _Optional[bool] = ...) -> None: ...
 
 class ReportAppliedRequest(_message.Message):
     __slots__ = ("gateway_id", "revision")
@@ -222,12 +226,14 @@ class ListClustersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListClustersResponse(_message.Message):
-    __slots__ = ("clusters_json", "revision")
+    __slots__ = ("clusters_json", "revision", "liveness")
     CLUSTERS_JSON_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FIELD_NUMBER: _ClassVar[int]
     clusters_json: _containers.RepeatedScalarFieldContainer[str]
     revision: int
-    def __init__(self, clusters_json: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
+    liveness: _containers.RepeatedCompositeFieldContainer[ClusterLiveness]
+    def __init__(self, clusters_json: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., liveness: _Optional[_Iterable[_Union[ClusterLiveness, _Mapping]]] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ("cluster",)
@@ -244,29 +250,69 @@ class ListServicesResponse(_message.Message):
     def __init__(self, services_json: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
-    __slots__ = ("cluster", "gateway_id", "applied_revision", "reported_at", "synced")
+    __slots__ = ("cluster", "gateway_id", "applied_revision", "reported_at", "synced", "enforces_policy")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     REPORTED_AT_FIELD_NUMBER: _ClassVar[int]
     SYNCED_FIELD_NUMBER: _ClassVar[int]
+    ENFORCES_POLICY_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     gateway_id: str
     applied_revision: int
     reported_at: float
     synced: bool
-    def __init__(self, cluster: _Optional[str] = ..., gateway_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., reported_at: _Optional[float] = ..., synced: _Optional[bool] = ...) -> None: ...
+    enforces_policy: bool
+    def __init__(self, cluster: _Optional[str] = ..., gateway_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., reported_at: _Optional[float] = ..., synced: _Optional[bool] = ..., enforces_policy: _Optional[bool] = ...) -> None: ...
+
+class ClusterLiveness(_message.Message):
+    __slots__ = ("cluster", "exports", "lease_ttl", "lease_remaining", "last_heartbeat_age", "published_at", "state")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AGE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    exports: int
+    lease_ttl: int
+    lease_remaining: int
+    last_heartbeat_age: float
+    published_at: float
+    state: str
+    def __init__(self, cluster: _Optional[str] = ..., exports: _Optional[int] = ..., lease_ttl: _Optional[int] = ..., lease_remaining: _Optional[int] = ..., last_heartbeat_age: _Optional[float] = ..., published_at: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("config_revision", "gateways", "clusters")
+    __slots__ = ("config_revision", "gateways", "clusters", "policy_revision", "liveness")
     CONFIG_REVISION_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FIELD_NUMBER: _ClassVar[int]
     config_revision: int
     gateways: _containers.RepeatedCompositeFieldContainer[GatewayStatus]
     clusters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, config_revision: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayStatus, _Mapping]]] = ..., clusters: _Optional[_Iterable[str]] = ...) -> None: ...
+    policy_revision: int
+    liveness: _containers.RepeatedCompositeFieldContainer[ClusterLiveness]
+    def __init__(self, config_revision: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayStatus, _Mapping]]] = ..., clusters: _Optional[_Iterable[str]] = ..., policy_revision: _Optional[int] = ..., liveness: _Optional[_Iterable[_Union[ClusterLiveness, _Mapping]]] = ...) -> None: ...
+
+class RevokeClusterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RevokeClusterResponse(_message.Message):
+    __slots__ = ("revision", "serials", "withdrawn")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SERIALS_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    serials: _containers.RepeatedScalarFieldContainer[str]
+    withdrawn: int
+    def __init__(self, revision: _Optional[int] = ..., serials: _Optional[_Iterable[str]] = ..., withdrawn: _Optional[int] = ...) -> None: ...

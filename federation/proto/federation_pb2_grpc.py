@@ -99,6 +99,11 @@ class FederationStub:
                 request_serializer=federation_dot_proto_dot_federation__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=federation_dot_proto_dot_federation__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.RevokeCluster = channel.unary_unary(
+                '/isthmus.federation.v1.Federation/RevokeCluster',
+                request_serializer=federation_dot_proto_dot_federation__pb2.RevokeClusterRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_federation__pb2.RevokeClusterResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -190,6 +195,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCluster(self, request, context):
+        """Admin only: revoke every CA issued to the cluster (CRL), mark its record revoked,
+        drop its exports and lease.  Its identities are refused from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -257,6 +270,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=federation_dot_proto_dot_federation__pb2.GetStatusRequest.FromString,
                     response_serializer=federation_dot_proto_dot_federation__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'RevokeCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCluster,
+                    request_deserializer=federation_dot_proto_dot_federation__pb2.RevokeClusterRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_federation__pb2.RevokeClusterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -610,6 +628,33 @@ class Federation:
             '/isthmus.federation.v1.Federation/GetStatus',
             federation_dot_proto_dot_federation__pb2.GetStatusRequest.SerializeToString,
             federation_dot_proto_dot_federation__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/isthmus.federation.v1.Federation/RevokeCluster',
+            federation_dot_proto_dot_federation__pb2.RevokeClusterRequest.SerializeToString,
+            federation_dot_proto_dot_federation__pb2.RevokeClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,5 +39,6 @@ def test_service_surface() -> None:
     assert set(svc.methods_by_name) == {
         "Join", "CreateToken", "PublishExports", "Heartbeat", "Withdraw", "Watch", "ReportApplied",
         "ApplyPolicy", "ListPolicies", "DeletePolicy", "ListClusters", "ListServices", "GetStatus",
+        "RevokeCluster",
     }  # fmt: skip
     assert svc.methods_by_name["Watch"].server_streaming

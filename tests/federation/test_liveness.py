@@ -1,0 +1,95 @@
+"""Cluster liveness from etcd leases: LIVE, then STALE while a silent cluster's exports are
+still routed, then EXPIRED once the lease lapses and the exports are gone everywhere."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from federation._store import Liveness, liveness_state
+
+from .fixtures import Pki, join_cluster
+from .test_cli import admin_env, run
+from .test_exports import svc
+
+
+@pytest.mark.parametrize(
+    ("ttl", "remaining", "revoked", "state"),
+    [
+        (30, 30, False, "LIVE"),
+        (30, 20, False, "LIVE"),  # one beat (ttl/3) missed: still live
+        (30, 9, False, "STALE"),  # more than two beats missed
+        (3, 1, False, "LIVE"),
+        (3, 0, False, "STALE"),
+        (0, -1, False, "EXPIRED"),
+        (30, 30, True, "REVOKED"),
+    ],
+)
+def test_liveness_state(ttl: int, remaining: int, revoked: bool, state: str) -> None:
+    assert liveness_state(ttl, remaining, revoked) == state
+
+
+def test_heartbeat_age_is_derived_from_the_lease() -> None:
+    assert Liveness("east", 30, 30).last_heartbeat_age == 0.0
+    assert Liveness("east", 30, 20).last_heartbeat_age == 9.5  # etcd rounds down: midpoint
+    assert Liveness("east").last_heartbeat_age == -1.0
+
+
+def test_silent_cluster_is_stale_before_its_exports_vanish(fed, admin, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    east = join_cluster(fed, pki, "east", tmp_path)
+    west = join_cluster(fed, pki, "west", tmp_path)
+    with fed.client(east.agent_dir) as e, fed.client(west.agent_dir) as w:
+        e.publish("east", [svc("east", "web"), svc("east", "api")], ttl=3)
+        w.publish("west", [svc("west", "db")], ttl=30)
+        live = {lv.cluster: lv for lv in admin.status().liveness}
+        assert live["east"].state == "LIVE" and live["east"].exports == 2 and live["east"].lease_ttl == 3
+        assert 0 <= live["east"].last_heartbeat_age <= 1.5 and live["east"].published_at > time.time() - 10
+        assert live["west"].state == "LIVE" and live["west"].exports == 1
+
+        # east stops heartbeating: watch its state go by.
+        seen: list[tuple[str, int, bool]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lv = {x.cluster: x for x in admin.status().liveness}["east"]
+            routed = any(s.cluster == "east" for s in w.list_services())  # west's view
+            seen.append((lv.state, lv.exports, routed))
+            assert {x.cluster: x for x in admin.status().liveness}["west"].state == "LIVE"
+            if lv.state == "EXPIRED":
+                break
+            time.sleep(0.15)
+        states = [s for s, _, _ in seen]
+        assert "STALE" in states, seen
+        first_stale = states.index("STALE")
+        assert states[:first_stale] and set(states[:first_stale]) == {"LIVE"}, seen
+        assert all(n == 2 for s, n, _ in seen if s == "STALE"), seen  # stale but still exported
+        assert states[-1] == "EXPIRED", seen
+        # Gone for every other cluster (etcd deleted the keys with the lease).
+        deadline = time.monotonic() + 3
+        while any(s.cluster == "east" for s in w.list_services()):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    env = admin_env(fed, pki)
+    status = json.loads(run("status", "-o", "json", env=env).output)
+    by = {c["cluster"]: c for c in status["clusters"]}
+    assert by["east"]["state"] == "EXPIRED" and by["east"]["exports"] == 0 and by["east"]["lease_remaining"] == -1
+    assert by["west"]["state"] == "LIVE" and by["west"]["lease_ttl"] == 30 and by["west"]["exports"] == 1
+    clusters = {c["name"]: c for c in json.loads(run("clusters", "-o", "json", env=env).output)}
+    assert clusters["east"]["state"] == "EXPIRED" and clusters["west"]["state"] == "LIVE"
+    assert "ca_cert_pem" not in clusters["east"]
+    table = run("status", env=env).output
+    assert "EXPIRED" in table and "LIVE" in table and "30s" in table
+
+
+def test_heartbeat_keeps_a_cluster_live(fed, admin, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    east = join_cluster(fed, pki, "east", tmp_path)
+    with fed.client(east.agent_dir) as e:
+        e.publish("east", [svc("east", "web")], ttl=3)
+        for _ in range(4):  # 3 s: a silent cluster would have gone STALE and EXPIRED
+            time.sleep(0.75)
+            e.heartbeat("east")
+            lv = {x.cluster: x for x in admin.status().liveness}["east"]
+            assert lv.state == "LIVE" and lv.exports == 1 and lv.last_heartbeat_age <= 1.0
