@@ -13,7 +13,6 @@ from typing import Any
 import click
 
 from ._cli_common import connection_options, handle_errors, make_client, output_option, print_json, print_table, setup_logging
-from ._errors import InvalidRequest
 
 
 @click.group("policy")
@@ -22,34 +21,23 @@ def policy() -> None:
 
 
 def load_policy_documents(path: str) -> list[Any]:
-    """Read a YAML (or JSON) file of one or more policy documents and validate every one.
+    """Read a YAML (or JSON) file of one or more policy documents and validate every one
+    as the gateways will (:func:`federation.policy.load_policies`).
 
-    Errors name the document and field path: ``policies.yaml, document 2: invalid
-    AuthorizationPolicy: rules.0.from.0.principals: Input should be a valid tuple``.
+    Errors name the file, the document index (0-based) and the field path:
+    ``invalid policy file: p.yaml document 1: rules[0].from[0].principals[0]: ...``.
     """
-    import yaml
+    from .policy import load_policies
 
-    from ._store import parse_policy
+    from .policy import PolicyFileError
 
-    text = Path(path).read_text() if path != "-" else click.get_text_stream("stdin").read()
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise InvalidRequest(f"{path}: not valid YAML: {exc}") from None
-    if not docs:
-        raise InvalidRequest(f"{path}: no policy documents found")
-    out = []
-    for i, doc in enumerate(docs, 1):
-        if isinstance(doc, dict) and isinstance(doc.get("items"), list):  # a List, kubectl style
-            docs.extend(doc["items"])
-            continue
-        if not isinstance(doc, dict):
-            raise InvalidRequest(f"{path}, document {i}: expected a mapping with kind, name, ...")
-        try:
-            out.append(parse_policy(doc))
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"{path}, document {i}: {exc}") from None
-    return out
+    if path == "-":
+        policies = load_policies(click.get_text_stream("stdin").read(), source="<stdin>")
+    else:
+        policies = load_policies(Path(path))
+    if not policies:
+        raise PolicyFileError("no policy documents found", source=path)
+    return policies
 
 
 @policy.command("apply")

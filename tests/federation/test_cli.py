@@ -106,7 +106,7 @@ def test_policy_apply_rejects_invalid_file_with_field_path(fed, pki: Pki, tmp_pa
     f.write_text("kind: AuthorizationPolicy\nname: ok\n---\nkind: AuthorizationPolicy\nname: bad\nrules:\n  - to: [{ports: [http]}]\n")
     r = run("policy", "apply", "-f", str(f), env=admin_env(fed, pki))
     assert r.exit_code == 1
-    assert "document 2: invalid AuthorizationPolicy: rules.0.to.0.ports.0: Input should be a valid integer" in r.output
+    assert f"invalid policy file: {f} document 1: rules[0].to[0].ports[0]: Input should be a valid integer" in r.output
     assert json.loads(run("policy", "list", "-o", "json", env=admin_env(fed, pki)).output) == []  # nothing applied
 
 

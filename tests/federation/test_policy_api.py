@@ -65,3 +65,90 @@ def test_only_admins_write_policies(fed, admin, pki: Pki, tmp_path: Path) -> Non
                 attempt()
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert [p.name for p in admin.list_policies()] == ["allow-frontend"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "path"),
+    [
+        ({"rules": [{"from": [{"principals": ["spiffe://*/ns/*"]}]}]}, "rules[0].from[0].principals[0]"),
+        ({"rules": [{"to": [{"ports": [70000]}]}]}, "rules[0].to[0].ports[0]"),
+        ({"rules": [{"to": [{"paths": ["/a*b*"]}]}]}, "rules[0].to[0].paths[0]"),
+        ({"selector": {"namespace": "sh*p"}}, "selector.namespace"),
+    ],
+)
+def test_api_refuses_what_gateways_could_not_enforce(admin, patch, path) -> None:  # type: ignore[no-untyped-def]
+    """ApplyPolicy runs federation.policy.validate_policy: a bad policy never reaches etcd."""
+    with pytest.raises(RemoteError) as err:
+        admin.apply_policy({**ALLOW_FRONTEND, **patch})
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details.startswith(f"invalid AuthorizationPolicy: {path}: "), err.value.details
+    assert admin.list_policies() == []
+
+
+def test_api_refuses_a_bad_inline_jwks(admin) -> None:  # type: ignore[no-untyped-def]
+    bad = {"kind": "RequestAuthentication", "name": "jwt", "jwt_rules": [{"issuer": "https://idp", "jwks": '{"keys": 3}'}]}
+    with pytest.raises(RemoteError) as err:
+        admin.apply_policy(bad)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details.startswith("invalid RequestAuthentication: jwt_rules[0].jwks: "), err.value.details
+
+
+def test_status_shows_which_gateways_enforce_the_latest_policy(fed, admin, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    east = join_cluster(fed, pki, "east", tmp_path)
+    west = join_cluster(fed, pki, "west", tmp_path)
+    rev, _ = admin.apply_policy(ALLOW_FRONTEND)
+    with fed.client(east.gateway_dir) as e, fed.client(west.gateway_dir) as w:
+        e.report_applied("gw-east", rev)
+        w.report_applied("gw-west", rev - 1)
+        st = admin.status()
+        assert st.policy_revision == rev
+        by = {g.gateway_id: g for g in st.gateways}
+        assert by["gw-east"].enforces_policy and not by["gw-west"].enforces_policy
+        # An export is a config change but not a policy change: east still enforces.
+        e.publish("east", [models.ExportedService(cluster="east", namespace="shop", name="cart",
+                                                  ports=(models.ServicePort(port=80),))])
+        st = admin.status()
+        assert st.policy_revision == rev and st.config_revision > rev
+        by = {g.gateway_id: g for g in st.gateways}
+        assert by["gw-east"].enforces_policy and not by["gw-east"].synced
+        # Deleting a policy is a policy change too.
+        admin.delete_policy("allow-frontend")
+        st = admin.status()
+        assert st.policy_revision > rev
+        assert not any(g.enforces_policy for g in st.gateways)
+        w.report_applied("gw-west", st.policy_revision)
+    from click.testing import CliRunner
+
+    from federation.cli import cli
+
+    env = {"ISTHMUS_FEDERATION": fed.address, "ISTHMUS_CERT_DIR": str(pki.admin_dir)}
+    out = CliRunner().invoke(cli, ["status", "-o", "json"], env=env).output
+    import json
+
+    body = json.loads(out)
+    assert body["policy_revision"] == st.policy_revision
+    assert {g["gateway_id"]: g["enforces_policy"] for g in body["gateways"]} == {"gw-east": False, "gw-west": True}
+    table = CliRunner().invoke(cli, ["status"], env=env).output
+    assert f"policy revision {st.policy_revision}" in table
+
+
+def test_policy_file_errors_name_file_document_and_field(tmp_path: Path) -> None:
+    """`isthmus policy apply -f` validates with federation.policy.load_policies (offline)."""
+    from click.testing import CliRunner
+
+    from federation.cli import cli
+
+    f = tmp_path / "p.yaml"
+    f.write_text(
+        "kind: AuthorizationPolicy\nname: ok\n---\n"
+        "kind: AuthorizationPolicy\nname: bad\nrules:\n  - from: [{principals: [42]}]\n"
+    )
+    r = CliRunner().invoke(cli, ["policy", "apply", "--dry-run", "-f", str(f)])
+    assert r.exit_code == 1
+    assert f"invalid policy file: {f} document 1: rules[0].from[0].principals[0]: " in r.output
+    f.write_text("kind: AuthorizationPolicy\nname: bad\nrules:\n  - from: [{principals: ['a*b*']}]\n")
+    r = CliRunner().invoke(cli, ["policy", "apply", "--dry-run", "-f", str(f)])
+    assert r.exit_code == 1 and f"{f} document 0: rules[0].from[0].principals[0]: 'a*b*' is not supported" in r.output
+    f.write_text("kind: AuthorizationPolicy\nname: fine\nrules: [{}]\n")
+    r = CliRunner().invoke(cli, ["policy", "apply", "--dry-run", "-f", "-"], input=f.read_text())
+    assert r.exit_code == 0 and "AuthorizationPolicy/fine valid (dry run)" in r.output
