@@ -168,6 +168,7 @@ class PolicyState:
                                                       rules=(Rule(),))], revision=self.revision)
         self.store = store
         self.then = then
+        # Refined by Authz.build to the services this cluster exports.
         self.jwks_uris = frozenset(r.jwks_uri for p in policies
                                    if isinstance(p, RequestAuthentication)
                                    for r in p.jwt_rules if r.jwks_uri)
@@ -245,8 +246,9 @@ class Authz:
     """Owns the JWKS store and builds a :class:`PolicyState` per applied snapshot."""
 
     def __init__(self, then: Authorizer = allow_all, store: JwksStore | None = None,
-                 check_interval: float = REFRESH_CHECK_INTERVAL) -> None:
+                 check_interval: float = REFRESH_CHECK_INTERVAL, cluster: str = "") -> None:
         self.then = then
+        self.cluster = cluster  # prefetch only key sets of services this cluster exports
         self.store = store if store is not None else JwksStore()
         self.check_interval = check_interval
         self._kick: trio.Event | None = None
@@ -254,6 +256,12 @@ class Authz:
 
     def build(self, snapshot: Snapshot | None) -> PolicyState:
         state = PolicyState(snapshot, self.store, self.then)
+        if snapshot is not None and self.cluster:
+            local = [(s.namespace, s.name) for s in snapshot.services if s.cluster == self.cluster]
+            state.jwks_uris = frozenset(
+                r.jwks_uri for ns, svc in local
+                for p in state.set.request_authentications(ns, svc)
+                for r in p.jwt_rules if r.jwks_uri)
         for uri in state.jwks_uris - self._uris:
             self.store.source(uri)  # register now so the refresher fetches it at once
         if state.jwks_uris - self._uris and self._kick is not None:

@@ -144,7 +144,7 @@ class Gateway:
         self.endpoints: set[H2Endpoint] = set()
         self.h1_pool = H1Pool()  # every live HTTP/2 connection (introspection)
         # Federation AuthorizationPolicy + JWT; ``authorize`` runs after it (see _authz).
-        self.authz = Authz(authorize, jwks_store)
+        self.authz = Authz(authorize, jwks_store, cluster=self.cluster)
         self.policy: PolicyState = self.authz.build(None)
         if cfg.static is not None:
             self.apply_snapshot(cfg.static, source="file")
