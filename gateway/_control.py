@@ -7,7 +7,9 @@
   federation watch — a blocking grpcio stream in a worker thread — delivers snapshots and
   deltas; a :class:`federation.client.SnapshotTracker` keeps the current snapshot; the trio
   side applies the newest one (bursts coalesce), saves it as last-known-good (atomic
-  rename) and reports the applied revision back.
+  rename) and reports the applied revision back.  A quiet stream carries progress
+  messages (every few seconds): they confirm the current config (staleness stays small)
+  and touch the last-known-good file so that followers confirm it too.
 * Follower (``--workers N``): the supervisor runs the federation client and writes the
   last-known-good file; each worker process follows that file.
 
@@ -17,6 +19,7 @@ as stable as that model.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from pathlib import Path
@@ -62,8 +65,13 @@ def gateway_instance_id(gw: Gateway) -> str:
     return f"{gw.identity}#{socket.gethostname()}"
 
 
-async def follow_federation(gw: Gateway, *, save: bool = True, report: bool = True) -> None:
-    """Run the federation watch in a thread; apply its snapshots on this loop."""
+async def follow_federation(
+    gw: Gateway, *, save: bool = True, report: bool = True, progress_interval: float = 5.0
+) -> None:
+    """Run the federation watch in a thread; apply its snapshots on this loop.
+
+    ``progress_interval``: how often a quiet watch confirms that nothing changed.
+    """
     from federation.client import FederationClient, SnapshotTracker
 
     cfg = gw.cfg
@@ -72,7 +80,8 @@ async def follow_federation(gw: Gateway, *, save: bool = True, report: bool = Tr
                               cert_file=fed.cert_file or cfg.tls.cert_file,
                               key_file=fed.key_file or cfg.tls.key_file,
                               bundle_file=fed.bundle_file or cfg.tls.bundle_file)
-    send, receive = trio.open_memory_channel[Snapshot](64)
+    # None: a progress message (nothing changed, the stream is alive).
+    send, receive = trio.open_memory_channel[Snapshot | None](64)
     stop = threading.Event()
     token = trio.lowlevel.current_trio_token()
     instance = gateway_instance_id(gw)
@@ -80,10 +89,10 @@ async def follow_federation(gw: Gateway, *, save: bool = True, report: bool = Tr
     def watch() -> None:
         tracker = SnapshotTracker()
         try:
-            for message in client.watch(stop=stop):
+            for message in client.watch(stop=stop, progress_interval=progress_interval):
                 snap = tracker.apply(message)
                 try:
-                    trio.from_thread.run(send.send, snap, trio_token=token)
+                    trio.from_thread.run(send.send, None if message.progress else snap, trio_token=token)
                 except (trio.RunFinishedError, trio.Cancelled, trio.ClosedResourceError):
                     return
         except Exception as exc:  # the watch thread must never die silently
@@ -95,13 +104,20 @@ async def follow_federation(gw: Gateway, *, save: bool = True, report: bool = Tr
     thread.start()
     try:
         async with receive:
-            async for snap in receive:
+            async for item in receive:
                 # Coalesce a burst of deltas: only the newest snapshot matters.
+                snap = item
                 while True:
                     try:
-                        snap = receive.receive_nowait()
+                        item = receive.receive_nowait()
                     except trio.WouldBlock:
                         break
+                    snap = item if item is not None else snap
+                if snap is None:  # only progress: what we hold is current
+                    gw.confirm_current()
+                    if save:
+                        await trio.to_thread.run_sync(_touch, cfg.last_known_good)
+                    continue
                 gw.apply_snapshot(snap, source="federation")
                 if save:
                     await trio.to_thread.run_sync(save_lkg, cfg.last_known_good, snap)
@@ -113,6 +129,14 @@ async def follow_federation(gw: Gateway, *, save: bool = True, report: bool = Tr
     finally:
         stop.set()
         client.close()
+
+
+def _touch(path: Path) -> None:
+    # A new mtime tells follow_file (workers) that the config was confirmed.
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # no file yet (nothing applied): nothing to confirm
 
 
 async def follow_file(gw: Gateway, interval: float = 0.5) -> None:
