@@ -284,7 +284,10 @@ class Gateway:
         self.metrics.pool_connections.labels(str(key[1])).set(n)
 
     def _check_tls_generation(self) -> None:
-        # Renewed certificates: new connections only; let old pooled ones drain.
+        # Renewed certificates: new connections only; let old pooled ones drain.  current()
+        # re-stats the files (at most once per check interval): without it a busy pool
+        # would never dial, so the renewal would never be noticed.
+        self.client_tls.current()
         gen = self.client_tls.generation
         if gen != self._tls_generation:
             self._tls_generation = gen
@@ -423,6 +426,7 @@ class Gateway:
         up = new_upstream()
         link(half, up)
         up.write_headers(d.headers, end)
+        self._check_tls_generation()  # renewed certificate: drain the service pool too
         assert self.svc_pool is not None
         self.svc_pool.open(("svc", target.host, target.target_port, target.tls), up)
 
