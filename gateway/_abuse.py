@@ -47,6 +47,7 @@ import structlog
 import trio
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.events import RequestReceived
 from h2.settings import SettingCodes
 
 log = structlog.get_logger("isthmus.gateway")
@@ -55,6 +56,10 @@ INF = float("inf")
 _DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WINDOW, _CONT = range(10)
 # h2 itself need never refuse a stream: we do, one stream at a time.
 _H2_STREAM_CAP = 2**31 - 1
+# Violations that earn the client's IP a cooldown (slow or non-reading clients may be
+# merely slow: they don't).
+PENALIZED = frozenset({"rapid_reset", "control_frame_flood", "window_update_flood",
+                       "header_block_too_large"})
 # Open-stream timestamps kept for the rapid-reset rule before old ones are pruned.
 _OPEN_TIMES_PRUNE = 4096
 
@@ -97,6 +102,7 @@ class FrameGuard:
         self.deadline = self.conn_start + self.headers_timeout
         self.violation: AbuseDetected | None = None
         self.conn: H2Connection | None = None
+        self.batch_resets: set[int] | None = None  # RST_STREAMs of the read in progress
 
     # -- wiring ---------------------------------------------------------------------------
     def install(self, conn: H2Connection) -> None:
@@ -111,8 +117,16 @@ class FrameGuard:
             return self._frame(frame, inner_frame)
 
         def receive_data(data: Any) -> list[Any]:
+            self.batch_resets = None
             events = inner_data(data)
             self._after_data(conn)
+            if self.batch_resets:
+                # Opened and reset in the same read: never start work for such a stream
+                # (no upstream stream, so the reset is not relayed to a peer gateway,
+                # whose own rapid-reset rule would otherwise punish our shared connection).
+                gone = self.batch_resets
+                events = [e for e in events
+                          if not (type(e) is RequestReceived and e.stream_id in gone)]
             return events
 
         conn._receive_frame = receive_frame  # type: ignore[method-assign]
@@ -135,6 +149,9 @@ class FrameGuard:
                 self._count_control("empty DATA frame")
             return inner(frame)
         if t == _RST:
+            if self.batch_resets is None:
+                self.batch_resets = set()
+            self.batch_resets.add(frame.stream_id)
             t0 = self.open_times.pop(frame.stream_id, None)
             if t0 is not None and self.clock() - t0 < self.reset_lifetime:
                 self.premature += 1
@@ -356,6 +373,7 @@ class Shield:
         self.clock = clock
         self.per_ip: dict[str, int] = {}
         self.per_peer: dict[str, int] = {}
+        self.banned: dict[str, float] = {}  # ip -> end of its abuse cooldown
         self.memory = MemoryWatch(limits.max_memory_bytes)
         self._logged: dict[str, tuple[float, int]] = {}
 
@@ -390,10 +408,29 @@ class Shield:
         if self.memory.overloaded:
             self.reject("memory", remote=ip)
             return False
+        if self.banned and ip in self.banned:
+            if self.banned[ip] > self.clock():
+                self.reject("abuse_cooldown", remote=ip)
+                return False
+            del self.banned[ip]
         if ip and not self._take(self.per_ip, ip, self.limits.max_connections_per_ip):
             self.reject("connections_per_ip", remote=ip)
             return False
         return True
+
+    def penalize(self, ip: str, reason: str) -> None:
+        """``ip`` was closed for abuse: refuse its new connections for a while.
+
+        Closing an abusive connection bounds what one connection costs; without a cooldown
+        a client that reconnects at once would still keep the gateway busy.
+        """
+        cooldown = self.limits.abuse_cooldown
+        if not ip or not cooldown or reason not in PENALIZED:
+            return
+        now = self.clock()
+        if len(self.banned) > 10_000:
+            self.banned = {k: t for k, t in self.banned.items() if t > now}
+        self.banned[ip] = now + cooldown
 
     def release(self, ip: str) -> None:
         if ip:

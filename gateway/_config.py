@@ -84,6 +84,9 @@ class Limits(_Model):
     # handshakes in progress count) and per peer gateway identity (inbound).
     max_connections_per_ip: int = Field(1024, ge=1)
     max_inbound_connections_per_peer: int = Field(256, ge=1)
+    # Seconds a workload IP whose connection was closed for abuse (rapid reset, floods)
+    # may not connect again; 0: no cooldown.  Not applied to peer gateways (inbound).
+    abuse_cooldown: float = Field(1.0, ge=0)
     # Process RSS above which new connections and streams are shed (503 / UNAVAILABLE).
     # null: 90% of the container's cgroup memory limit, if it has one; 0: never.
     max_memory_bytes: int | None = Field(None, ge=0)

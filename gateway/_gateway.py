@@ -277,6 +277,9 @@ class Gateway:
             self.metrics.abuse_closed.labels(listener, reason).inc()
             log.warning("abuse.connection_closed", listener=listener, peer=peer or None,
                         remote=remote, reason=reason, detail=detail)
+            if listener != "inbound":
+                # Workloads only: a peer gateway's IP carries many clients' traffic.
+                self.shield.penalize(remote, reason)
 
         return guard, on_abuse
 

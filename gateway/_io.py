@@ -27,6 +27,7 @@ from ._relay import H2Endpoint, H2Half, Headers
 log = structlog.get_logger("isthmus.gateway")
 
 MAX_READ = 256 * 1024
+DOWNSTREAM_READ = 16 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -169,6 +170,10 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
             idle = idle_timeout if idle_timeout else math.inf
             last = trio.current_time()
             gd = guard.deadline if guard is not None else math.inf
+            # All frames of one read are handled without yielding: small reads from
+            # downstream clients bound how long one client's burst (a flood) holds the
+            # loop; pooled upstream connections keep large reads for bulk throughput.
+            size = MAX_READ if guard is None else DOWNSTREAM_READ
             try:
                 while not ep.closed:
                     # One cancel scope per idle period, not per read: a scope costs more
@@ -176,7 +181,7 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
                     period = last + idle
                     with trio.CancelScope(deadline=min(period, gd)) as scope:
                         while not ep.closed:
-                            data = await receive(MAX_READ)
+                            data = await receive(size)
                             if not data:
                                 ep.closed = True
                                 break
