@@ -217,8 +217,8 @@ class FederationService(pb_grpc.FederationServicer):
             bundle, crl = await asyncio.to_thread(lambda: (self.trust_dir.bundle_pem(), self.trust_dir.crl_pem()))
         await self.store.publish_trust(bundle, crl)
         # Its exports go at once (no waiting for the lease), and the record says why.
-        await self.store.drop_lease(name)
         _, withdrawn = await self.store.withdraw(name)
+        await self.store.drop_lease(name)
         revision = await self.store.put_cluster(record.model_copy(update={"revoked": True}), mod)
         log.warning("cluster.revoked", cluster=name, by=caller.spiffe_id, serials=[f"{s:x}" for s in serials], revision=revision)
         return pb.RevokeClusterResponse(revision=revision, serials=[f"{s:x}" for s in serials], withdrawn=withdrawn)
