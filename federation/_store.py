@@ -265,6 +265,35 @@ class Store:
             raise PermissionDenied(f"cluster {record.name!r} changed concurrently (another join); retry")
         return resp.header.revision
 
+    async def sync_revoked(self, crl_pem: bytes) -> list[str]:
+        """Mark every cluster whose current CA the CRL lists as revoked; return their names.
+
+        For revocations made on the trust folder (``isthmus trust revoke-cluster``) and
+        mirrored by the trust sync: the record then says so and gateways drop its routes.
+        Idempotent, and safe for several replicas at once (compare-and-swap per record).
+        """
+        from cryptography import x509
+
+        serials = {r.serial_number for r in x509.load_pem_x509_crl(crl_pem)} if crl_pem else set()
+        if not serials:
+            return []
+        resp = await self.etcd.get_prefix(self.keys.family("clusters/"))
+        marked = []
+        for kv in resp.kvs:
+            record = models.ClusterRecord.model_validate_json(kv.value)
+            if record.revoked or not record.ca_cert_pem:
+                continue
+            if x509.load_pem_x509_certificate(record.ca_cert_pem.encode()).serial_number not in serials:
+                continue
+            txn = await self.etcd.txn(
+                compare=[self.etcd.cmp_mod(kv.key, kv.mod_revision)],
+                success=[self.etcd.op_put(kv.key, dump(record.model_copy(update={"revoked": True})))],
+            )
+            if txn.succeeded:
+                marked.append(record.name)
+                log.warning("cluster.marked_revoked", cluster=record.name, revision=txn.header.revision)
+        return marked
+
     async def list_clusters(self) -> tuple[list[models.ClusterRecord], int]:
         resp = await self.etcd.get_prefix(self.keys.family("clusters/"))
         return [models.ClusterRecord.model_validate_json(kv.value) for kv in resp.kvs], resp.header.revision

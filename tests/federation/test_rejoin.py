@@ -103,3 +103,24 @@ def test_revoke_cluster_marks_the_record_and_drops_its_exports(fed, admin, pki: 
     assert table["west"]["revoked"] is True and table["west"]["state"] == "REVOKED"
     r = run("revoke-cluster", "nosuch", "--yes", env=env)
     assert r.exit_code == 1 and "NOT_FOUND" in r.output
+
+
+def test_sync_revoked_marks_clusters_revoked_on_the_trust_folder(fed, admin, pki: Pki, etcd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`isthmus trust revoke-cluster` (offline) + the trust sync: Store.sync_revoked marks the record."""
+    import asyncio
+
+    from federation._etcd import Etcd
+    from federation._store import Store
+
+    join_cluster(fed, pki, "east", tmp_path)
+    join_cluster(fed, pki, "west", tmp_path)
+    pki.td.revoke_cluster("west")
+
+    async def sync() -> tuple[list[str], list[str]]:
+        async with Etcd(etcd.endpoint) as e:
+            store = Store(e)
+            return await store.sync_revoked(pki.td.crl_pem()), await store.sync_revoked(pki.td.crl_pem())
+
+    first, again = asyncio.run(sync())
+    assert first == ["west"] and again == []  # idempotent
+    assert {c.name: c.revoked for c in admin.list_clusters()} == {"east": False, "west": True}
