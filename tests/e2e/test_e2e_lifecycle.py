@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -27,7 +30,7 @@ def test_withdrawing_an_export_removes_the_route_everywhere(federation: LocalFed
     assert lf.wait_for(lambda: lf.call_grpc("east", "west"), 30).ok, logs_of(lf)
 
 
-@pytest.mark.lease_ttl(3)
+@pytest.mark.lease_ttl(6)
 def test_third_cluster_joins_at_run_time_and_a_silent_cluster_vanishes(fresh_federation: LocalFederation) -> None:
     lf = fresh_federation
     assert lf.wait_for(lambda: lf.call_grpc("east", "west"), 30).ok, logs_of(lf)
@@ -38,15 +41,29 @@ def test_third_cluster_joins_at_run_time_and_a_silent_cluster_vanishes(fresh_fed
     r = lf.wait_for(lambda: lf.call_grpc("central", "east"), 30)
     assert r.ok and r.body == "hello central from east", r
 
-    # central's exporter dies without a word: its lease lapses after the TTL (3 s)
+    # central's exporter dies without a word: `isthmus status` shows it STALE while its
+    # lease lasts, then its exports vanish everywhere after the TTL (6 s)
     lf.clusters["central"].procs["exporter"].kill()
     t0 = time.monotonic()
     with lf.admin() as admin:
         assert any(s.cluster == "central" for s in admin.list_services())
+    states = []
+    while time.monotonic() - t0 < 20:
+        r = subprocess.run([sys.executable, "-m", "federation.cli", "status", "-o", "json", "--federation",
+                            lf.fed_address, "--cert-dir", str(lf.admin_dir)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        central = [c for c in json.loads(r.stdout)["clusters"] if c["cluster"] == "central"]
+        state = central[0]["state"] if central else "GONE"
+        if not states or states[-1] != state:
+            states.append(state)
+        if state in ("EXPIRED", "GONE"):
+            break
+        time.sleep(0.3)
+    assert "STALE" in states and states[-1] in ("EXPIRED", "GONE"), states
     gone = lf.wait_for(lambda: lf.call_grpc("east", "central"), 20, want_ok=False)
     elapsed = time.monotonic() - t0
     assert not gone.ok, gone
-    assert elapsed < 15, elapsed
+    assert elapsed < 20, elapsed
     with lf.admin() as admin:
         assert not any(s.cluster == "central" for s in admin.list_services())
     # the others are unaffected
