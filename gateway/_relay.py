@@ -60,7 +60,7 @@ class H2Endpoint:
     """One HTTP/2 connection and the relayed halves on it."""
 
     __slots__ = ("conn", "halves", "blocked", "wake", "dirty", "closed", "on_request",
-                 "info", "on_idle", "draining", "out_limit", "on_overflow")
+                 "info", "on_idle", "draining", "out_limit", "on_overflow", "error")
 
     def __init__(self, conn: H2Connection, *,
                  on_request: Callable[[H2Half, Headers, bool], None] | None = None,
@@ -79,13 +79,15 @@ class H2Endpoint:
         # ``out_limit`` while the writer is still busy, i.e. the peer does not read.
         self.out_limit = 0
         self.on_overflow: Callable[[], None] | None = None
+        self.error = ""  # the protocol error that ended the connection, if one did
 
     # -- shell entry points ---------------------------------------------------------
     def receive(self, data: bytes) -> None:
         try:
             events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError:
+        except h2.exceptions.ProtocolError as exc:
             # h2 has queued a GOAWAY; tell every stream and let the shell flush and close.
+            self.error = f"{type(exc).__name__}: {exc}"
             self.mark()
             self.terminate(ErrorCodes.PROTOCOL_ERROR)
             return

@@ -461,6 +461,13 @@ async def test_header_abuse_ends_in_goaway_not_a_crash(mesh: Mesh, logs: list, k
     else:
         assert goaway.error_code != ErrorCodes.NO_ERROR
     assert current_rss() - rss0 < 32e6
+    # Counted and logged: our block-size cap, or h2's own limits (decoded list size, HPACK).
+    with trio.fail_after(3):
+        while not (abuse_count(mesh.east, "outbound", "header_block_too_large")
+                   + abuse_count(mesh.east, "outbound", "protocol_error")):
+            await trio.sleep(0.01)
+    if kind == "continuation-flood":
+        assert abuse_count(mesh.east, "outbound", "header_block_too_large") == 1
     await raw.aclose()
     no_crashes(logs)
     await good_request(port)
