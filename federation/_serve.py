@@ -175,6 +175,8 @@ async def _trust_sync(store: Store, td: trust.TrustDir, interval: float) -> None
             if await election.step():
                 bundle, crl = await asyncio.to_thread(lambda: (td.bundle_pem(), td.crl_pem()))
                 await store.publish_trust(bundle, crl)
+                # Revocations made offline (`isthmus trust revoke-cluster`) mark the record too.
+                await store.sync_revoked(crl)
         except (FederationError, trust.TrustError) as exc:
             log.warning("trust_sync.failed", error=str(exc))
         await asyncio.sleep(interval)

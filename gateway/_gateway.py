@@ -158,9 +158,12 @@ class Gateway:
             crl = self.cfg.tls.crl_file.read_bytes()
         intermediates: list[x509.Certificate] = []
         for c in snap.clusters:
-            if c.ca_cert_pem:
+            # A re-joined cluster's earlier CAs are revoked: map the CRL onto them too.
+            for pem in (c.ca_cert_pem, *c.previous_ca_certs_pem):
+                if not pem:
+                    continue
                 try:
-                    intermediates.extend(x509.load_pem_x509_certificates(c.ca_cert_pem.encode()))
+                    intermediates.extend(x509.load_pem_x509_certificates(pem.encode()))
                 except ValueError:
                     log.warning("config.bad_cluster_ca", cluster=c.name)
         try:
@@ -217,8 +220,8 @@ class Gateway:
             self.peer_pool = Pool(nursery, self.limits, self._dial_peer, self._pool_changed)
             self.svc_pool = Pool(nursery, self.limits, self._dial_service, self._pool_changed)
             nursery.start_soon(self.deadlines.run)
-            nursery.start_soon(self.authz.run)
             nursery.start_soon(self.shield.memory.run)
+            nursery.start_soon(self.authz.run)
             nursery.start_soon(self._accept, listeners["inbound"], self._handle_inbound)
             nursery.start_soon(self._accept, listeners["outbound"], self._handle_outbound)
             for t, lst in tcp:

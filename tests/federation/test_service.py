@@ -37,6 +37,11 @@ def test_revoked_cluster_is_refused_and_watchers_get_the_new_crl(pki: Pki, etcd,
                     break
                 assert time.monotonic() < deadline, "revoked cluster still accepted"
                 time.sleep(0.1)
+        # the offline revocation marks the cluster's record too (trust sync)
+        with fed.client(pki.admin_dir) as admin:
+            while not next(c for c in admin.list_clusters() if c.name == "east").revoked:
+                assert time.monotonic() < deadline + 5, "record not marked revoked"
+                time.sleep(0.1)
     finally:
         fed.stop()
 

@@ -117,3 +117,35 @@ async def test_outbound_strips_forged_identity_from_workloads(mesh: Mesh) -> Non
     resp, body = await h2_request(mesh.east_out, h)
     assert resp[b":status"] == b"200"
     assert "isthmus-source-identity" not in json.loads(body)["headers"]
+
+
+async def test_rejoined_clusters_previous_ca_is_refused(mesh: Mesh, logs, tmp_path) -> None:
+    """east re-joined: its record carries the new CA, the old one is in previous_ca_certs_pem
+    and on the CRL. A gateway certificate from the old CA is refused; one from the new works."""
+    root = mesh.pki.root
+    td = mesh.pki.td("east")
+    old_ca = mesh.pki.cas["east"].cert
+    new_key = trust.generate_key()
+    new_ca = trust.build_intermediate(new_key.public_key(), td, "east", root.root_cert, root.root_key, 3600)
+    leaf_key = trust.generate_key()
+    leaf = trust.build_leaf(leaf_key.public_key(), trust.gateway_id(td), new_ca, new_key, 3600)
+    (tmp_path / "cert.pem").write_bytes(trust.certs_to_pem([leaf, new_ca]))
+    (tmp_path / "key.pem").write_bytes(trust.key_to_pem(leaf_key))
+    crl = trust.build_crl(root.root_cert, root.root_key, [(old_ca.serial_number, old_ca.not_valid_before_utc)])
+    from cryptography.hazmat.primitives import serialization
+
+    snap = mesh.snapshot(revision=9)
+    clusters = tuple(
+        c.model_copy(update={"ca_cert_pem": trust.certs_to_pem([new_ca]).decode(),
+                             "previous_ca_certs_pem": (mesh.pki.ca_pem("east"),)}) if c.name == "east" else c
+        for c in snap.clusters)
+    mesh.west.apply_snapshot(snap.model_copy(update={
+        "clusters": clusters, "crl_pem": crl.public_bytes(serialization.Encoding.PEM).decode()}))
+
+    with pytest.raises(ConnectionRefusedByPeer):
+        await h2_request(mesh.west.ports["inbound"], _req(WEB), ssl_context=_gw_ctx(mesh, "east"))
+    rejected = [e for e in logs if e["event"] == "inbound.peer_rejected"]
+    assert rejected and "revoked" in rejected[-1]["error"]
+    new_ctx = trust.client_context(mesh.pki.gw["east"].bundle, tmp_path / "cert.pem", tmp_path / "key.pem")
+    resp, _ = await h2_request(mesh.west.ports["inbound"], _req(WEB), ssl_context=new_ctx)
+    assert resp[b":status"] == b"200"
