@@ -103,6 +103,11 @@ class FrameGuard:
         self.violation: AbuseDetected | None = None
         self.conn: H2Connection | None = None
         self.batch_resets: set[int] | None = None  # RST_STREAMs of the read in progress
+        # Off for peer gateways (inbound): their resets are many workloads' resets relayed
+        # over one shared connection, and the peer's outbound listener already applies this
+        # rule to each workload connection. Closing the shared connection would let one
+        # abusive workload in a cluster cut off every other caller in it.
+        self.close_on_rapid_reset = True
 
     # -- wiring ---------------------------------------------------------------------------
     def install(self, conn: H2Connection) -> None:
@@ -211,6 +216,8 @@ class FrameGuard:
         return events
 
     def _check_resets(self) -> None:
+        if not self.close_on_rapid_reset:
+            return
         if self.opened >= self.reset_total and self.premature * 2 >= self.opened:
             raise self._fail("rapid_reset",
                              f"{self.premature} of {self.opened} streams reset or refused "

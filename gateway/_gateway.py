@@ -273,6 +273,7 @@ class Gateway:
         guard = FrameGuard(self.limits, trio.current_time,
                            lambda: self.shield.reject("max_concurrent_streams"))
         guard.install(ep.conn)
+        guard.close_on_rapid_reset = listener != "inbound"
         ep.out_limit = self.limits.max_outbound_buffer
         ep.on_request = self.shield.shed_streams(ep.on_request)  # type: ignore[arg-type]
 

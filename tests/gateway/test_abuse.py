@@ -640,3 +640,23 @@ async def test_connection_ceiling_answers_goaway_or_503(mesh: Mesh, nursery: tri
     assert overload_count(gw, "downstream_connections") == 2
     for r_ in (first, second):
         await r_.aclose()
+
+
+async def test_relayed_resets_from_a_peer_gateway_do_not_close_the_shared_connection(
+        mesh: Mesh, logs: list) -> None:
+    """A peer gateway's connection carries many workloads' streams: resets it relays are not
+    rapid reset by the peer (its outbound listener judges each workload connection), so one
+    abusive workload cannot get every caller of its cluster cut off."""
+    f = mesh.pki.gw["east"]
+    raw = await Raw.open(mesh.west.ports["inbound"], trust.client_context(f.bundle, f.cert, f.key))
+    burst = b"".join(raw.headers(sid, req(INBOUND_WEB, scheme=b"https"), end_stream=False)
+                     + RstStreamFrame(sid, error_code=ErrorCodes.CANCEL).serialize()
+                     for sid in range(1, 1201, 2))  # 600 streams, every one reset at once
+    await raw.send(burst)
+    await raw.send(raw.headers(1203, req(INBOUND_WEB, scheme=b"https")))
+    hs, _ = await raw.response(1203)
+    assert hs[b":status"] == b"200"
+    assert not any(e["event"] == "abuse.connection_closed" and e.get("reason") == "rapid_reset"
+                   for e in logs)
+    await raw.aclose()
+    no_crashes(logs)
