@@ -6,7 +6,6 @@ import re
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -124,8 +123,10 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
         click.echo(f"error: --workdir {workdir} is not empty: give a new or empty folder", err=True)
         sys.exit(2)
     wd = workdir or Path(tempfile.mkdtemp(prefix="isthmus-demo-"))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM stop the demo at any point, start-up included; installed
+    # explicitly because a shell's background job inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     lf: LocalFederation | None = None
     failed: list[str] = []
     try:
@@ -153,9 +154,10 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
             else:
                 click.echo(f"\nsmoke: all {len(calls)} cross-cluster calls succeeded")
         else:
-            click.echo("\nRunning. Press Ctrl-C to stop and clean up.")
-            while not stop.is_set():
-                stop.wait(0.5)
+            click.echo("\nRunning. Press Ctrl-C to stop and clean up.", nl=True)
+            sys.stdout.flush()
+            while True:
+                time.sleep(0.5)
     except (DemoError, FederationError, TrustError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         failed.append(str(exc))
@@ -171,6 +173,10 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
             shutil.rmtree(wd, ignore_errors=True)
     if failed:
         sys.exit(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_prerequisites() -> None:

@@ -48,3 +48,37 @@ def test_demo_smoke_on_loopback_says_so() -> None:
 
 def test_leftover_namespaces_helper_sees_none_of_ours() -> None:
     assert leftover_namespaces("isd-nonexistent") == []
+
+
+def test_demo_runs_until_interrupted_then_cleans_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Without --smoke it keeps running; SIGINT (Ctrl-C) stops every process it started."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "federation.cli", "demo", "--loopback"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        assert any("Press Ctrl-C" in line for line in lines), "".join(lines) + p.stderr.read()  # type: ignore[union-attr]
+        time.sleep(1.0)
+        assert p.poll() is None  # still running
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "stopped every process" in err
+    workdir = re.search(r"logs:\s+(\S+)/logs", "".join(lines))
+    assert workdir is not None
+    import os
+
+    assert not os.path.exists(workdir.group(1))  # temp files removed
