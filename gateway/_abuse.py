@@ -50,6 +50,8 @@ from h2.errors import ErrorCodes
 from h2.events import RequestReceived
 from h2.settings import SettingCodes
 
+from ._io import StreamWrapper
+
 log = structlog.get_logger("isthmus.gateway")
 
 INF = float("inf")
@@ -260,7 +262,7 @@ class FrameGuard:
 
 # ---------------------------------------------------------------- HTTP/1.1 headers deadline
 
-class HeadersDeadlineStream(trio.abc.HalfCloseableStream):
+class HeadersDeadlineStream(StreamWrapper):
     """Wraps an HTTP/1.1 downstream: each request's headers must arrive within ``timeout``.
 
     The first request's clock starts at once; later ones' at their first byte (the idle
@@ -299,17 +301,6 @@ class HeadersDeadlineStream(trio.abc.HalfCloseableStream):
         self.on_timeout()
         raise trio.BrokenResourceError("request headers timeout")
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()  # type: ignore[attr-defined]
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 # ---------------------------------------------------------------- process-wide limits

@@ -31,17 +31,12 @@ DOWNSTREAM_READ = 16 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-class PrefixedStream(trio.abc.HalfCloseableStream):
-    """A stream that first replays bytes already read (protocol sniffing)."""
+class StreamWrapper(trio.abc.HalfCloseableStream):
+    """Delegates everything to ``self.stream``; subclasses override what they change."""
 
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self.stream = stream
-        self.prefix = prefix
+    stream: trio.abc.Stream
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.prefix:
-            data, self.prefix = self.prefix, b""
-            return data
         return await self.stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -55,6 +50,20 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class PrefixedStream(StreamWrapper):
+    """A stream that first replays bytes already read (protocol sniffing)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            return data
+        return await self.stream.receive_some(max_bytes)
 
 
 class _Quiet:
