@@ -7,51 +7,64 @@ boundary (``_server._abort``) and the client maps status codes back.
 
 from __future__ import annotations
 
-import grpc
+from typing import Any
+
+
+class _Code:
+    """A gRPC status code named now, resolved on first use: the gateway imports these
+    errors (through federation.policy) and must not pay for importing grpc."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        import grpc
+
+        return grpc.StatusCode[self.name]
 
 
 class FederationError(Exception):
     """Root of every error raised by :mod:`federation`."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Any = _Code("INTERNAL")
 
 
 class InvalidRequest(FederationError, ValueError):
     """The request is malformed (bad name, bad model JSON, ...)."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = _Code("INVALID_ARGUMENT")
 
 
 class PermissionDenied(FederationError):
     """The caller is authenticated but may not do this."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = _Code("PERMISSION_DENIED")
 
 
 class Unauthenticated(FederationError):
     """The caller presented no usable identity (or an invalid/expired token)."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = _Code("UNAUTHENTICATED")
 
 
 class NotFound(FederationError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = _Code("NOT_FOUND")
 
 
 class AlreadyExists(FederationError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = _Code("ALREADY_EXISTS")
 
 
 class StoreUnavailable(FederationError):
     """etcd cannot be reached (or timed out); callers retry with backoff."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = _Code("UNAVAILABLE")
 
 
 class Compacted(FederationError):
     """A revision asked for has been compacted away in etcd."""
 
-    code = grpc.StatusCode.OUT_OF_RANGE
+    code = _Code("OUT_OF_RANGE")
 
     def __init__(self, revision: int, compact_revision: int) -> None:
         self.revision = revision
@@ -64,13 +77,13 @@ class Compacted(FederationError):
 class PinMismatch(FederationError):
     """The federation server's chain does not lead to the root the join token was issued for."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = _Code("UNAUTHENTICATED")
 
 
 class RemoteError(FederationError):
     """A call to the federation service failed; ``code`` and ``details`` are the gRPC status."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: Any, details: str) -> None:  # a grpc.StatusCode
         self.code = code
         self.details = details
         super().__init__(f"federation call failed: {code.name}: {details}")
