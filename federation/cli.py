@@ -15,12 +15,19 @@ import click
 # name -> "module:attribute" of a click command or group; loaded on first use.
 _LAZY_COMMANDS: dict[str, str] = {
     "trust": "trust._cli:trust",
-    "export": "federation._cli_export:export",
-    "demo": "federation.demo._cli:demo",
-    "gateway": "gateway._cli:gateway",
-    "federation": "federation._cli_federation:federation", "clusters": "federation._cli_ops:clusters", "services": "federation._cli_ops:services", "status": "federation._cli_ops:status", "policy": "federation._cli_policy:policy",  # noqa: E501
+    "federation": "federation._cli_federation:federation",
+    "clusters": "federation._cli_ops:clusters",
+    "services": "federation._cli_ops:services",
+    "status": "federation._cli_ops:status",
     "revoke-cluster": "federation._cli_ops:revoke_cluster",
-    "join-cluster": "federation._cli_k8s:join_cluster", "leave-cluster": "federation._cli_k8s:leave_cluster", "check": "federation._cli_k8s:check", "agent": "federation._cli_k8s:agent",  # noqa: E501
+    "policy": "federation._cli_policy:policy",
+    "export": "federation._cli_export:export",
+    "gateway": "gateway._cli:gateway",
+    "join-cluster": "federation._cli_k8s:join_cluster",
+    "leave-cluster": "federation._cli_k8s:leave_cluster",
+    "check": "federation._cli_k8s:check",
+    "agent": "federation._cli_k8s:agent",
+    "demo": "federation.demo._cli:demo",
 }
 
 
@@ -41,9 +48,9 @@ class _LazyGroup(click.Group):
 def cli() -> None:
     """Isthmus: join Kubernetes clusters into one federation.
 
-    A shared trust root (``isthmus trust``), a federation service on etcd
-    (``isthmus federation``) and an east-west mTLS gateway per cluster
-    (``isthmus gateway``).
+    A shared trust root (isthmus trust), a federation service on etcd
+    (isthmus federation) and an east-west mTLS gateway per cluster
+    (isthmus gateway). New here? Run `isthmus demo`.
     """
 
 
