@@ -8,13 +8,23 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # System tools used by the integration tests and benchmarks.
+retry() {  # a registry hiccup should not fail the run
+    local n
+    for n in 1 2 3; do
+        "$@" && return 0
+        echo "retrying ($n/3): $*" >&2
+        sleep $((n * 5))
+    done
+    "$@"
+}
+
 if command -v apt-get >/dev/null; then
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    retry $SUDO apt-get update -qq
+    retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         iproute2 curl openssl nghttp2-client nginx-light shellcheck >/dev/null
 fi
 
-python3 -m pip install -q --upgrade pip
-python3 -m pip install -q -e '.[test]'
+retry python3 -m pip install -q --upgrade pip
+retry python3 -m pip install -q -e '.[test]'
 
 python3 -m pytest "$@"
