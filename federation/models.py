@@ -151,6 +151,9 @@ class JwtRule(_Model):
     jwks: str = ""  # inline JWKS (JSON text)
     jwks_uri: str = ""
     from_headers: tuple[str, ...] = ("authorization",)
+    # Istio's forwardOriginalToken: by default the gateway removes a validated token
+    # before the request reaches the service, so the token goes no further than needed.
+    forward_original_token: bool = False
 
     @model_validator(mode="after")
     def _one_jwks_source(self) -> JwtRule:

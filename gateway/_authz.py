@@ -176,6 +176,8 @@ class PolicyState:
             [p.model_dump(mode="json", by_alias=True) for p in policies],
             sort_keys=True).encode()).hexdigest()
         self._validators: dict[tuple[str, str], JwtValidator | None] = {}
+        # Header names whose validated token is not forwarded, per (namespace, service).
+        self._strip: dict[tuple[str, str], frozenset[bytes]] = {}
         # No policies and no extra hook: skip building attributes per request.
         self.trivial = not len(self.set) and then is allow_all
 
@@ -189,10 +191,12 @@ class PolicyState:
         except KeyError:
             pass
         authn = self.set.request_authentications(namespace, service)
-        v = JwtValidator(
-            [r for p in authn for r in p.jwt_rules], store=self.store) if authn else None
+        rules = [r for p in authn for r in p.jwt_rules]
+        v = JwtValidator(rules, store=self.store) if authn else None
         # Keys are (namespace, service) of exported services: bounded by the route table.
         self._validators[key] = v
+        self._strip[key] = frozenset(
+            h.lower().encode() for r in rules if not r.forward_original_token for h in r.from_headers)
         return v
 
     def __call__(self, a: RequestAttrs) -> Decision:
@@ -203,6 +207,7 @@ class PolicyState:
             return ALLOW
         tcp = a.method == "CONNECT"
         jwt: JwtResult | None = None
+        strip: frozenset[bytes] = frozenset()
         if not tcp:
             v = self.validator(a.namespace, a.service)
             if v is not None:
@@ -212,6 +217,8 @@ class PolicyState:
                         return Decision(True, "waiting for JWKS",
                                         pending=functools.partial(self.after_refresh, a, v))
                     return jwt_denied(jwt)
+                if jwt.request_principal is not None:  # a token was present and valid
+                    strip = self._strip.get((a.namespace, a.service), frozenset())
         attrs = RequestAttributes.for_request(
             source_principal=a.source_principal or None,
             source_cluster=a.peer_cluster,
@@ -230,8 +237,8 @@ class PolicyState:
         if not extra.allow or extra.pending is not None:
             return extra
         if d.audit_policy is None and d.policy is None:
-            return ALLOW
-        return Decision(True, d.reason, policy=d.policy, audit_policy=d.audit_policy)
+            return Decision(True, strip_headers=strip) if strip else ALLOW
+        return Decision(True, d.reason, policy=d.policy, audit_policy=d.audit_policy, strip_headers=strip)
 
     def after_refresh(self, a: RequestAttrs, v: JwtValidator) -> Decision:
         """Fetch the key sets ``v`` wants (blocking: a worker thread), then decide for good."""

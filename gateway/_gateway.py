@@ -42,7 +42,7 @@ from ._h1 import H1Connection, H1Half, H1Pool, H1Upstream
 from ._io import PrefixedStream, TcpHalf, h2_connection, link, new_upstream, pump_h2
 from ._pool import Pool
 from ._authz import Authz, Parked, PolicyState
-from ._proxy import Authorizer, Forward, Reject, allow_all, inbound, outbound, refusal
+from ._proxy import Authorizer, Forward, Reject, allow_all, inbound, outbound, refusal, strip
 from ._relay import H2Endpoint, H2Half, Headers
 from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable, build_routes
 from ._telemetry import Exchange, Metrics, Recorder
@@ -409,6 +409,8 @@ class Gateway:
             parked.release()
             self._reject(half, x, denied)
             return
+        if decision is not None and decision.strip_headers:
+            d.headers = strip(d.headers, decision.strip_headers)
         self._forward_inbound(half, d, headers, end, x)
         if half.peer is not parked:
             parked.replay(half.peer)

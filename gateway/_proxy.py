@@ -69,6 +69,8 @@ class Decision:
     details: str = ""  # Envoy-style response_code_details for the access log
     headers: tuple[tuple[bytes, bytes], ...] = ()
     pending: Callable[[], Decision] | None = None
+    # Request headers to remove before forwarding (a validated JWT not to be forwarded).
+    strip_headers: frozenset[bytes] = frozenset()
 
 
 ALLOW = Decision(True)
@@ -206,8 +208,16 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
             return denied
     tpv, x.trace_id = traceparent(tp)
     out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT]
+    out = strip(out, decision.strip_headers)
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
     return Forward(out, target, x.method == "CONNECT", decision.pending)
+
+
+def strip(headers: Headers, names: frozenset[bytes]) -> Headers:
+    """``headers`` without the ones named (lowercase) in ``names``."""
+    if not names:
+        return headers
+    return [(k, v) for k, v in headers if (k.lower() if isinstance(k, bytes) else k.lower().encode()) not in names]
 
 
 def refusal(decision: Decision, x: Exchange, peer_principal: str) -> Reject | None:
@@ -224,4 +234,4 @@ def refusal(decision: Decision, x: Exchange, peer_principal: str) -> Reject | No
 
 
 __all__ = ["ALLOW", "Authorizer", "Decision", "Forward", "LocalTarget", "OutboundRoute",
-           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "refusal", "traceparent"]
+           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "refusal", "strip", "traceparent"]

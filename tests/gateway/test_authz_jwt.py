@@ -79,7 +79,7 @@ async def test_jwt_cases_with_inline_jwks(mesh3: Mesh3, logs, case, tok, status,
     assert resp[b":status"] == str(status).encode(), got
     if status == 200:
         echoed = json.loads(got)["headers"]
-        assert echoed["authorization"].startswith("Bearer ")  # forwarded to the service
+        assert "authorization" not in echoed  # a validated token goes no further (Istio's default)
         return
     assert got == (body + "\n").encode()
     assert mesh3.web.requests == 0
@@ -89,6 +89,18 @@ async def test_jwt_cases_with_inline_jwks(mesh3: Mesh3, logs, case, tok, status,
         access = [e for e in logs if e["event"] == "access" and e["response_code"] == 401]
         assert access[0]["response_code_details"].startswith("jwt_authn_access_denied{")
         assert tok not in json.dumps([dict(e) for e in logs], default=str)  # never logged
+
+
+async def test_validated_token_is_forwarded_only_when_the_rule_says_so(mesh3: Mesh3) -> None:
+    mesh3.apply(2, (authn(forward_original_token=True), REQUIRE_JWT))
+    tok = token()
+    resp, got = await mesh3.call("east", CART, extra=bearer(tok))
+    assert resp[b":status"] == b"200"
+    assert json.loads(got)["headers"]["authorization"] == f"Bearer {tok}"
+    # a service without RequestAuthentication gets whatever the caller sent, untouched
+    mesh3.apply(3, ())
+    resp, got = await mesh3.call("east", CART, extra=((b"authorization", b"Basic abc"),))
+    assert resp[b":status"] == b"200" and json.loads(got)["headers"]["authorization"] == "Basic abc"
 
 
 async def test_claims_in_policy_rules(mesh3: Mesh3) -> None:
@@ -186,6 +198,7 @@ async def test_jwks_uri_fetched_and_issuer_key_rotation(uri_mesh) -> None:
                               extra=bearer(token(K2)))
     assert resp[b":status"] == b"200", body
     assert json.loads(body)["body_len"] == len(payload)
+    assert "authorization" not in json.loads(body)["headers"]  # stripped after parking too
     assert srv.fetches == before + 1
     # k1 is gone from the JWKS now
     resp, body = await m.call("east", CART, extra=bearer(token(K1)))
