@@ -111,13 +111,9 @@ def test_trust_domain_not_allowed_is_rejected(east: trust.ClusterCA, west: trust
     c = files(east, workload("east"), tmp_path / "c")
     srv = Server(server_ctx(s), trust.PeerPolicy(frozenset({f"west.{TD}"})))
     try:
-        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
-            sid, _, data = connect(srv.port, client_ctx(c))
-            if not data:
-                raise ConnectionError("closed")
-        _wait(lambda: srv.results)
-        assert isinstance(srv.results[0], trust.PeerRejected)
-        assert "not allowed" in str(srv.results[0])
+        result = refused(srv, client_ctx(c))
+        assert isinstance(result, trust.PeerRejected)
+        assert "not allowed" in str(result)
     finally:
         srv.close()
 
@@ -128,6 +124,17 @@ def _wait(cond, timeout: float = 5.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("timed out")
         time.sleep(0.01)
+
+
+def refused(srv: Server, ctx: ssl.SSLContext) -> object:
+    """Connect with ``ctx``, expect the connection to fail or be closed without a greeting,
+    and return what the server recorded (its error or PeerRejected)."""
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        _, _, data = connect(srv.port, ctx)
+        if not data:
+            raise ConnectionError("closed")
+    _wait(lambda: srv.results)
+    return srv.results[0]
 
 
 def test_name_constraint_bites_in_handshake(root: trust.TrustDir, east: trust.ClusterCA, west: trust.ClusterCA, tmp_path: Path) -> None:
@@ -142,13 +149,9 @@ def test_name_constraint_bites_in_handshake(root: trust.TrustDir, east: trust.Cl
     ctx = trust.client_context(root.bundle_path, d / "cert.pem", d / "key.pem")
     srv = Server(server_ctx(s), trust.PeerPolicy())
     try:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            _, _, data = connect(srv.port, ctx)
-            if not data:
-                raise ConnectionError("closed")
-        _wait(lambda: srv.results)
-        assert isinstance(srv.results[0], ssl.SSLError)
-        assert "permitted subtree violation" in str(srv.results[0]) or "certificate verify failed" in str(srv.results[0])
+        result = refused(srv, ctx)
+        assert isinstance(result, ssl.SSLError)
+        assert "permitted subtree violation" in str(result) or "certificate verify failed" in str(result)
     finally:
         srv.close()
 
@@ -159,13 +162,9 @@ def test_revoked_cluster_leaf_rejected(root: trust.TrustDir, east: trust.Cluster
     root.revoke_cluster("east")
     srv = Server(server_ctx(s), trust.PeerPolicy(revocations=root.revocations()))
     try:
-        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
-            _, _, data = connect(srv.port, client_ctx(c))
-            if not data:
-                raise ConnectionError("closed")
-        _wait(lambda: srv.results)
-        assert isinstance(srv.results[0], trust.PeerRejected)
-        assert "revoked" in str(srv.results[0])
+        result = refused(srv, client_ctx(c))
+        assert isinstance(result, trust.PeerRejected)
+        assert "revoked" in str(result)
     finally:
         srv.close()
 
@@ -185,12 +184,8 @@ def test_expired_leaf_rejected(tmp_path: Path) -> None:
     (d / "key.pem").write_bytes(trust.key_to_pem(key))
     srv = Server(server_ctx(s), trust.PeerPolicy())
     try:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            _, _, data = connect(srv.port, trust.client_context(s.bundle, d / "cert.pem", d / "key.pem"))
-            if not data:
-                raise ConnectionError("closed")
-        _wait(lambda: srv.results)
-        assert "certificate has expired" in str(srv.results[0])
+        result = refused(srv, trust.client_context(s.bundle, d / "cert.pem", d / "key.pem"))
+        assert "certificate has expired" in str(result)
     finally:
         srv.close()
     with pytest.raises(trust.PeerRejected, match="expired"):
@@ -228,10 +223,7 @@ def test_no_client_cert_refused(east: trust.ClusterCA, tmp_path: Path) -> None:
     s = files(east, workload("east"), tmp_path / "s")
     srv = Server(server_ctx(s), trust.PeerPolicy())
     try:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            _, _, data = connect(srv.port, trust.client_context(s.bundle))
-            if not data:
-                raise ConnectionError("closed")
+        assert isinstance(refused(srv, trust.client_context(s.bundle)), ssl.SSLError)
     finally:
         srv.close()
 
