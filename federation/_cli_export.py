@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,6 @@ def run_exporter(client: Any, cluster: str, path: Path, stop: threading.Event, t
     services: list[ExportedService] = []
     next_beat = 0.0
     backoff = 0.2
-    import time
-
     while not stop.is_set():
         try:
             st = path.stat()

@@ -170,13 +170,19 @@ class Election:
 async def _trust_sync(store: Store, td: trust.TrustDir, interval: float) -> None:
     """Mirror the trust folder's bundle and CRL into etcd (leader only), e.g. after a revoke."""
     election = Election(store.etcd, store.keys.k("election", "trust-sync"))
+    synced_crl: bytes | None = None  # the CRL last mapped onto cluster records here
     while True:
         try:
             if await election.step():
                 bundle, crl = await asyncio.to_thread(lambda: (td.bundle_pem(), td.crl_pem()))
                 await store.publish_trust(bundle, crl)
-                # Revocations made offline (`isthmus trust revoke-cluster`) mark the record too.
-                await store.sync_revoked(crl)
+                # Revocations made offline (`isthmus trust revoke-cluster`) mark the record
+                # too; the records need a look only when the CRL changed.
+                if crl != synced_crl:
+                    await store.sync_revoked(crl)
+                    synced_crl = crl
+            else:
+                synced_crl = None  # a later leadership starts with a full pass
         except (FederationError, trust.TrustError) as exc:
             log.warning("trust_sync.failed", error=str(exc))
         await asyncio.sleep(interval)

@@ -180,7 +180,6 @@ class TrustDir:
         validate_trust_domain(trust_domain)
         if found is not None and found != trust_domain:
             raise BadFile(cert_file, f"certificate is for trust domain {found!r}, not {trust_domain!r}")
-        self._trust_domain_override = trust_domain
         self._write_root(cert, key, extra_roots=[], now=now, trust_domain=trust_domain)
         return cert
 

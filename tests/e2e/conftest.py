@@ -58,7 +58,3 @@ def logs_of(lf: LocalFederation) -> str:
     if lf.federation is not None:
         out.append(f"--- federation ---\n{lf.federation.tail(3000)}")
     return "\n".join(out)
-
-
-def workdir(lf: LocalFederation) -> Path:
-    return lf.workdir
