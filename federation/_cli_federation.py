@@ -50,7 +50,7 @@ def serve(
     setup_logging(log_level)
     from trust._files import read_passphrase
 
-    from ._serve import ServeConfig, default_data_dir, serve as run
+    from .server import ServeConfig, default_data_dir, serve as run
 
     cfg = ServeConfig(
         trust_dir=Path(trust_dir),

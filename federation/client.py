@@ -31,7 +31,7 @@ import structlog
 
 from . import models
 from ._errors import FederationError, RemoteError
-from ._store import PolicyAdapter
+from .server._store import PolicyAdapter
 from .proto import federation_pb2 as pb
 from .proto import federation_pb2_grpc as pb_grpc
 

@@ -179,7 +179,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _check_prerequisites() -> None:
-    from .._embedded import etcd_binary
+    from ..server import etcd_binary
 
     try:
         etcd_binary()

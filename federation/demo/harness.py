@@ -29,7 +29,7 @@ import yaml
 
 import trust
 
-from .._embedded import EmbeddedEtcd, free_port
+from ..server import EmbeddedEtcd, free_port
 from .._errors import FederationError
 from .._netns import Topology, netns_available
 

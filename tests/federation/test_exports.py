@@ -97,7 +97,7 @@ def test_lease_expiry_removes_a_silent_clusters_exports(fed, admin, clusters) ->
 def test_keep_published_survives_a_lapsed_lease(fed, admin, clusters, etcd) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
-    from federation._etcd import Etcd
+    from federation.server import Etcd
 
     east, _ = clusters
     stop = threading.Event()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from federation._etcd import Etcd
-from federation._hub import Hub
-from federation._store import Keys
+from federation.server import Etcd
+from federation.server import Hub
+from federation.server import Keys
 from federation.proto import federation_pb2 as pb
 
 

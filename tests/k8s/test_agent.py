@@ -268,7 +268,7 @@ async def test_agent_run_command_as_a_process(kube, fed_env, clusters, east_clie
 
     import httpx
 
-    from federation._embedded import free_port
+    from federation.server import free_port
 
     world = World(kube)
     world.create(service(ns, "web", {n.EXPORT: "true"}))

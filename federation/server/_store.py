@@ -42,8 +42,8 @@ import structlog
 from aetcd.rpc import rpc_pb2 as etcd_pb
 from pydantic import Field, TypeAdapter, ValidationError
 
-from . import models
-from ._errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from .. import models
+from .._errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 from ._etcd import Etcd, _convert, prefix_end
 
 log = structlog.get_logger("federation.store")

@@ -29,13 +29,13 @@ from pydantic import ValidationError
 
 import trust
 
-from . import models
-from ._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from .. import models
+from .._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 from ._hub import Hub
 from ._store import DEFAULT_TTL, Liveness, Store, parse_policy, parse_service, validation_message
-from .policy import PolicyError, validate_policy
-from .proto import federation_pb2 as pb
-from .proto import federation_pb2_grpc as pb_grpc
+from ..policy import PolicyError, validate_policy
+from ..proto import federation_pb2 as pb
+from ..proto import federation_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("federation.server")
 

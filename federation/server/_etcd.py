@@ -19,7 +19,7 @@ import grpc
 from aetcd.rpc import rpc_pb2 as pb
 from aetcd.rpc import rpc_pb2_grpc as stubs
 
-from ._errors import Compacted, FederationError, StoreUnavailable
+from .._errors import Compacted, FederationError, StoreUnavailable
 
 DEFAULT_TIMEOUT = 5.0
 
