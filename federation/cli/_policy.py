@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ._cli_common import connection_options, handle_errors, make_client, output_option, print_json, print_table, setup_logging
+from ._common import connection_options, handle_errors, make_client, output_option, print_json, print_table, setup_logging
 
 
 @click.group("policy")
@@ -27,9 +27,9 @@ def load_policy_documents(path: str) -> list[Any]:
     Errors name the file, the document index (0-based) and the field path:
     ``invalid policy file: p.yaml document 1: rules[0].from[0].principals[0]: ...``.
     """
-    from .policy import load_policies
+    from ..policy import load_policies
 
-    from .policy import PolicyFileError
+    from ..policy import PolicyFileError
 
     if path == "-":
         policies = load_policies(click.get_text_stream("stdin").read(), source="<stdin>")
@@ -94,7 +94,7 @@ def delete(name: str, kind: str | None, federation_addr: str | None, cert_dir: s
 def _register_check() -> None:
     # ``isthmus policy check`` is written in another module; attach it when present.
     try:
-        from . import _cli_policy_check as check_mod
+        from . import _policy_check as check_mod
     except Exception:  # noqa: BLE001 - optional part, may be absent or broken mid-development
         return
     cmd = getattr(check_mod, "check", None)

@@ -29,9 +29,9 @@ import structlog
 import yaml
 from pydantic import ValidationError
 
-from ._cli_common import connection_options, handle_errors, make_client, setup_logging
-from ._errors import FederationError, RemoteError
-from .models import ExportedService
+from ._common import connection_options, handle_errors, make_client, setup_logging
+from .._errors import FederationError, RemoteError
+from ..models import ExportedService
 
 log = structlog.get_logger("isthmus.export")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from ._cli_common import setup_logging
-from ._errors import FederationError
+from ._common import setup_logging
+from .._errors import FederationError
 
 
 def _default_out_dir(name: str) -> Path:
@@ -23,8 +23,8 @@ def _default_out_dir(name: str) -> Path:
 
 
 def _rest(kubeconfig: str | None, context: str | None):  # type: ignore[no-untyped-def]
-    from .agent._kube import load_api_client
-    from .agent._rest import Rest
+    from ..agent._kube import load_api_client
+    from ..agent._rest import Rest
 
     return Rest(load_api_client(kubeconfig, context))
 
@@ -78,9 +78,9 @@ def join_cluster(name: str, federation_addr: str, token: str, ca_pin: str, out_d
                  timeout: float, dry_run: bool, kubeconfig: str | None, context: str | None) -> None:
     """Join the cluster of the current kube-context to the federation as NAME and install Isthmus in it."""
     setup_logging("warning")
-    from .agent import _manifests as m
-    from .agent._install import JoinOptions, join_cluster as run
-    from .client import parse_addresses
+    from ..agent import _manifests as m
+    from ..agent._install import JoinOptions, join_cluster as run
+    from ..client import parse_addresses
 
     try:
         import trust
@@ -116,7 +116,7 @@ def leave_cluster(name: str, trust_dir: Path | None, no_revoke: bool, out_dir: P
                   kubeconfig: str | None, context: str | None) -> None:
     """Remove Isthmus from the cluster of the current kube-context and revoke cluster NAME."""
     setup_logging("warning")
-    from .agent._install import leave_cluster as run
+    from ..agent._install import leave_cluster as run
 
     if trust_dir is None and not no_revoke:
         raise click.UsageError(
@@ -142,7 +142,7 @@ def leave_cluster(name: str, trust_dir: Path | None, no_revoke: bool, out_dir: P
 def check(pre: bool, federation_addr: str, output: str, kubeconfig: str | None, context: str | None) -> None:
     """Check an Isthmus install (or, with --pre, that a cluster is ready for one); exit 1 on failure."""
     setup_logging("error")
-    from .agent import _checks as c
+    from ..agent import _checks as c
 
     try:
         rest = _rest(kubeconfig, context)
@@ -185,10 +185,10 @@ def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: 
 
     import trust
 
-    from .agent._agent import Agent, AgentConfig
-    from .agent._health import serve_health
-    from .agent._kube import Kube, load_api_client
-    from .client import FederationClient
+    from ..agent._agent import Agent, AgentConfig
+    from ..agent._health import serve_health
+    from ..agent._kube import Kube, load_api_client
+    from ..client import FederationClient
 
     try:
         trust.validate_cluster_name(cluster)
