@@ -3,7 +3,7 @@
 A shared root, name-constrained per-cluster intermediate CAs, SPIFFE X.509-SVID leaves,
 the trust bundle (several roots during a rotation), the CRL, mTLS contexts and the
 post-handshake SPIFFE check, and rotation.  Pure library; the ``isthmus trust`` verbs
-live in ``trust._cli``.
+live in ``trust.cli``.
 """
 
 from ._bundle import spiffe_bundle as spiffe_bundle

@@ -11,7 +11,7 @@ picks up where it stopped and duplicates nothing):
    address: the CA and certificates are taken from the join folder, or restored from the
    cluster's own Secrets if the folder is gone (another machine ran the first join).
 3. The ConfigMap and the four Secrets, then the gateway and agent workloads
-   (``_manifests.install``; the same objects as ``deploy/overlays/cluster``).
+   (``manifests.install``; the same objects as ``deploy/overlays/cluster``).
 
 leave reverses it: withdraw the cluster's exports, delete mirrors and everything join
 created, and revoke the cluster's CA in the federation's trust folder (the federation
@@ -35,7 +35,7 @@ from cryptography import x509
 import trust
 from federation._errors import FederationError
 
-from . import _manifests as m
+from . import manifests as m
 from . import _names as n
 from ._rest import Ref, Rest
 

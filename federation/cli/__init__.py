@@ -14,7 +14,7 @@ import click
 
 # name -> "module:attribute" of a click command or group; loaded on first use.
 _LAZY_COMMANDS: dict[str, str] = {
-    "trust": "trust._cli:trust",
+    "trust": "trust.cli:trust",
     "federation": "federation.cli._federation:federation",
     "clusters": "federation.cli._ops:clusters",
     "services": "federation.cli._ops:services",
@@ -27,7 +27,7 @@ _LAZY_COMMANDS: dict[str, str] = {
     "leave-cluster": "federation.cli._k8s:leave_cluster",
     "check": "federation.cli._k8s:check",
     "agent": "federation.cli._k8s:agent",
-    "demo": "federation.demo._cli:demo",
+    "demo": "federation.demo.cli:demo",
 }
 
 

