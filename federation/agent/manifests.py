@@ -1,7 +1,7 @@
 """The per-cluster install (gateway + agent) as Kubernetes objects, rendered from Python.
 
 ``isthmus join-cluster`` applies exactly these objects; ``deploy/base/{namespace,gateway,agent}``
-hold the same objects as kustomize files, and a golden test (tests/k8s/test_manifests.py)
+hold the same objects as kustomize files, and a golden test (tests/agent/test_manifests.py)
 checks that ``kubectl kustomize deploy/overlays/cluster`` (and ``cluster-nodeport``) renders
 what :func:`workloads` returns, so the two cannot drift apart.  What is specific to one
 cluster — the ConfigMap ``isthmus-config`` and the four Secrets — is rendered only here
