@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .names import local_host
+
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
@@ -64,7 +66,7 @@ class ExportedService(_Model):
     @property
     def hostname(self) -> str:
         """The name the exporting cluster knows it by."""
-        return f"{self.name}.{self.namespace}.svc.cluster.local"
+        return local_host(self.name, self.namespace)
 
     def visible_to(self, cluster: str) -> bool:
         return cluster != self.cluster and (not self.export_to or cluster in self.export_to)

@@ -37,6 +37,9 @@ from ._files import write_files as write_files
 from ._rotation import CertificateSource as CertificateSource
 from ._rotation import rotation_due as rotation_due
 from ._rotation import time_left as time_left
+from ._spiffe import AGENT_SERVICE_ACCOUNT as AGENT_SERVICE_ACCOUNT
+from ._spiffe import GATEWAY_SERVICE_ACCOUNT as GATEWAY_SERVICE_ACCOUNT
+from ._spiffe import SYSTEM_NAMESPACE as SYSTEM_NAMESPACE
 from ._spiffe import SpiffeId as SpiffeId
 from ._spiffe import admin_id as admin_id
 from ._spiffe import agent_id as agent_id

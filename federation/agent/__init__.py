@@ -14,4 +14,3 @@ from ._convert import export_status as export_status
 from ._convert import gateway_endpoints as gateway_endpoints
 from ._convert import plan_mirrors as plan_mirrors
 from ._convert import port_protocol as port_protocol
-from ._names import mirror_name as mirror_name

@@ -33,7 +33,7 @@ import grpc
 import structlog
 import trio
 
-from federation import models
+from federation import models, names
 from federation._errors import RemoteError
 from federation.client import SnapshotTracker, WatchMessage
 
@@ -55,7 +55,7 @@ class FederationPort(Protocol):
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     cluster: str
-    dns_suffix: str = n.DNS_SUFFIX
+    dns_suffix: str = names.DNS_SUFFIX
     lease_ttl: int = 30
     resync_interval: float = 300.0
     max_retries: int = 10

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ._common import setup_logging
+from .. import names
 from .._errors import FederationError
 
 
@@ -174,7 +175,7 @@ def agent() -> None:
 @click.option("--resync", default=300.0, show_default=True, type=click.FloatRange(1.0), help="Full resync period, seconds.")
 @click.option("--rotate-interval", default=600.0, show_default=True, type=click.FloatRange(0.0),
               help="Seconds between checks that renew the in-cluster gateway/agent certificates (Secrets in isthmus-system); 0: off.")
-@click.option("--dns-suffix", default="isthmus.local", show_default=True, help="Suffix of the gateway's outbound names.")
+@click.option("--dns-suffix", default=names.DNS_SUFFIX, show_default=True, help="Suffix of the gateway's outbound names.")
 @click.option("--log-level", default="info", show_default=True)
 @kube_options
 def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: str, lease_ttl: int, resync: float,

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 import trust
 
-from .. import models
+from .. import models, names
 from .._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 from ._hub import Hub
 from ._store import DEFAULT_TTL, Liveness, Store, parse_policy, parse_service, validation_message
@@ -39,7 +39,6 @@ from ..proto import federation_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("federation.server")
 
-CLUSTER_SAS = ("isthmus-gateway", "isthmus-agent")
 DEFAULT_CLUSTER_VALIDITY = 90 * 86400.0
 DEFAULT_TOKEN_TTL = 3600
 
@@ -104,7 +103,7 @@ class FederationService(pb_grpc.FederationServicer):
             return Caller(str(sid), admin=sid.path.removeprefix("/admin/"))
         if sid.trust_domain.endswith("." + td):
             cluster = sid.trust_domain[: -len(td) - 1]
-            if sid.path in tuple(f"/ns/isthmus-system/sa/{sa}" for sa in CLUSTER_SAS):
+            if sid.path in names.CLUSTER_IDENTITY_PATHS:
                 return Caller(str(sid), cluster=cluster)
         raise PermissionDenied(
             f"{sid} may not call the federation API: only admins and cluster gateways/agents may"

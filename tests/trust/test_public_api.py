@@ -1,6 +1,7 @@
 import trust
 
 EXPECTED = {
+    "AGENT_SERVICE_ACCOUNT", "GATEWAY_SERVICE_ACCOUNT", "SYSTEM_NAMESPACE",
     "BadFile", "CertificateSource", "ClusterCA", "InvalidCSR", "InvalidName", "InvalidSpiffeId", "InvalidValidity",
     "IssuedFiles", "KEY_TYPES", "PeerPolicy", "PeerRejected", "Revocations", "SpiffeId", "TrustDir", "TrustError",
     "admin_id", "agent_id", "atomic_write", "build_crl", "build_intermediate", "build_leaf", "build_root", "ca_pin",
