@@ -19,6 +19,8 @@ _LAZY = {
     "FederationError": "federation._errors",
     "RemoteError": "federation._errors",
     "StoreUnavailable": "federation._errors",
+    "InvalidInput": "federation._errors",
+    "InvalidRecord": "federation._errors",
     "PinMismatch": "federation._errors",
     "join": "federation._join",
 }

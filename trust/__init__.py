@@ -33,6 +33,7 @@ from ._files import load_cert as load_cert
 from ._files import load_certs as load_certs
 from ._files import load_key as load_key
 from ._files import parse_duration as parse_duration
+from ._files import read_passphrase as read_passphrase
 from ._files import write_files as write_files
 from ._rotation import CertificateSource as CertificateSource
 from ._rotation import rotation_due as rotation_due

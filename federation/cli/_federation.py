@@ -48,7 +48,7 @@ def serve(
 ) -> None:
     """Serve the federation API (stops on SIGTERM/SIGINT)."""
     setup_logging(log_level)
-    from trust._files import read_passphrase
+    from trust import read_passphrase
 
     from ..server import ServeConfig, default_data_dir, serve as run
 

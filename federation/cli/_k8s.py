@@ -1,6 +1,6 @@
 """Kubernetes verbs: ``join-cluster``, ``leave-cluster``, ``check`` and ``agent run``.
 
-Thin click layer over ``federation.agent`` (_install, _checks, _agent); errors become one
+Thin click layer over :mod:`federation.agent` (its public names); errors become one
 clear line and exit 1.
 """
 
@@ -24,8 +24,7 @@ def _default_out_dir(name: str) -> Path:
 
 
 def _rest(kubeconfig: str | None, context: str | None):  # type: ignore[no-untyped-def]
-    from ..agent._kube import load_api_client
-    from ..agent._rest import Rest
+    from ..agent import Rest, load_api_client
 
     return Rest(load_api_client(kubeconfig, context))
 
@@ -80,7 +79,7 @@ def join_cluster(name: str, federation_addr: str, token: str, ca_pin: str, out_d
     """Join the cluster of the current kube-context to the federation as NAME and install Isthmus in it."""
     setup_logging("warning")
     from ..agent import manifests as m
-    from ..agent._install import JoinOptions, join_cluster as run
+    from ..agent import JoinOptions, join_cluster as run
     from ..client import parse_addresses
 
     try:
@@ -117,7 +116,7 @@ def leave_cluster(name: str, trust_dir: Path | None, no_revoke: bool, out_dir: P
                   kubeconfig: str | None, context: str | None) -> None:
     """Remove Isthmus from the cluster of the current kube-context and revoke cluster NAME."""
     setup_logging("warning")
-    from ..agent._install import leave_cluster as run
+    from ..agent import leave_cluster as run
 
     if trust_dir is None and not no_revoke:
         raise click.UsageError(
@@ -186,9 +185,7 @@ def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: 
 
     import trust
 
-    from ..agent._agent import Agent, AgentConfig
-    from ..agent._health import serve_health
-    from ..agent._kube import Kube, load_api_client
+    from ..agent import Agent, AgentConfig, Kube, load_api_client, serve_health
     from ..client import FederationClient
 
     try:

@@ -219,6 +219,16 @@ class Etcd:
             raise _convert(exc) from None
         return 0
 
+    async def time_to_live(self, lease_id: int) -> tuple[int, int]:
+        """(granted TTL, seconds remaining) of a lease; (0, -1) when it is gone."""
+        try:
+            r = await self.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease_id), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _convert(exc) from None
+        if r.TTL < 0:
+            return 0, -1
+        return int(r.grantedTTL), int(r.TTL)
+
     async def revoke(self, lease_id: int) -> None:
         try:
             await self.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout)

@@ -37,14 +37,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
-import grpc
 import structlog
-from aetcd.rpc import rpc_pb2 as etcd_pb
 from pydantic import BaseModel
 
 from .. import models
 from .._errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
-from ._etcd import Etcd, _convert, prefix_end
+from ._etcd import Etcd, prefix_end
 
 log = structlog.get_logger("federation.store")
 
@@ -337,22 +335,10 @@ class Store:
             body = bodies.get(c.name)
             if body is None:
                 return Liveness(c.name, revoked=c.revoked)
-            ttl, remaining = await self._time_to_live(int(body["lease"]))
+            ttl, remaining = await self.etcd.time_to_live(int(body["lease"]))
             return Liveness(c.name, ttl, remaining, float(body.get("published_at", 0.0)), c.revoked)
 
         return list(await asyncio.gather(*(one(c) for c in clusters)))
-
-    async def _time_to_live(self, lease: int) -> tuple[int, int]:
-        """(granted TTL, remaining); (0, -1) when the lease is gone."""
-        try:
-            r = await self.etcd.lease.LeaseTimeToLive(
-                etcd_pb.LeaseTimeToLiveRequest(ID=lease), timeout=self.etcd.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _convert(exc) from None
-        if r.TTL < 0:
-            return 0, -1
-        return int(r.grantedTTL), int(r.TTL)
 
     async def drop_lease(self, cluster: str) -> None:
         """Revoke a cluster's export lease: its exports vanish at once."""
