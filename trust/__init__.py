@@ -2,8 +2,21 @@
 
 A shared root, name-constrained per-cluster intermediate CAs, SPIFFE X.509-SVID leaves,
 the trust bundle (several roots during a rotation), the CRL, mTLS contexts and the
-post-handshake SPIFFE check, and rotation.  Pure library; the ``isthmus trust`` verbs
-live in ``trust.cli``.
+post-handshake SPIFFE check, and rotation.  Pure library: it imports nothing else of
+Isthmus.
+
+=============  ==========================================================================
+``_ca``        building and signing certificates, CSRs and CRLs (build, sign, re-verify)
+``_spiffe``    SPIFFE IDs and trust domains; the namespace and service accounts of a
+               cluster's gateway and agent
+``_store``     the trust folder (root, cluster CAs, CRL) and issuing into folders
+``_tls``       mTLS contexts, the post-handshake SPIFFE check, revocations
+``_bundle``    the SPIFFE trust bundle (JWKS form)
+``_rotation``  rotation decisions (pure functions of ``now``) and certificate sources
+``_files``     PEM and key files, durations, passphrases
+``_errors``    the error root (:class:`TrustError`)
+``cli``        the ``isthmus trust`` verbs
+=============  ==========================================================================
 """
 
 from ._bundle import spiffe_bundle as spiffe_bundle

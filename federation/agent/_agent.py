@@ -1,6 +1,6 @@
 """The agent's reconcile loop, on trio.
 
-Theory of operation (linkerd service-mirror's shape, STYLE.md):
+Theory of operation (the shape of linkerd's service-mirror controller):
 
 * Pumps produce typed events and nothing else.  One pump per Kubernetes kind lists, then
   watches, in a worker thread (the official client blocks) and sends each event into a

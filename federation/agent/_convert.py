@@ -2,7 +2,7 @@
 
 No I/O and no clock: the reconcile loop feeds them what its watch caches hold and
 applies what they return, so every rule here is tested table-driven without a server
-(STYLE.md, "Pure converters, dumb stores").
+(pure converters and dumb stores, as in cilium's clustermesh).
 
 * :func:`desired_exports`: (Services, EndpointSlices, ServiceExports) -> the export set
   to publish, and why each Service that asked to be exported was refused.
