@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from federation.server import Etcd
-from federation.server import Hub
-from federation.server import Keys
 from federation.proto import federation_pb2 as pb
+from federation.server import Etcd, Hub, Keys
 
 
 def svc_json(name: str, port: int = 80) -> bytes:
