@@ -25,15 +25,16 @@ import grpc
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 import trust
 
 from .. import models, names
 from .._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
-from ._hub import Hub
-from ._store import DEFAULT_TTL, Liveness, Store
 from ..policy import PolicyError, validate_policy
 from ..proto import federation_pb2 as pb
 from ..proto import federation_pb2_grpc as pb_grpc
+from ._hub import Hub
+from ._store import DEFAULT_TTL, Liveness, Store
 
 log = structlog.get_logger("federation.server")
 
