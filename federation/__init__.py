@@ -1,4 +1,22 @@
-"""Isthmus federation: the registry service on etcd, its API client, shared models and the CLI.
+"""Isthmus federation: the shared contract, the API client, the federation service, the
+Kubernetes agent, the ``isthmus`` CLI and the demo.
+
+==================  ====================================================================
+``models``          the contract: the models every package shares, and their two parsers
+                    (``parse_input`` strict for what users write, ``read_record`` lenient
+                    for what etcd and the wire carry)
+``names``           service and mirror names, the DNS suffix, ports, cluster identities
+``client``          the synchronous API client (grpcio) for gateways, agents and the CLI
+``_join``           joining a cluster, client side (:func:`federation.join`)
+``policy``, ``jwt`` the pure decision engines the gateway runs (authorization, JWT)
+``_errors``         the error root (:class:`FederationError`) and its gRPC status codes
+``server/``         the federation service, on asyncio: API, hub, store, etcd
+``agent/``          the Kubernetes agent, on trio
+``cli/``            the ``isthmus`` command (the gateway's verbs load lazily from there:
+                    nothing else in this package imports ``gateway``)
+``demo/``           ``isthmus demo`` and the end-to-end tests' building blocks
+``proto/``          the ``isthmus.federation.v1`` API and its generated stubs
+==================  ====================================================================
 
 Public names are loaded lazily (``federation.FederationClient`` imports grpc only when
 first used), because every ``isthmus`` command imports this package.
@@ -19,6 +37,8 @@ _LAZY = {
     "FederationError": "federation._errors",
     "RemoteError": "federation._errors",
     "StoreUnavailable": "federation._errors",
+    "InvalidInput": "federation._errors",
+    "InvalidRecord": "federation._errors",
     "PinMismatch": "federation._errors",
     "join": "federation._join",
 }

@@ -1,6 +1,6 @@
 """``python -m federation ...`` is ``isthmus federation ...`` (used by tests and process supervisors)."""
 
-from ._cli_federation import federation
+from .cli import load_command
 
 if __name__ == "__main__":
-    federation.main(prog_name="python -m federation")
+    load_command("federation").main(prog_name="python -m federation")

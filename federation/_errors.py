@@ -2,11 +2,12 @@
 
 Messages start with a fixed prefix naming what failed and, where it helps, say what to
 do.  Subclasses carry the gRPC status they map to, so the server converts them at one
-boundary (``_server._abort``) and the client maps status codes back.
+boundary (``federation/server/_server.py``, ``_rpc``) and the client maps status codes back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -33,6 +34,36 @@ class InvalidRequest(FederationError, ValueError):
     """The request is malformed (bad name, bad model JSON, ...)."""
 
     code = _Code("INVALID_ARGUMENT")
+
+
+class _Problems:
+    """What failed validation: ``what`` names the thing (``AuthorizationPolicy``, ``exported
+    service``), ``problems`` holds ``(field path, message)`` pairs with paths such as
+    ``rules[0].to[0].ports[0]``, and ``field`` is the first path."""
+
+    LIMIT = 3  # problems named in the message; the rest are counted
+
+    def __init__(self, what: str, problems: Sequence[tuple[str, str]]) -> None:
+        self.what = what
+        self.problems = tuple(problems)
+        self.field = self.problems[0][0] if self.problems else ""
+        super().__init__(f"invalid {what}: {self.describe()}")
+
+    def describe(self) -> str:
+        """``path: message; path: message (and 2 more)`` (the message without ``invalid <what>:``)."""
+        parts = [f"{path}: {msg}" if path else msg for path, msg in self.problems[: self.LIMIT]]
+        more = len(self.problems) - self.LIMIT
+        return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+class InvalidInput(_Problems, InvalidRequest):
+    """What a user wrote (a CLI file, an API request) is not a valid model: refused, with
+    the field path (:func:`federation.models.parse_input`)."""
+
+
+class InvalidRecord(_Problems, FederationError, ValueError):
+    """A value read from etcd or the wire is not a valid model: a bad record, which the
+    reader skips (:func:`federation.models.read_record`)."""
 
 
 class PermissionDenied(FederationError):

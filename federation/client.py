@@ -31,7 +31,6 @@ import structlog
 
 from . import models
 from ._errors import FederationError, RemoteError
-from ._store import PolicyAdapter
 from .proto import federation_pb2 as pb
 from .proto import federation_pb2_grpc as pb_grpc
 
@@ -41,7 +40,7 @@ MAX_MESSAGE = 256 * 1024 * 1024
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 KIND_NAMES = {pb.CLUSTER: "cluster", pb.SERVICE: "service", pb.POLICY: "policy", pb.BUNDLE: "bundle", pb.CRL: "crl"}
 
-Policy = models.AuthorizationPolicy | models.RequestAuthentication
+Policy = models.Policy
 T = TypeVar("T")
 
 
@@ -94,7 +93,7 @@ class WatchMessage:
 
 def decode_event(event: pb.WatchEvent) -> WatchMessage:
     if event.is_snapshot:
-        return WatchMessage(event.revision, snapshot=models.Snapshot.model_validate_json(event.snapshot_json))
+        return WatchMessage(event.revision, snapshot=models.read_record(models.Snapshot, event.snapshot_json))
     if event.progress:
         return WatchMessage(event.revision, progress=True)
     changes = []
@@ -103,11 +102,11 @@ def decode_event(event: pb.WatchEvent) -> WatchMessage:
         value: Any = None
         if not c.deleted:
             if c.kind == pb.CLUSTER:
-                value = models.ClusterRecord.model_validate_json(c.json)
+                value = models.read_record(models.ClusterRecord, c.json)
             elif c.kind == pb.SERVICE:
-                value = models.ExportedService.model_validate_json(c.json)
+                value = models.read_record(models.ExportedService, c.json)
             elif c.kind == pb.POLICY:
-                value = PolicyAdapter.validate_json(c.json)
+                value = models.read_record(models.Policy, c.json)
             elif c.kind in (pb.BUNDLE, pb.CRL):
                 value = json.loads(c.json)["pem"]
         changes.append(Change(kind, c.key, c.deleted, value))
@@ -433,7 +432,7 @@ class FederationClient:
 
     def list_policies(self) -> list[Policy]:
         r = self._call("ListPolicies", pb.ListPoliciesRequest())
-        return [PolicyAdapter.validate_json(p) for p in r.policies_json]
+        return [models.read_record(models.Policy, p) for p in r.policies_json]
 
     def delete_policy(self, name: str, kind: str = "") -> int:
         return self._call("DeletePolicy", pb.DeletePolicyRequest(name=name, kind=kind)).deleted
@@ -444,7 +443,7 @@ class FederationClient:
 
     def clusters_with_liveness(self) -> tuple[list[models.ClusterRecord], dict[str, ClusterLiveness]]:
         r = self._call("ListClusters", pb.ListClustersRequest())
-        records = [models.ClusterRecord.model_validate_json(c) for c in r.clusters_json]
+        records = [models.read_record(models.ClusterRecord, c) for c in r.clusters_json]
         return records, {m.cluster: ClusterLiveness.from_pb(m) for m in r.liveness}
 
     def revoke_cluster(self, name: str) -> pb.RevokeClusterResponse:
@@ -453,7 +452,7 @@ class FederationClient:
 
     def list_services(self, cluster: str = "") -> list[models.ExportedService]:
         r = self._call("ListServices", pb.ListServicesRequest(cluster=cluster))
-        return [models.ExportedService.model_validate_json(s) for s in r.services_json]
+        return [models.read_record(models.ExportedService, s) for s in r.services_json]
 
     def status(self) -> Status:
         r = self._call("GetStatus", pb.GetStatusRequest())

@@ -1,17 +1,37 @@
-"""Shared data models: clusters, exported services, policies, the config snapshot.
+"""Shared data models (the contract): clusters, exported services, policies, the snapshot.
 
 These are used by all three packages (the federation service stores them in etcd as
 JSON, the gateway builds its routes and policy decisions from them, the agent writes
 them).  Their JSON form is stable API: it is what lives in etcd and what the watch
 stream carries.  Add fields with defaults; never rename or repurpose one.
+
+Parsing, one function per direction, for every model here:
+
+* :func:`parse_input` is for what a user writes (CLI files, API requests): strict.  An
+  unknown field is an error, and :class:`~federation.InvalidInput` names every problem
+  by its field path (``rules[0].to[0].ports[0]: ...``).
+* :func:`read_record` is for what comes from etcd or the wire: lenient.  Unknown fields
+  are ignored (a newer peer may have added one with a default; an older reader must keep
+  working) and logged once per field; anything else wrong raises
+  :class:`~federation.InvalidRecord`, so the caller can skip that one record.
+
+Constructing a model in code is strict, like :func:`parse_input`.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeVar, overload
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from ._errors import InvalidInput, InvalidRecord
+from .names import local_host
+
+log = structlog.get_logger("federation.models")
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -64,7 +84,7 @@ class ExportedService(_Model):
     @property
     def hostname(self) -> str:
         """The name the exporting cluster knows it by."""
-        return f"{self.name}.{self.namespace}.svc.cluster.local"
+        return local_host(self.name, self.namespace)
 
     def visible_to(self, cluster: str) -> bool:
         return cluster != self.cluster and (not self.export_to or cluster in self.export_to)
@@ -172,6 +192,12 @@ class RequestAuthentication(_Model):
 
 
 Policy = AuthorizationPolicy | RequestAuthentication
+POLICY_KINDS: dict[str, type[AuthorizationPolicy] | type[RequestAuthentication]] = {
+    "AuthorizationPolicy": AuthorizationPolicy,
+    "RequestAuthentication": RequestAuthentication,
+}
+# A policy of either kind, told apart by its ``kind`` field.
+AnyPolicy = Annotated[Policy, Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- what the watch carries
@@ -183,6 +209,112 @@ class Snapshot(_Model):
     revision: int = 0
     clusters: tuple[ClusterRecord, ...] = ()
     services: tuple[ExportedService, ...] = ()
-    policies: tuple[AuthorizationPolicy | RequestAuthentication, ...] = ()
+    policies: tuple[AnyPolicy, ...] = ()
     bundle_pem: str = ""
     crl_pem: str = ""
+
+
+# ---------------------------------------------------------------- parsing: input and records
+
+M = TypeVar("M", bound=BaseModel)
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {Policy: TypeAdapter(AnyPolicy)}
+_REPORTED_UNKNOWN: set[tuple[str, str]] = set()
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """pydantic's error location as a field path: ``rules[0].from[0].principals[1]``.
+
+    A policy kind in the location is the union member pydantic tried, not a field: left out.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in POLICY_KINDS:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    return [(field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors(include_url=False)]
+
+
+def _name(model: Any) -> str:
+    return "policy" if model == Policy else getattr(model, "__name__", str(model))
+
+
+def _validate(model: Any, data: Any, extra: Literal["forbid", "ignore"]) -> Any:
+    adapter = _ADAPTERS.get(model)
+    if adapter is None:
+        adapter = _ADAPTERS[model] = TypeAdapter(model)
+    if isinstance(data, (str, bytes, bytearray)):
+        return adapter.validate_json(data, extra=extra)
+    return adapter.validate_python(data, extra=extra)
+
+
+def _policy_kind(data: Any) -> tuple[type[AuthorizationPolicy] | type[RequestAuthentication], Any]:
+    """The model for a policy document (by its ``kind``), and the document as Python data."""
+    if isinstance(data, (str, bytes, bytearray)):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise InvalidInput("policy", [("", f"not JSON: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise InvalidInput("policy", [("", "expected an object with kind, name, ...")])
+    kind = data.get("kind")
+    if kind is None:
+        raise InvalidInput("policy", [("kind", "missing; set kind: AuthorizationPolicy or RequestAuthentication")])
+    if not isinstance(kind, str) or kind not in POLICY_KINDS:
+        raise InvalidInput(
+            "policy", [("kind", f"{kind!r} is not a policy kind; use AuthorizationPolicy or RequestAuthentication")]
+        )
+    return POLICY_KINDS[kind], data
+
+
+@overload
+def parse_input(model: type[M], data: Any, *, what: str | None = None) -> M: ...
+@overload
+def parse_input(model: Any, data: Any, *, what: str | None = None) -> Any: ...
+def parse_input(model: Any, data: Any, *, what: str | None = None) -> Any:
+    """Validate what a user wrote (JSON text or Python data) as ``model`` (or :data:`Policy`,
+    dispatched on ``kind``); unknown fields are errors.  Raises :class:`InvalidInput`
+    naming ``what`` (default: the model's name, or a policy's kind) and the field paths."""
+    if model == Policy:
+        model, data = _policy_kind(data)
+    try:
+        return _validate(model, data, "forbid")
+    except ValidationError as exc:
+        raise InvalidInput(what or _name(model), _problems(exc)) from None
+
+
+@overload
+def read_record(model: type[M], data: Any, *, what: str | None = None) -> M: ...
+@overload
+def read_record(model: Any, data: Any, *, what: str | None = None) -> Any: ...
+def read_record(model: Any, data: Any, *, what: str | None = None) -> Any:
+    """Validate a value read from etcd or the wire as ``model`` (or :data:`Policy`).
+
+    Unknown fields are ignored and logged once per model and field; anything else raises
+    :class:`InvalidRecord`.  The common case (nothing unknown) costs one validation.
+    """
+    name = what or _name(model)
+    try:
+        return _validate(model, data, "forbid")
+    except ValidationError as exc:
+        unknown = {
+            re.sub(r"\[\d+\]", "[]", field_path(e["loc"]))
+            for e in exc.errors(include_url=False)
+            if e["type"] == "extra_forbidden"
+        }
+        if not unknown:
+            raise InvalidRecord(name, _problems(exc)) from None
+    try:
+        value = _validate(model, data, "ignore")
+    except ValidationError as exc:
+        raise InvalidRecord(name, _problems(exc)) from None
+    new = sorted(f for f in unknown if (name, f) not in _REPORTED_UNKNOWN)
+    if new:
+        _REPORTED_UNKNOWN.update((name, f) for f in new)
+        log.warning("record.unknown_fields_ignored", model=name, fields=new,
+                    hint="written by a newer Isthmus; upgrade this component to use them")
+    return value

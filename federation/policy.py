@@ -36,9 +36,10 @@ destination, so a request costs a handful of set lookups per selecting policy.
 Policy files
 ------------
 :func:`load_policies` reads multi-document YAML of AuthorizationPolicy and
-RequestAuthentication documents (the JSON form of :mod:`federation.models`) and turns
-pydantic's error locations into ``rules[0].from[0].principals[1]: ...`` messages naming the
-file and the document.  ``isthmus policy apply -f`` and ``isthmus policy check -f`` share it.
+RequestAuthentication documents (the JSON form of :mod:`federation.models`), validates each
+with :func:`federation.models.parse_input` and :func:`validate_policy`, and names the file,
+the document and the field path (``rules[0].from[0].principals[1]: ...``).  ``isthmus
+policy apply -f`` and ``isthmus policy check -f`` share it.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
 
+from ._errors import InvalidInput, InvalidRequest
 from .models import (
     AuthorizationPolicy,
     JwtClaimMatch,
@@ -62,9 +63,8 @@ from .models import (
     RuleTo,
     Selector,
     Snapshot,
+    parse_input,
 )
-
-from ._errors import InvalidRequest
 
 
 __all__ = [
@@ -568,22 +568,6 @@ class PolicySet:
 
 # ---------------------------------------------------------------- the YAML loader
 
-_POLICY_KINDS: dict[str, type[AuthorizationPolicy] | type[RequestAuthentication]] = {
-    "AuthorizationPolicy": AuthorizationPolicy,
-    "RequestAuthentication": RequestAuthentication,
-}
-_ADAPTERS = {kind: TypeAdapter(model) for kind, model in _POLICY_KINDS.items()}
-
-
-def _loc(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
 
 def _read_source(text_or_path: str | os.PathLike[str], source: str | None) -> tuple[str, str]:
     looks_like_path = isinstance(text_or_path, os.PathLike) or (
@@ -649,26 +633,10 @@ def load_policies(
                 f"'kind: RequestAuthentication', got {type(doc).__name__}",
                 source=name, document=index,
             )
-        kind = doc.get("kind")
-        if not isinstance(kind, str) or kind not in _POLICY_KINDS:
-            raise PolicyFileError(
-                f"kind: {kind!r} is not a policy kind; use AuthorizationPolicy or "
-                "RequestAuthentication",
-                source=name, document=index, field="kind",
-            )
         try:
-            policy = _ADAPTERS[kind].validate_python(doc)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False)
-            parts = []
-            for err in errors[:3]:
-                at = _loc(err["loc"])
-                parts.append(f"{at + ': ' if at else ''}{err['msg'].removeprefix('Value error, ')}")
-            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-            raise PolicyFileError(
-                "; ".join(parts) + more,
-                source=name, document=index, field=_loc(errors[0]["loc"]),
-            ) from None
+            policy = parse_input(Policy, doc)
+        except InvalidInput as exc:
+            raise PolicyFileError(exc.describe(), source=name, document=index, field=exc.field) from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise PolicyFileError(str(exc), source=name, document=index) from None
         try:
@@ -678,10 +646,10 @@ def load_policies(
             raise PolicyFileError(
                 text_, source=name, document=index, field=text_.split(":", 1)[0]
             ) from None
-        key = (kind, policy.name)
+        key = (policy.kind, policy.name)
         if key in seen:
             raise PolicyFileError(
-                f"{kind} {policy.name!r} is already defined in document {seen[key]}",
+                f"{policy.kind} {policy.name!r} is already defined in document {seen[key]}",
                 source=name, document=index, field="name",
             )
         seen[key] = index

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from federation.models import Snapshot
+from federation.names import GATEWAY_ADMIN_PORT, GATEWAY_INBOUND_PORT, GATEWAY_OUTBOUND_PORT
 
 from ._errors import ConfigError
 from ._routes import DEFAULT_DNS_SUFFIX
@@ -123,9 +124,9 @@ class GatewayConfig(_Model):
     # Our cluster's name; empty = taken from the certificate's trust domain (first label).
     cluster: str = ""
     dns_suffix: str = DEFAULT_DNS_SUFFIX
-    inbound: ListenerConfig = ListenerConfig(port=15443)
-    outbound: ListenerConfig = ListenerConfig(port=15001)
-    admin: ListenerConfig = ListenerConfig(host="127.0.0.1", port=15000)
+    inbound: ListenerConfig = ListenerConfig(port=GATEWAY_INBOUND_PORT)
+    outbound: ListenerConfig = ListenerConfig(port=GATEWAY_OUTBOUND_PORT)
+    admin: ListenerConfig = ListenerConfig(host="127.0.0.1", port=GATEWAY_ADMIN_PORT)
     tls: TlsConfig = TlsConfig()
     # Local workloads may connect without TLS (then they carry no identity).
     outbound_allow_plain: bool = False

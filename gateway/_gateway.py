@@ -33,6 +33,7 @@ from cryptography import x509
 
 import trust
 from federation.models import Snapshot
+from federation.names import GATEWAY_PATH
 
 from ._abuse import FrameGuard, HeadersDeadlineStream, Shield, refuse_connection
 from ._config import GatewayConfig
@@ -49,7 +50,6 @@ from ._telemetry import Exchange, Metrics, Recorder
 
 log = structlog.get_logger("isthmus.gateway")
 
-GATEWAY_PATH = "/ns/isthmus-system/sa/isthmus-gateway"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 

@@ -16,7 +16,7 @@ Naming scheme (stable API — workloads and the agent's mirror Services use thes
   - the Kubernetes agent's mirror Services, as a workload calls them:
     ``<svc>--<cluster>.<ns>[.svc[.cluster.local]][:port]`` for one source cluster and
     ``<svc>--isthmus.<ns>[.svc[.cluster.local]][:port]`` for the federated name (the agent's
-    scheme, ``federation/agent/_names.py``; a mirror's endpoints are this listener).
+    scheme, ``federation/names.py``; a mirror's endpoints are this listener).
 
   Without a port the service's only port is meant; with several ports, port 80 if it has
   one, else its first port.  The label count tells the two forms apart (2 vs 3 labels in
@@ -31,11 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from federation.agent._names import mirror_name
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot
-
-DEFAULT_DNS_SUFFIX = "isthmus.local"
-LOCAL_SUFFIX = "svc.cluster.local"
+from federation.names import DNS_SUFFIX as DEFAULT_DNS_SUFFIX
+from federation.names import LOCAL_SUFFIX, mirror_hosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,15 +115,6 @@ def split_authority(authority: str) -> tuple[str, int | None]:
         host, port = authority, ""
     host = host.lower().rstrip(".")
     return host, (int(port) if port else None)
-
-
-def mirror_hosts(name: str, namespace: str, cluster: str | None) -> tuple[str, ...]:
-    """The names a workload may use for the agent's mirror of ``namespace/name``."""
-    try:
-        m = mirror_name(name, cluster)
-    except ValueError:  # a cluster named like the federated suffix has no mirror
-        return ()
-    return (f"{m}.{namespace}.{LOCAL_SUFFIX}", f"{m}.{namespace}.svc", f"{m}.{namespace}")
 
 
 def _default_port(ports: tuple[ServicePort, ...]) -> ServicePort:

@@ -2,8 +2,21 @@
 
 A shared root, name-constrained per-cluster intermediate CAs, SPIFFE X.509-SVID leaves,
 the trust bundle (several roots during a rotation), the CRL, mTLS contexts and the
-post-handshake SPIFFE check, and rotation.  Pure library; the ``isthmus trust`` verbs
-live in ``trust._cli``.
+post-handshake SPIFFE check, and rotation.  Pure library: it imports nothing else of
+Isthmus.
+
+=============  ==========================================================================
+``_ca``        building and signing certificates, CSRs and CRLs (build, sign, re-verify)
+``_spiffe``    SPIFFE IDs and trust domains; the namespace and service accounts of a
+               cluster's gateway and agent
+``_store``     the trust folder (root, cluster CAs, CRL) and issuing into folders
+``_tls``       mTLS contexts, the post-handshake SPIFFE check, revocations
+``_bundle``    the SPIFFE trust bundle (JWKS form)
+``_rotation``  rotation decisions (pure functions of ``now``) and certificate sources
+``_files``     PEM and key files, durations, passphrases
+``_errors``    the error root (:class:`TrustError`)
+``cli``        the ``isthmus trust`` verbs
+=============  ==========================================================================
 """
 
 from ._bundle import spiffe_bundle as spiffe_bundle
@@ -33,10 +46,14 @@ from ._files import load_cert as load_cert
 from ._files import load_certs as load_certs
 from ._files import load_key as load_key
 from ._files import parse_duration as parse_duration
+from ._files import read_passphrase as read_passphrase
 from ._files import write_files as write_files
 from ._rotation import CertificateSource as CertificateSource
 from ._rotation import rotation_due as rotation_due
 from ._rotation import time_left as time_left
+from ._spiffe import AGENT_SERVICE_ACCOUNT as AGENT_SERVICE_ACCOUNT
+from ._spiffe import GATEWAY_SERVICE_ACCOUNT as GATEWAY_SERVICE_ACCOUNT
+from ._spiffe import SYSTEM_NAMESPACE as SYSTEM_NAMESPACE
 from ._spiffe import SpiffeId as SpiffeId
 from ._spiffe import admin_id as admin_id
 from ._spiffe import agent_id as agent_id

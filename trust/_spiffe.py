@@ -1,8 +1,10 @@
 """SPIFFE IDs and trust domains, validated per the SPIFFE ID spec.
 
-Our naming scheme (DESIGN.md, "Identity"): the federation trust domain, e.g.
-``isthmus.local``; each cluster's trust domain ``<cluster>.<federation-domain>``;
-workloads ``spiffe://<cluster-td>/ns/<ns>/sa/<sa>``; operators
+Our naming scheme: the federation trust domain, e.g. ``isthmus.local``; each cluster's
+trust domain ``<cluster>.<federation-domain>``; workloads
+``spiffe://<cluster-td>/ns/<ns>/sa/<sa>``, a cluster's gateway and agent among them
+(service accounts :data:`GATEWAY_SERVICE_ACCOUNT` and :data:`AGENT_SERVICE_ACCOUNT` in
+:data:`SYSTEM_NAMESPACE`); operators
 ``spiffe://<federation-td>/admin/<name>``; the federation server
 ``spiffe://<federation-td>/federation``.
 """
@@ -20,6 +22,12 @@ MAX_TRUST_DOMAIN_LENGTH = 255
 _TD_CHARS = frozenset(string.ascii_lowercase + string.digits + ".-_")
 _SEGMENT_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+# Where a cluster's Isthmus components run and the service accounts they run as: their
+# SPIFFE IDs (gateway_id, agent_id) are built from these.  Stable API.
+SYSTEM_NAMESPACE = "isthmus-system"
+GATEWAY_SERVICE_ACCOUNT = "isthmus-gateway"
+AGENT_SERVICE_ACCOUNT = "isthmus-agent"
 
 
 def validate_trust_domain(td: str) -> str:
@@ -142,11 +150,11 @@ def workload_id(cluster_td: str, namespace: str, service_account: str) -> Spiffe
 
 
 def gateway_id(cluster_td: str) -> SpiffeId:
-    return workload_id(cluster_td, "isthmus-system", "isthmus-gateway")
+    return workload_id(cluster_td, SYSTEM_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
 
 
 def agent_id(cluster_td: str) -> SpiffeId:
-    return workload_id(cluster_td, "isthmus-system", "isthmus-agent")
+    return workload_id(cluster_td, SYSTEM_NAMESPACE, AGENT_SERVICE_ACCOUNT)
 
 
 def admin_id(federation_td: str, name: str) -> SpiffeId:

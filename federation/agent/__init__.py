@@ -1,17 +1,59 @@
-"""The Isthmus Kubernetes agent (``isthmus agent run``, one per cluster).
+"""The Isthmus Kubernetes agent (``isthmus agent run``, one per cluster), on trio.
 
 It exports annotated Services (or ones with an MCS ``ServiceExport``) to the federation
-and keeps mirror Services for what other clusters export here.  Pure converters in
-``_convert``, names in ``_names``, the reconcile loop in ``_agent``, the Kubernetes
-shell in ``_kube``; manifests for ``join-cluster`` in ``_manifests``.
+and keeps mirror Services for what other clusters export here; ``isthmus join-cluster``
+installs Isthmus into a cluster with it.
+
+==============  ===================================================================
+``_convert``    pure converters: Kubernetes objects in, exports and mirror plans out
+``_agent``      the reconcile loop (typed events, one ``apply`` dispatcher)
+``_kube``       the Kubernetes shell: watches in worker threads bridged into trio
+``_rest``       plain reads and writes for ``join-cluster``, ``leave-cluster``, ``check``
+``_install``    ``join-cluster`` and ``leave-cluster``
+``_rotate``     renewing the in-cluster gateway and agent certificates
+``_health``     ``/healthz`` and ``/readyz``
+``_names``      the annotations and labels the agent reads and writes
+``manifests``   the objects ``join-cluster`` applies (the same as ``deploy/``)
+``checks``      ``isthmus check`` (pre- and post-install checks)
+==============  ===================================================================
+
+Names shared with the gateway (mirror names, ports, identities) are in
+:mod:`federation.names`.  Public names are loaded lazily: importing this package does not
+import kubernetes or trio.
 """
 
-from ._convert import ExportPlan as ExportPlan
-from ._convert import MirrorPlan as MirrorPlan
-from ._convert import ObjectRef as ObjectRef
-from ._convert import desired_exports as desired_exports
-from ._convert import export_status as export_status
-from ._convert import gateway_endpoints as gateway_endpoints
-from ._convert import plan_mirrors as plan_mirrors
-from ._convert import port_protocol as port_protocol
-from ._names import mirror_name as mirror_name
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ExportPlan": "_convert",
+    "MirrorPlan": "_convert",
+    "ObjectRef": "_convert",
+    "desired_exports": "_convert",
+    "export_status": "_convert",
+    "gateway_endpoints": "_convert",
+    "plan_mirrors": "_convert",
+    "port_protocol": "_convert",
+    "Agent": "_agent",
+    "AgentConfig": "_agent",
+    "Kube": "_kube",
+    "load_api_client": "_kube",
+    "Rest": "_rest",
+    "JoinOptions": "_install",
+    "join_cluster": "_install",
+    "leave_cluster": "_install",
+    "serve_health": "_health",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'federation.agent' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,6 +1,6 @@
 """The agent's reconcile loop, on trio.
 
-Theory of operation (linkerd service-mirror's shape, STYLE.md):
+Theory of operation (the shape of linkerd's service-mirror controller):
 
 * Pumps produce typed events and nothing else.  One pump per Kubernetes kind lists, then
   watches, in a worker thread (the official client blocks) and sends each event into a
@@ -33,7 +33,7 @@ import grpc
 import structlog
 import trio
 
-from federation import models
+from federation import models, names
 from federation._errors import RemoteError
 from federation.client import SnapshotTracker, WatchMessage
 
@@ -55,7 +55,7 @@ class FederationPort(Protocol):
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     cluster: str
-    dns_suffix: str = n.DNS_SUFFIX
+    dns_suffix: str = names.DNS_SUFFIX
     lease_ttl: int = 30
     resync_interval: float = 300.0
     max_retries: int = 10

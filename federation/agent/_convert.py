@@ -2,7 +2,7 @@
 
 No I/O and no clock: the reconcile loop feeds them what its watch caches hold and
 applies what they return, so every rule here is tested table-driven without a server
-(STYLE.md, "Pure converters, dumb stores").
+(pure converters and dumb stores, as in cilium's clustermesh).
 
 * :func:`desired_exports`: (Services, EndpointSlices, ServiceExports) -> the export set
   to publish, and why each Service that asked to be exported was refused.
@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from federation import names
 from federation.models import ExportedService, ServicePort, Snapshot
 
 from . import _names as n
@@ -112,14 +113,14 @@ def ready_endpoints(namespace: str, service: str, slices: Iterable[Obj]) -> int:
 
 
 def parse_export_to(value: str) -> tuple[str, ...]:
-    names = sorted({v.strip() for v in value.split(",") if v.strip()})
-    for v in names:
+    clusters = sorted({v.strip() for v in value.split(",") if v.strip()})
+    for v in clusters:
         if not _LABEL.match(v):
             raise ValueError(
                 f"{n.EXPORT_TO}: {v!r} is not a cluster name (lowercase RFC 1123 labels, comma-separated, "
                 "e.g. \"west,central\")"
             )
-    return tuple(names)
+    return tuple(clusters)
 
 
 def _export_one(cluster: str, svc: Obj, slices: Iterable[Obj]) -> ExportedService:
@@ -130,8 +131,8 @@ def _export_one(cluster: str, svc: Obj, slices: Iterable[Obj]) -> ExportedServic
     spec = svc.get("spec") or {}
     if n.MIRRORED_FROM in labels:
         raise ValueError("this Service is a mirror of an imported service; export the original in its own cluster")
-    if ns == n.SYSTEM_NAMESPACE:
-        raise ValueError(f"Services in {n.SYSTEM_NAMESPACE} are Isthmus' own and are not exported")
+    if ns == names.SYSTEM_NAMESPACE:
+        raise ValueError(f"Services in {names.SYSTEM_NAMESPACE} are Isthmus' own and are not exported")
     if spec.get("type") == "ExternalName":
         raise ValueError("an ExternalName Service has no endpoints in this cluster; export the service it names instead")
     ports: list[ServicePort] = []
@@ -206,7 +207,7 @@ def gateway_endpoints(slices: Iterable[Obj]) -> tuple[str, ...]:
     out: set[str] = set()
     for s in slices:
         m = _meta(s)
-        if m.get("namespace") != n.SYSTEM_NAMESPACE or (m.get("labels") or {}).get(n.SERVICE_NAME_LABEL) != n.GATEWAY_SERVICE:
+        if m.get("namespace") != names.SYSTEM_NAMESPACE or (m.get("labels") or {}).get(n.SERVICE_NAME_LABEL) != n.GATEWAY_SERVICE:
             continue
         for ep in s.get("endpoints") or ():
             if (ep.get("conditions") or {}).get("ready") is not False:
@@ -232,9 +233,9 @@ def _with_hash(obj: dict[str, Any]) -> dict[str, Any]:
 def _mirror_objects(
     namespace: str, name: str, source: str | None, ports: list[ServicePort], gateway: tuple[str, ...], dns_suffix: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    mname = n.mirror_name(name, source)
+    mname = names.mirror_name(name, source)
     labels = {n.MIRRORED_FROM: source or n.FEDERATED, n.MANAGED_BY: n.AGENT}
-    authority = n.remote_authority(name, namespace, source, dns_suffix)
+    authority = names.outbound_host(name, namespace, source, dns_suffix)
     annotations = {n.REMOTE_SERVICE: f"{namespace}/{name}", n.REMOTE_AUTHORITY: authority}
     sports = [
         {
@@ -242,7 +243,7 @@ def _mirror_objects(
             "port": p.port,
             "protocol": "TCP",
             "appProtocol": _app_protocol(p.protocol),
-            "targetPort": n.GATEWAY_OUTBOUND_PORT,
+            "targetPort": names.GATEWAY_OUTBOUND_PORT,
         }
         for p in ports
     ]
@@ -268,7 +269,7 @@ def _mirror_objects(
         # Every port of a mirror lands on the gateway's outbound listener, which routes
         # by :authority (HTTP, gRPC) or CONNECT target; the mirror's annotation names it.
         "ports": [
-            {"name": sp["name"], "port": n.GATEWAY_OUTBOUND_PORT, "protocol": "TCP", "appProtocol": sp["appProtocol"]}
+            {"name": sp["name"], "port": names.GATEWAY_OUTBOUND_PORT, "protocol": "TCP", "appProtocol": sp["appProtocol"]}
             for sp in sports
         ],
     }
@@ -286,7 +287,7 @@ def plan_mirrors(
     services: Iterable[Obj],
     slices: Iterable[Obj],
     gateway: tuple[str, ...] = (),
-    dns_suffix: str = n.DNS_SUFFIX,
+    dns_suffix: str = names.DNS_SUFFIX,
 ) -> MirrorPlan:
     """Mirrors for every service exported to ``cluster``; existing objects come from the caches.
 
@@ -296,7 +297,7 @@ def plan_mirrors(
     live = {c.name for c in snapshot.clusters if not c.revoked}
     by_key: dict[tuple[str, str], dict[str, ExportedService]] = {}
     for s in snapshot.services:
-        if s.visible_to(cluster) and s.cluster in live and s.cluster != n.FEDERATED_SUFFIX:
+        if s.visible_to(cluster) and s.cluster in live and s.cluster != names.FEDERATED_SUFFIX:
             by_key.setdefault((s.namespace, s.name), {})[s.cluster] = s
 
     desired: dict[ObjectRef, dict[str, Any]] = {}

@@ -11,7 +11,7 @@ picks up where it stopped and duplicates nothing):
    address: the CA and certificates are taken from the join folder, or restored from the
    cluster's own Secrets if the folder is gone (another machine ran the first join).
 3. The ConfigMap and the four Secrets, then the gateway and agent workloads
-   (``_manifests.install``; the same objects as ``deploy/overlays/cluster``).
+   (``manifests.install``; the same objects as ``deploy/overlays/cluster``).
 
 leave reverses it: withdraw the cluster's exports, delete mirrors and everything join
 created, and revoke the cluster's CA in the federation's trust folder (the federation
@@ -33,9 +33,10 @@ import structlog
 from cryptography import x509
 
 import trust
+from federation import names
 from federation._errors import FederationError
 
-from . import _manifests as m
+from . import manifests as m
 from . import _names as n
 from ._rest import Ref, Rest
 
@@ -78,12 +79,12 @@ class JoinReport:
 def gateway_address_of(service: dict[str, Any], nodes: Sequence[dict[str, Any]]) -> str:
     """HOST:PORT peers use to reach this gateway, or "" while it has none yet."""
     spec, status = service.get("spec") or {}, service.get("status") or {}
-    port = next((p for p in spec.get("ports") or () if p.get("port") == n.GATEWAY_INBOUND_PORT), None)
+    port = next((p for p in spec.get("ports") or () if p.get("port") == names.GATEWAY_INBOUND_PORT), None)
     if spec.get("type") == "LoadBalancer":
         for ing in (status.get("loadBalancer") or {}).get("ingress") or ():
             host = ing.get("ip") or ing.get("hostname")
             if host:
-                return _hostport(host, n.GATEWAY_INBOUND_PORT)
+                return _hostport(host, names.GATEWAY_INBOUND_PORT)
         return ""
     if spec.get("type") == "NodePort":
         node_port = (port or {}).get("nodePort")
@@ -192,7 +193,7 @@ def _refresh_leaves(out_dir: Path, cluster_td: str, say: Progress) -> None:
 
 def join_cluster(rest: Rest, opts: JoinOptions, say: Progress = lambda s: None) -> JoinReport:
     trust.validate_cluster_name(opts.name)
-    if opts.name == n.FEDERATED_SUFFIX:
+    if opts.name == names.FEDERATED_SUFFIX:
         raise InstallError(f"join-cluster: the name {opts.name!r} is reserved (federated mirrors use it); pick another")
     report = JoinReport()
     existing_cm = rest.get("v1", "ConfigMap", m.CONFIG_MAP, m.NAMESPACE)

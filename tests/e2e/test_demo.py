@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from federation._netns import leftover_namespaces, netns_available
+from federation.demo._netns import leftover_namespaces, netns_available
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:

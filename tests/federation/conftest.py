@@ -10,7 +10,7 @@ import pytest
 from .fixtures import FederationProcess, Pki, make_pki, start_etcd, start_federation
 
 try:
-    from federation._embedded import EmbeddedEtcd
+    from federation.server import EmbeddedEtcd
 except ImportError:  # pragma: no cover
     EmbeddedEtcd = None  # type: ignore[assignment,misc]
 

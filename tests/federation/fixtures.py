@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trust
-from federation._embedded import EmbeddedEtcd, free_port
+from federation.server import EmbeddedEtcd, free_port
 from federation._join import JoinResult, join
 from federation.client import FederationClient
 

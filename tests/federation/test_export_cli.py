@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from federation._cli_export import ExportsFileError, load_exports, run_exporter
+from federation.cli._export import ExportsFileError, load_exports, run_exporter
 from federation.cli import cli
 
 from .fixtures import Pki, join_cluster

@@ -97,7 +97,7 @@ def test_lease_expiry_removes_a_silent_clusters_exports(fed, admin, clusters) ->
 def test_keep_published_survives_a_lapsed_lease(fed, admin, clusters, etcd) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
-    from federation._etcd import Etcd
+    from federation.server import Etcd
 
     east, _ = clusters
     stop = threading.Event()
@@ -151,7 +151,7 @@ def test_invalid_service_is_rejected_with_field_path(fed, clusters) -> None:  # 
         with pytest.raises(RemoteError) as err:
             e._call("PublishExports", pb.PublishExportsRequest(cluster="east", services_json=[bad]))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "ports.0.port" in err.value.details
+    assert "invalid exported service: ports[0].port: " in err.value.details
 
 
 def test_unjoined_cluster_cannot_publish(fed, admin) -> None:  # type: ignore[no-untyped-def]

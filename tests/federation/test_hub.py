@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from federation._etcd import Etcd
-from federation._hub import Hub
-from federation._store import Keys
 from federation.proto import federation_pb2 as pb
+from federation.server import Etcd, Hub, Keys
 
 
 def svc_json(name: str, port: int = 80) -> bytes:

@@ -97,7 +97,7 @@ def test_wrong_pin_is_refused_before_anything_is_sent(fed, admin, tmp_path: Path
 def test_tokens_are_stored_hashed_under_a_lease(fed, admin, etcd) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
-    from federation._etcd import Etcd
+    from federation.server import Etcd
 
     tok = admin.create_token(600)
 

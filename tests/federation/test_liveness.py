@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from federation._store import Liveness, liveness_state
+from federation.server._store import Liveness, liveness_state
 
 from .fixtures import Pki, join_cluster
 from .test_cli import admin_env, run

@@ -41,8 +41,8 @@ def test_apply_list_delete(admin) -> None:  # type: ignore[no-untyped-def]
     ("patch", "path"),
     [
         ({"action": "MAYBE"}, "action"),
-        ({"rules": [{"to": [{"ports": ["http"]}]}]}, "rules.0.to.0.ports.0"),
-        ({"rules": [{"from": [{"principalz": ["x"]}]}]}, "rules.0.from.0.principalz"),
+        ({"rules": [{"to": [{"ports": ["http"]}]}]}, "rules[0].to[0].ports[0]"),
+        ({"rules": [{"from": [{"principalz": ["x"]}]}]}, "rules[0].from[0].principalz"),
         ({"name": "Not_A_Label"}, "name"),
     ],
 )

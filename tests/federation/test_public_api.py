@@ -2,22 +2,52 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
+import pytest
+
 from .fixtures import REPO
 
+SURFACES = {
+    "federation": ["Change", "FederationClient", "FederationError", "GatewayStatus", "InvalidInput", "InvalidRecord",
+                   "PinMismatch", "RemoteError", "SnapshotTracker", "Status", "StoreUnavailable", "WatchMessage",
+                   "join"],
+    "federation.names": ["AGENT_PATH", "AGENT_SERVICE_ACCOUNT", "CLUSTER_IDENTITY_PATHS", "DNS_SUFFIX",
+                         "FEDERATED_SUFFIX", "GATEWAY_ADMIN_PORT", "GATEWAY_INBOUND_PORT", "GATEWAY_OUTBOUND_PORT",
+                         "GATEWAY_PATH", "GATEWAY_SERVICE_ACCOUNT", "LOCAL_SUFFIX", "SYSTEM_NAMESPACE", "local_host",
+                         "mirror_hosts", "mirror_name", "outbound_host"],
+    "federation.server": ["EmbeddedEtcd", "Etcd", "FederationService", "Hub", "Keys", "ServeConfig", "Store",
+                          "default_data_dir", "etcd_binary", "free_port", "serve"],
+    "federation.agent": ["Agent", "AgentConfig", "ExportPlan", "JoinOptions", "Kube", "MirrorPlan", "ObjectRef", "Rest",
+                         "desired_exports", "export_status", "gateway_endpoints", "join_cluster", "leave_cluster",
+                         "load_api_client", "plan_mirrors", "port_protocol", "serve_health"],
+    "federation.policy": ["Decision", "PolicyError", "PolicyFileError", "PolicySet", "RequestAttributes",
+                          "StringMatcher", "load_policies", "validate_policy"],
+}
 
-def test_public_names() -> None:
+
+@pytest.mark.parametrize("package", sorted(SURFACES))
+def test_public_names(package: str) -> None:
+    module = importlib.import_module(package)
+    assert sorted(module.__all__) == sorted(SURFACES[package])
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+
+
+def test_errors_share_the_root() -> None:
     import federation
 
-    assert federation.__all__ == sorted(
-        ["Change", "FederationClient", "FederationError", "GatewayStatus", "PinMismatch", "RemoteError",
-         "SnapshotTracker", "Status", "StoreUnavailable", "WatchMessage", "join"]
-    )  # fmt: skip
-    for name in federation.__all__:
-        assert getattr(federation, name) is not None
-    assert issubclass(federation.RemoteError, federation.FederationError)
+    for name in ("RemoteError", "InvalidInput", "InvalidRecord", "StoreUnavailable", "PinMismatch"):
+        assert issubclass(getattr(federation, name), federation.FederationError)
+
+
+def test_the_contract_parsers() -> None:
+    from federation import models
+
+    for name in ("parse_input", "read_record", "field_path", "Policy", "POLICY_KINDS", "Snapshot"):
+        assert hasattr(models, name), name
 
 
 def test_importing_the_cli_does_not_import_grpc() -> None:
@@ -25,3 +55,10 @@ def test_importing_the_cli_does_not_import_grpc() -> None:
     code = "import sys, federation, federation.cli; print('grpc' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_lazy_packages_import_nothing_heavy_until_used() -> None:
+    code = ("import sys, federation.server, federation.agent, federation.names; "
+            "print(sorted(m for m in ('grpc', 'aetcd', 'trio', 'kubernetes') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.strip() == "[]", r.stderr

@@ -109,8 +109,7 @@ def test_sync_revoked_marks_clusters_revoked_on_the_trust_folder(fed, admin, pki
     """`isthmus trust revoke-cluster` (offline) + the trust sync: Store.sync_revoked marks the record."""
     import asyncio
 
-    from federation._etcd import Etcd
-    from federation._store import Store
+    from federation.server import Etcd, Store
 
     join_cluster(fed, pki, "east", tmp_path)
     join_cluster(fed, pki, "west", tmp_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from federation import models
-from federation._etcd import Etcd
+from federation.server import Etcd
 from federation.client import FederationClient, SnapshotTracker, WatchMessage
 
 from .fixtures import Pki, join_cluster, restart_federation, start_federation

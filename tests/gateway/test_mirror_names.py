@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from federation.agent._names import mirror_name, remote_authority
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot
+from federation.names import mirror_name, outbound_host
 from gateway._routes import build_routes
 
 
@@ -24,7 +24,7 @@ def _snapshot() -> Snapshot:
 def test_per_cluster_mirror_names_route_like_the_isthmus_name(host: str, port: int | None) -> None:
     table = build_routes(_snapshot(), "east")
     authority = host if port is None else f"{host}:{port}"
-    canonical = remote_authority("web", "shop", "west") + ("" if port is None else f":{port}")
+    canonical = outbound_host("web", "shop", "west") + ("" if port is None else f":{port}")
     got, want = table.outbound_route(authority), table.outbound_route(canonical)
     assert got is not None and got == want
     assert [c.name for c in got.clusters] == ["west"]

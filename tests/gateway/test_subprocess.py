@@ -13,7 +13,7 @@ import httpx
 import trio
 import yaml
 
-from federation._embedded import free_port
+from federation.server import free_port
 from federation.models import ExportedService, ServicePort
 
 from ..federation.fixtures import join_cluster, make_pki, start_etcd, start_federation

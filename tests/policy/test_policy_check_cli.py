@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from federation._cli_policy_check import check, parse_service
+from federation.cli._policy_check import check, parse_service
 
 from ._helpers import ISSUER, spiffe
 
@@ -138,7 +138,7 @@ def test_parse_service_forms() -> None:
 
 
 def test_attached_to_the_policy_group() -> None:
-    from federation._cli_policy import policy
+    from federation.cli._policy import policy
 
     assert policy.commands.get("check") is check
 

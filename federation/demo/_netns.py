@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._errors import FederationError
+from .._errors import FederationError
 
 def _free_wan_subnet() -> int:
     """The first k with no 198.18.k.0/24 in the root namespace, so several topologies

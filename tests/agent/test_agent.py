@@ -19,6 +19,7 @@ import pytest
 import trio
 from kubernetes import client
 
+from federation import names
 from federation.agent import _names as n
 from federation.agent._agent import Agent, AgentConfig
 from federation.agent._kube import Kube
@@ -204,7 +205,7 @@ async def test_service_export_resource_is_honoured(kube, fed_env, clusters, east
 
 
 def gateway_slice(ips: list[str]) -> dict[str, Any]:
-    s = endpoint_slice(n.SYSTEM_NAMESPACE, n.GATEWAY_SERVICE, ips)
+    s = endpoint_slice(names.SYSTEM_NAMESPACE, n.GATEWAY_SERVICE, ips)
     return s
 
 
@@ -226,10 +227,10 @@ async def test_remote_export_mirrored_then_deleted(kube, fed_env, clusters, west
         assert mirror["spec"]["ports"][0]["port"] == 9090 and mirror["spec"]["ports"][0]["appProtocol"] == "grpc"
         eps = await eventually(lambda: world.slice(ns, "api--isthmus"), what="federated slice")
         assert eps["endpoints"] == [{"addresses": ["10.9.0.7"], "conditions": {"ready": True}}]
-        assert eps["ports"][0]["port"] == n.GATEWAY_OUTBOUND_PORT
+        assert eps["ports"][0]["port"] == names.GATEWAY_OUTBOUND_PORT
 
         # The gateway moves: the mirrors' endpoints follow.
-        world.disc.patch_namespaced_endpoint_slice(f"{n.GATEWAY_SERVICE}-x1", n.SYSTEM_NAMESPACE,
+        world.disc.patch_namespaced_endpoint_slice(f"{n.GATEWAY_SERVICE}-x1", names.SYSTEM_NAMESPACE,
                                                    {"endpoints": [{"addresses": ["10.9.0.8"], "conditions": {"ready": True}}]},
                                                    _content_type="application/merge-patch+json")
         await eventually(lambda: world.slice(ns, "api--west")["endpoints"][0]["addresses"] == ["10.9.0.8"], what="slice moved")
@@ -268,7 +269,7 @@ async def test_agent_run_command_as_a_process(kube, fed_env, clusters, east_clie
 
     import httpx
 
-    from federation._embedded import free_port
+    from federation.server import free_port
 
     world = World(kube)
     world.create(service(ns, "web", {n.EXPORT: "true"}))

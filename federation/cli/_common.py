@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 import structlog
 
-from ._errors import FederationError, RemoteError
+from .._errors import FederationError, RemoteError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,7 +62,7 @@ def output_option(f: F) -> F:
 
 
 def make_client(federation_addr: str | None, cert_dir: str | None) -> Any:
-    from .client import FederationClient
+    from ..client import FederationClient
 
     if not federation_addr:
         raise click.UsageError("no federation address: pass --federation HOST:PORT or set ISTHMUS_FEDERATION")

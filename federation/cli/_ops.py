@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ._cli_common import connection_options, handle_errors, make_client, output_option, print_json, print_table, setup_logging
+from ._common import connection_options, handle_errors, make_client, output_option, print_json, print_table, setup_logging
 
 
 def _age(t: float) -> str:

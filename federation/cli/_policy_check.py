@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .policy import PolicyError, PolicySet, RequestAttributes, load_policies
+from ..policy import PolicyError, PolicySet, RequestAttributes, load_policies
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -68,8 +68,8 @@ def _policies_from_files(files: tuple[str, ...]) -> tuple[list[Any], str]:
 
 
 def _policies_from_federation(federation_addr: str | None, cert_dir: str | None) -> tuple[list[Any], str]:
-    from ._cli_common import make_client  # grpc only when we talk to the federation
-    from ._errors import FederationError, RemoteError
+    from ._common import make_client  # grpc only when we talk to the federation
+    from .._errors import FederationError, RemoteError
 
     try:
         with make_client(federation_addr, cert_dir) as client:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from ._errors import FederationError
+from .._errors import FederationError
 
 log = structlog.get_logger("federation.etcd")
 

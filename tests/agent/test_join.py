@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from cryptography import x509
 
 import trust
-from federation.agent import _manifests as m
+from federation.agent import manifests as m
 from federation.agent._rest import Rest
 from federation.cli import cli
 from federation.client import FederationClient

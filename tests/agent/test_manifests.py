@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from federation.agent import _manifests as m
+from federation.agent import manifests as m
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -45,7 +45,7 @@ def test_join_cluster_rendering_matches_deploy(overlay: str, service_type: str) 
     ours = by_key(m.workloads(service_type=service_type))
     assert sorted(rendered) == sorted(ours)
     for key in ours:
-        assert rendered[key] == ours[key], f"{key} differs between deploy/overlays/{overlay} and _manifests.py"
+        assert rendered[key] == ours[key], f"{key} differs between deploy/overlays/{overlay} and manifests.py"
 
 
 @needs_kubectl

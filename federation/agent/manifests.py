@@ -1,7 +1,7 @@
 """The per-cluster install (gateway + agent) as Kubernetes objects, rendered from Python.
 
 ``isthmus join-cluster`` applies exactly these objects; ``deploy/base/{namespace,gateway,agent}``
-hold the same objects as kustomize files, and a golden test (tests/k8s/test_manifests.py)
+hold the same objects as kustomize files, and a golden test (tests/agent/test_manifests.py)
 checks that ``kubectl kustomize deploy/overlays/cluster`` (and ``cluster-nodeport``) renders
 what :func:`workloads` returns, so the two cannot drift apart.  What is specific to one
 cluster — the ConfigMap ``isthmus-config`` and the four Secrets — is rendered only here
@@ -21,11 +21,13 @@ from typing import Any
 
 import yaml
 
+from federation import names
+
 from . import _names as n
 
 VERSION = "0.1.0"
 IMAGE = f"ghcr.io/isthmus-project/isthmus:{VERSION}"
-NAMESPACE = n.SYSTEM_NAMESPACE
+NAMESPACE = names.SYSTEM_NAMESPACE
 AGENT_HEALTH_PORT = 15020
 
 CONFIG_MAP = "isthmus-config"
@@ -99,12 +101,12 @@ def gateway_objects(image: str = IMAGE, service_type: str = "LoadBalancer", repl
         "args": ["gateway", "run", "--config", "/etc/isthmus/config/gateway.yaml"],
         "env": [{"name": "ISTHMUS_LOG_FORMAT", "value": "json"}],
         "ports": [
-            {"name": "tls-inbound", "containerPort": n.GATEWAY_INBOUND_PORT, "protocol": "TCP"},
-            {"name": "outbound", "containerPort": n.GATEWAY_OUTBOUND_PORT, "protocol": "TCP"},
-            {"name": "http-admin", "containerPort": n.GATEWAY_ADMIN_PORT, "protocol": "TCP"},
+            {"name": "tls-inbound", "containerPort": names.GATEWAY_INBOUND_PORT, "protocol": "TCP"},
+            {"name": "outbound", "containerPort": names.GATEWAY_OUTBOUND_PORT, "protocol": "TCP"},
+            {"name": "http-admin", "containerPort": names.GATEWAY_ADMIN_PORT, "protocol": "TCP"},
         ],
-        "livenessProbe": _probe("/healthz", n.GATEWAY_ADMIN_PORT, 10),
-        "readinessProbe": _probe("/readyz", n.GATEWAY_ADMIN_PORT, 5),
+        "livenessProbe": _probe("/healthz", names.GATEWAY_ADMIN_PORT, 10),
+        "readinessProbe": _probe("/readyz", names.GATEWAY_ADMIN_PORT, 5),
         "resources": {"requests": {"cpu": "200m", "memory": "128Mi"}, "limits": {"cpu": "2", "memory": "512Mi"}},
         "securityContext": _SECURITY,
         "volumeMounts": [
@@ -126,7 +128,7 @@ def gateway_objects(image: str = IMAGE, service_type: str = "LoadBalancer", repl
                 "metadata": {
                     "labels": labels("gateway"),
                     # Istio-style metrics on the admin port (deploy/monitoring scrapes these).
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(n.GATEWAY_ADMIN_PORT), "prometheus.io/path": "/metrics"},
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(names.GATEWAY_ADMIN_PORT), "prometheus.io/path": "/metrics"},
                 },
                 "spec": {
                     "serviceAccountName": name,
@@ -153,7 +155,7 @@ def gateway_objects(image: str = IMAGE, service_type: str = "LoadBalancer", repl
             "selector": _selector("gateway"),
             # Only the inbound mTLS listener is exposed; the outbound listener is reached
             # by mirror Services through the agent's EndpointSlices, never from outside.
-            "ports": [{"name": "tls-inbound", "port": n.GATEWAY_INBOUND_PORT, "targetPort": n.GATEWAY_INBOUND_PORT, "protocol": "TCP"}],
+            "ports": [{"name": "tls-inbound", "port": names.GATEWAY_INBOUND_PORT, "targetPort": names.GATEWAY_INBOUND_PORT, "protocol": "TCP"}],
         },
     }
     if service_type == "LoadBalancer":
@@ -170,7 +172,7 @@ def gateway_objects(image: str = IMAGE, service_type: str = "LoadBalancer", repl
 
 # ---------------------------------------------------------------- agent
 
-AGENT_SA = "isthmus-agent"
+AGENT_SA = names.AGENT_SERVICE_ACCOUNT
 AGENT_USER = f"system:serviceaccount:{NAMESPACE}:{AGENT_SA}"
 
 # CEL for the admission policy below: RBAC cannot say "only objects with this label" or
@@ -320,10 +322,10 @@ def workloads(image: str = IMAGE, service_type: str = "LoadBalancer") -> list[Ob
 def gateway_config(cluster: str, federation: Sequence[str]) -> str:
     cfg = {
         "cluster": cluster,
-        "inbound": {"host": "0.0.0.0", "port": n.GATEWAY_INBOUND_PORT},
-        "outbound": {"host": "0.0.0.0", "port": n.GATEWAY_OUTBOUND_PORT},
+        "inbound": {"host": "0.0.0.0", "port": names.GATEWAY_INBOUND_PORT},
+        "outbound": {"host": "0.0.0.0", "port": names.GATEWAY_OUTBOUND_PORT},
         # Kubelet probes and Prometheus reach the admin port on the pod IP.
-        "admin": {"host": "0.0.0.0", "port": n.GATEWAY_ADMIN_PORT},
+        "admin": {"host": "0.0.0.0", "port": names.GATEWAY_ADMIN_PORT},
         # Pods without a sidecar call mirror Services in plain text; the hop between
         # gateways is mTLS regardless.
         "outbound_allow_plain": True,

@@ -19,7 +19,7 @@ import grpc
 from aetcd.rpc import rpc_pb2 as pb
 from aetcd.rpc import rpc_pb2_grpc as stubs
 
-from ._errors import Compacted, FederationError, StoreUnavailable
+from .._errors import Compacted, FederationError, StoreUnavailable
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -218,6 +218,16 @@ class Etcd:
         except grpc.aio.AioRpcError as exc:
             raise _convert(exc) from None
         return 0
+
+    async def time_to_live(self, lease_id: int) -> tuple[int, int]:
+        """(granted TTL, seconds remaining) of a lease; (0, -1) when it is gone."""
+        try:
+            r = await self.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease_id), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _convert(exc) from None
+        if r.TTL < 0:
+            return 0, -1
+        return int(r.grantedTTL), int(r.TTL)
 
     async def revoke(self, lease_id: int) -> None:
         try:

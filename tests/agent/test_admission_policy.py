@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from federation.agent import _manifests as m
+from federation.agent import manifests as m
 from federation.agent import _names as n
 
 cel = pytest.importorskip("cel", reason="pip install common-expression-language to evaluate the admission policy")

@@ -1,18 +1,19 @@
 """``isthmus policy``: federation-wide AuthorizationPolicy and RequestAuthentication.
 
-``policy`` is the click group other modules extend (``isthmus policy check`` lives in
-``_cli_policy_check.py`` and adds itself with ``policy.add_command``).
+``apply``, ``list`` and ``delete`` are here; ``check`` (a decision without traffic) is in
+``_policy_check.py`` and registered on the group below.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ._cli_common import connection_options, handle_errors, make_client, output_option, print_json, print_table, setup_logging
+from ..policy import PolicyFileError, load_policies
+from ._common import connection_options, handle_errors, make_client, output_option, print_json, print_table, setup_logging
+from ._policy_check import check
 
 
 @click.group("policy")
@@ -27,10 +28,6 @@ def load_policy_documents(path: str) -> list[Any]:
     Errors name the file, the document index (0-based) and the field path:
     ``invalid policy file: p.yaml document 1: rules[0].from[0].principals[0]: ...``.
     """
-    from .policy import load_policies
-
-    from .policy import PolicyFileError
-
     if path == "-":
         policies = load_policies(click.get_text_stream("stdin").read(), source="<stdin>")
     else:
@@ -91,16 +88,4 @@ def delete(name: str, kind: str | None, federation_addr: str | None, cert_dir: s
     click.echo(f"deleted {n} polic{'y' if n == 1 else 'ies'} named {name}")
 
 
-def _register_check() -> None:
-    # ``isthmus policy check`` is written in another module; attach it when present.
-    try:
-        from . import _cli_policy_check as check_mod
-    except Exception:  # noqa: BLE001 - optional part, may be absent or broken mid-development
-        return
-    cmd = getattr(check_mod, "check", None)
-    if isinstance(cmd, click.Command) and "check" not in policy.commands:
-        policy.add_command(cmd, "check")
-
-
-_register_check()
-_ = json  # json output goes through print_json
+policy.add_command(check, "check")

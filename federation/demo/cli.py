@@ -10,10 +10,12 @@ from pathlib import Path
 
 import click
 
+import trust
 from trust import TrustError
 
 from .._errors import FederationError
-from .harness import CLUSTER_NAMES, CallResult, DemoError, LocalFederation
+from ..names import DNS_SUFFIX, outbound_host
+from .harness import CLUSTER_NAMES, TRUST_DOMAIN, CallResult, DemoError, LocalFederation
 
 
 def _say(msg: str, t0: float) -> None:
@@ -62,10 +64,11 @@ def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, 
         c = lf.clusters[n]
         where = f"netns {c.namespace}" if c.namespace else "loopback"
         click.echo(f"  {n:<8} {where:<22} gateway {c.gateway_address:<22} services on {c.internal}  "
-                   f"identity spiffe://{n}.isthmus.local/ns/isthmus-system/sa/isthmus-gateway")
+                   f"identity {trust.gateway_id(trust.cluster_trust_domain(n, TRUST_DOMAIN))}")
     click.echo("\nExported services (each cluster exports the same three; they answer with their cluster name)")
-    click.echo("  web      HTTP  :8080   → web.default.<cluster>.isthmus.local:8080")
-    click.echo("  greeter  gRPC  :9090   → greeter.default.<cluster>.isthmus.local:9090, federated: greeter.default.isthmus.local:9090")
+    click.echo(f"  web      HTTP  :8080   → web.default.<cluster>.{DNS_SUFFIX}:8080")
+    click.echo(f"  greeter  gRPC  :9090   → greeter.default.<cluster>.{DNS_SUFFIX}:9090, "
+               f"federated: {outbound_host('greeter', 'default')}:9090")
     click.echo("  echo     TCP   :9000   → tunnelled over HTTP/2 CONNECT from a mapped local port")
     click.echo("\nCalls (client → gateway → gateway → service)")
     for src, dst, r in calls:
@@ -93,9 +96,10 @@ def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, 
     ns = f"ip netns exec {ca.namespace} " if ca.namespace else ""
     click.echo("\nWhere to look next")
     click.echo(f"  {a}'s gateway admin:  {ns}curl -s {ca.admin_url}/metrics   (also /config, /readyz)")
-    click.echo(f"  call {b} from {a}:    {ns}curl -s -H 'host: web.default.{b}.isthmus.local:8080' http://{ca.outbound}/")
+    click.echo(f"  call {b} from {a}:    {ns}curl -s -H 'host: {outbound_host('web', 'default', b)}:8080' "
+               f"http://{ca.outbound}/")
     click.echo(f"  gRPC from {a}:        {ns}{sys.executable} -m federation.demo.probe grpc {ca.outbound} "
-               f"--authority greeter.default.{b}.isthmus.local:9090")
+               f"--authority {outbound_host('greeter', 'default', b)}:9090")
     click.echo(f"  federation status:   isthmus status --federation {lf.fed_address} --cert-dir {lf.admin_dir}")
     click.echo(f"  logs:                {lf.workdir}/logs, {lf.workdir}/<cluster>/logs")
 
@@ -179,7 +183,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _check_prerequisites() -> None:
-    from .._embedded import etcd_binary
+    from ..server import etcd_binary
 
     try:
         etcd_binary()

@@ -40,10 +40,10 @@ from cryptography import x509
 
 import trust
 
-from ._errors import Compacted, FederationError, StoreUnavailable
+from .._errors import Compacted, FederationError, StoreUnavailable
 from ._etcd import Etcd, prefix_end
 from ._store import CONFIG_FAMILIES, Keys
-from .proto import federation_pb2 as pb
+from ..proto import federation_pb2 as pb
 
 log = structlog.get_logger("federation.hub")
 

@@ -36,13 +36,13 @@ from grpc_reflection.v1alpha import reflection
 import trust
 
 from ._embedded import EmbeddedEtcd
-from ._errors import FederationError, StoreUnavailable
+from .._errors import FederationError, StoreUnavailable
 from ._etcd import Etcd
 from ._hub import Hub
 from ._server import FederationService
 from ._store import Store
-from .proto import federation_pb2 as pb
-from .proto import federation_pb2_grpc as pb_grpc
+from ..proto import federation_pb2 as pb
+from ..proto import federation_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("federation.serve")
 

@@ -34,17 +34,15 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote, unquote
 
-import grpc
 import structlog
-from aetcd.rpc import rpc_pb2 as etcd_pb
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
-from . import models
-from ._errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
-from ._etcd import Etcd, _convert, prefix_end
+from .. import models
+from .._errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from ._etcd import Etcd, prefix_end
 
 log = structlog.get_logger("federation.store")
 
@@ -52,49 +50,6 @@ log = structlog.get_logger("federation.store")
 MAX_TXN_OPS = 100
 MIN_TTL, MAX_TTL, DEFAULT_TTL = 2, 3600, 30
 CONFIG_FAMILIES = ("clusters/", "exports/", "policies/", "trust/")
-
-PolicyAdapter: TypeAdapter[models.AuthorizationPolicy | models.RequestAuthentication] = TypeAdapter(
-    Annotated[models.AuthorizationPolicy | models.RequestAuthentication, Field(discriminator="kind")]
-)
-
-
-def validation_message(exc: ValidationError, what: str) -> str:
-    """``invalid AuthorizationPolicy: rules.0.from.0.principals: Input should be ...``."""
-    parts = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        if loc and loc[0] == what:  # the union's discriminator tag; the kind is named already
-            loc = loc[1:]
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{path}: {msg}")
-    return f"invalid {what}: " + "; ".join(parts)
-
-
-def parse_policy(data: dict[str, Any] | str | bytes) -> models.AuthorizationPolicy | models.RequestAuthentication:
-    if isinstance(data, (str, bytes)):
-        try:
-            data = json.loads(data)
-        except ValueError as exc:
-            raise InvalidRequest(f"invalid policy: not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("invalid policy: expected an object with kind, name, ...")
-    try:
-        if "kind" not in data:
-            raise InvalidRequest(
-                "invalid policy: kind: missing; set kind: AuthorizationPolicy or RequestAuthentication"
-            )
-        return PolicyAdapter.validate_python(data)
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc, str(data.get("kind", "policy")))) from None
-
-
-def parse_service(data: str | bytes) -> models.ExportedService:
-    try:
-        return models.ExportedService.model_validate_json(data)
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc, "exported service")) from None
-
 
 @dataclass(frozen=True)
 class Liveness:
@@ -135,7 +90,7 @@ def liveness_state(lease_ttl: int, lease_remaining: int, revoked: bool = False) 
     return "LIVE"
 
 
-def dump(model: models._Model) -> bytes:
+def dump(model: BaseModel) -> bytes:
     return model.model_dump_json(by_alias=True).encode()
 
 
@@ -252,7 +207,7 @@ class Store:
         kv = await self.etcd.get(self.keys.cluster(name))
         if kv is None:
             return None
-        return models.ClusterRecord.model_validate_json(kv.value), kv.mod_revision
+        return models.read_record(models.ClusterRecord, kv.value), kv.mod_revision
 
     async def put_cluster(self, record: models.ClusterRecord, expect_mod_revision: int) -> int:
         """Write a cluster record if nobody changed it since we looked (0: must not exist)."""
@@ -280,7 +235,7 @@ class Store:
         resp = await self.etcd.get_prefix(self.keys.family("clusters/"))
         marked = []
         for kv in resp.kvs:
-            record = models.ClusterRecord.model_validate_json(kv.value)
+            record = models.read_record(models.ClusterRecord, kv.value)
             if record.revoked or not record.ca_cert_pem:
                 continue
             if x509.load_pem_x509_certificate(record.ca_cert_pem.encode()).serial_number not in serials:
@@ -296,7 +251,7 @@ class Store:
 
     async def list_clusters(self) -> tuple[list[models.ClusterRecord], int]:
         resp = await self.etcd.get_prefix(self.keys.family("clusters/"))
-        return [models.ClusterRecord.model_validate_json(kv.value) for kv in resp.kvs], resp.header.revision
+        return [models.read_record(models.ClusterRecord, kv.value) for kv in resp.kvs], resp.header.revision
 
     # ------------------------------------------------------------------ exports
     async def _cluster_lease(self, cluster: str, ttl: int) -> tuple[int, int]:
@@ -380,22 +335,10 @@ class Store:
             body = bodies.get(c.name)
             if body is None:
                 return Liveness(c.name, revoked=c.revoked)
-            ttl, remaining = await self._time_to_live(int(body["lease"]))
+            ttl, remaining = await self.etcd.time_to_live(int(body["lease"]))
             return Liveness(c.name, ttl, remaining, float(body.get("published_at", 0.0)), c.revoked)
 
         return list(await asyncio.gather(*(one(c) for c in clusters)))
-
-    async def _time_to_live(self, lease: int) -> tuple[int, int]:
-        """(granted TTL, remaining); (0, -1) when the lease is gone."""
-        try:
-            r = await self.etcd.lease.LeaseTimeToLive(
-                etcd_pb.LeaseTimeToLiveRequest(ID=lease), timeout=self.etcd.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _convert(exc) from None
-        if r.TTL < 0:
-            return 0, -1
-        return int(r.grantedTTL), int(r.TTL)
 
     async def drop_lease(self, cluster: str) -> None:
         """Revoke a cluster's export lease: its exports vanish at once."""
@@ -418,7 +361,7 @@ class Store:
     async def list_services(self, cluster: str = "") -> tuple[list[models.ExportedService], int]:
         prefix = self.keys.exports_of(cluster) if cluster else self.keys.family("exports/")
         resp = await self.etcd.get_prefix(prefix)
-        return [models.ExportedService.model_validate_json(kv.value) for kv in resp.kvs], resp.header.revision
+        return [models.read_record(models.ExportedService, kv.value) for kv in resp.kvs], resp.header.revision
 
     # ------------------------------------------------------------------ policies
     async def apply_policy(self, policy: models.AuthorizationPolicy | models.RequestAuthentication) -> tuple[int, bool]:
@@ -432,7 +375,7 @@ class Store:
 
     async def list_policies(self) -> tuple[list[models.AuthorizationPolicy | models.RequestAuthentication], int]:
         resp = await self.etcd.get_prefix(self.keys.family("policies/"))
-        return [PolicyAdapter.validate_json(kv.value) for kv in resp.kvs], resp.header.revision
+        return [models.read_record(models.Policy, kv.value) for kv in resp.kvs], resp.header.revision
 
     async def delete_policy(self, name: str, kind: str = "") -> tuple[int, int]:
         kinds: Iterable[str] = (kind,) if kind else ("AuthorizationPolicy", "RequestAuthentication")

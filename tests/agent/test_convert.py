@@ -18,6 +18,7 @@ from federation.agent._convert import (
     port_protocol,
 )
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot
+from federation.names import SYSTEM_NAMESPACE, mirror_name
 
 
 def svc(name: str, ns: str = "shop", *, ann: dict[str, str] | None = None, labels: dict[str, str] | None = None,
@@ -250,7 +251,7 @@ def test_spec_hash_is_stamped_and_stable() -> None:
 
 
 def test_gateway_endpoints_only_ready_gateway_pods() -> None:
-    gw = eps(n.GATEWAY_SERVICE, ns=n.SYSTEM_NAMESPACE, ready=[True, False, None])
+    gw = eps(n.GATEWAY_SERVICE, ns=SYSTEM_NAMESPACE, ready=[True, False, None])
     other = eps("web", ready=[True], base=50)
     assert gateway_endpoints([gw, other]) == ("10.0.0.1", "10.0.0.3")
 
@@ -260,13 +261,13 @@ def test_gateway_endpoints_only_ready_gateway_pods() -> None:
     [("web", "west", "web--west"), ("web", None, "web--isthmus")],
 )
 def test_mirror_name_scheme(name: str, cluster: str | None, expected: str) -> None:
-    assert n.mirror_name(name, cluster) == expected
+    assert mirror_name(name, cluster) == expected
 
 
 def test_mirror_name_long_is_hashed_unique_and_valid() -> None:
-    a = n.mirror_name("a" * 60, "west")
-    b = n.mirror_name("a" * 60, "east")
+    a = mirror_name("a" * 60, "west")
+    b = mirror_name("a" * 60, "east")
     assert len(a) <= 63 and len(b) <= 63 and a != b
-    assert a == n.mirror_name("a" * 60, "west")
+    assert a == mirror_name("a" * 60, "west")
     with pytest.raises(ValueError, match="reserved"):
-        n.mirror_name("web", "isthmus")
+        mirror_name("web", "isthmus")

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
 import trust
-from federation.agent import _manifests as m
+from federation.agent import manifests as m
 from federation.agent._kube import Kube
 from federation.agent._rotate import renew, rotate_once
 

@@ -1,6 +1,6 @@
 """Kubernetes verbs: ``join-cluster``, ``leave-cluster``, ``check`` and ``agent run``.
 
-Thin click layer over ``federation.agent`` (_install, _checks, _agent); errors become one
+Thin click layer over :mod:`federation.agent` (its public names); errors become one
 clear line and exit 1.
 """
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import click
 
-from ._cli_common import setup_logging
-from ._errors import FederationError
+from ._common import setup_logging
+from .. import names
+from .._errors import FederationError
 
 
 def _default_out_dir(name: str) -> Path:
@@ -23,8 +24,7 @@ def _default_out_dir(name: str) -> Path:
 
 
 def _rest(kubeconfig: str | None, context: str | None):  # type: ignore[no-untyped-def]
-    from .agent._kube import load_api_client
-    from .agent._rest import Rest
+    from ..agent import Rest, load_api_client
 
     return Rest(load_api_client(kubeconfig, context))
 
@@ -78,9 +78,9 @@ def join_cluster(name: str, federation_addr: str, token: str, ca_pin: str, out_d
                  timeout: float, dry_run: bool, kubeconfig: str | None, context: str | None) -> None:
     """Join the cluster of the current kube-context to the federation as NAME and install Isthmus in it."""
     setup_logging("warning")
-    from .agent import _manifests as m
-    from .agent._install import JoinOptions, join_cluster as run
-    from .client import parse_addresses
+    from ..agent import manifests as m
+    from ..agent import JoinOptions, join_cluster as run
+    from ..client import parse_addresses
 
     try:
         import trust
@@ -116,7 +116,7 @@ def leave_cluster(name: str, trust_dir: Path | None, no_revoke: bool, out_dir: P
                   kubeconfig: str | None, context: str | None) -> None:
     """Remove Isthmus from the cluster of the current kube-context and revoke cluster NAME."""
     setup_logging("warning")
-    from .agent._install import leave_cluster as run
+    from ..agent import leave_cluster as run
 
     if trust_dir is None and not no_revoke:
         raise click.UsageError(
@@ -142,7 +142,7 @@ def leave_cluster(name: str, trust_dir: Path | None, no_revoke: bool, out_dir: P
 def check(pre: bool, federation_addr: str, output: str, kubeconfig: str | None, context: str | None) -> None:
     """Check an Isthmus install (or, with --pre, that a cluster is ready for one); exit 1 on failure."""
     setup_logging("error")
-    from .agent import _checks as c
+    from ..agent import checks as c
 
     try:
         rest = _rest(kubeconfig, context)
@@ -174,7 +174,7 @@ def agent() -> None:
 @click.option("--resync", default=300.0, show_default=True, type=click.FloatRange(1.0), help="Full resync period, seconds.")
 @click.option("--rotate-interval", default=600.0, show_default=True, type=click.FloatRange(0.0),
               help="Seconds between checks that renew the in-cluster gateway/agent certificates (Secrets in isthmus-system); 0: off.")
-@click.option("--dns-suffix", default="isthmus.local", show_default=True, help="Suffix of the gateway's outbound names.")
+@click.option("--dns-suffix", default=names.DNS_SUFFIX, show_default=True, help="Suffix of the gateway's outbound names.")
 @click.option("--log-level", default="info", show_default=True)
 @kube_options
 def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: str, lease_ttl: int, resync: float,
@@ -185,10 +185,8 @@ def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: 
 
     import trust
 
-    from .agent._agent import Agent, AgentConfig
-    from .agent._health import serve_health
-    from .agent._kube import Kube, load_api_client
-    from .client import FederationClient
+    from ..agent import Agent, AgentConfig, Kube, load_api_client, serve_health
+    from ..client import FederationClient
 
     try:
         trust.validate_cluster_name(cluster)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ._cli_common import (
+from ._common import (
     connection_options,
     handle_errors,
     make_client,
@@ -48,9 +48,9 @@ def serve(
 ) -> None:
     """Serve the federation API (stops on SIGTERM/SIGINT)."""
     setup_logging(log_level)
-    from trust._files import read_passphrase
+    from trust import read_passphrase
 
-    from ._serve import ServeConfig, default_data_dir, serve as run
+    from ..server import ServeConfig, default_data_dir, serve as run
 
     cfg = ServeConfig(
         trust_dir=Path(trust_dir),
@@ -126,7 +126,7 @@ def join_cmd(
 ) -> None:
     """Join cluster NAME (VMs, the demo, tests) and write its CA and certificates into --out-dir."""
     setup_logging("warning")
-    from ._join import join
+    from .._join import join
 
     labels = {}
     for item in label:

@@ -20,7 +20,7 @@ from cryptography import x509
 
 import trust
 
-from . import _manifests as m
+from . import manifests as m
 from . import _names as n
 from ._install import gateway_address_of
 from ._kube import AgentError

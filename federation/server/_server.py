@@ -25,21 +25,19 @@ import grpc
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from pydantic import ValidationError
 
 import trust
 
-from . import models
-from ._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from .. import models, names
+from .._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from ..policy import PolicyError, validate_policy
+from ..proto import federation_pb2 as pb
+from ..proto import federation_pb2_grpc as pb_grpc
 from ._hub import Hub
-from ._store import DEFAULT_TTL, Liveness, Store, parse_policy, parse_service, validation_message
-from .policy import PolicyError, validate_policy
-from .proto import federation_pb2 as pb
-from .proto import federation_pb2_grpc as pb_grpc
+from ._store import DEFAULT_TTL, Liveness, Store
 
 log = structlog.get_logger("federation.server")
 
-CLUSTER_SAS = ("isthmus-gateway", "isthmus-agent")
 DEFAULT_CLUSTER_VALIDITY = 90 * 86400.0
 DEFAULT_TOKEN_TTL = 3600
 
@@ -104,7 +102,7 @@ class FederationService(pb_grpc.FederationServicer):
             return Caller(str(sid), admin=sid.path.removeprefix("/admin/"))
         if sid.trust_domain.endswith("." + td):
             cluster = sid.trust_domain[: -len(td) - 1]
-            if sid.path in tuple(f"/ns/isthmus-system/sa/{sa}" for sa in CLUSTER_SAS):
+            if sid.path in names.CLUSTER_IDENTITY_PATHS:
                 return Caller(str(sid), cluster=cluster)
         raise PermissionDenied(
             f"{sid} may not call the federation API: only admins and cluster gateways/agents may"
@@ -168,18 +166,19 @@ class FederationService(pb_grpc.FederationServicer):
                 await self.store.publish_trust(bundle, crl)
 
         ca_pem = cert.public_bytes(serialization.Encoding.PEM)
-        try:
-            record = models.ClusterRecord(
-                name=name,
-                trust_domain=cluster_td,
-                gateway_addresses=tuple(request.gateway_addresses),
-                labels=dict(request.labels),
-                ca_cert_pem=ca_pem.decode(),
-                joined_at=time.time(),
-                previous_ca_certs_pem=tuple(_pem(c) for c in previous),
-            )
-        except ValidationError as exc:
-            raise InvalidRequest(validation_message(exc, "join request")) from None
+        record = models.parse_input(
+            models.ClusterRecord,
+            {
+                "name": name,
+                "trust_domain": cluster_td,
+                "gateway_addresses": tuple(request.gateway_addresses),
+                "labels": dict(request.labels),
+                "ca_cert_pem": ca_pem.decode(),
+                "joined_at": time.time(),
+                "previous_ca_certs_pem": tuple(_pem(c) for c in previous),
+            },
+            what="join request",
+        )
         revision = await self.store.put_cluster(record, expect)
         log.info(
             "cluster.joined", cluster=name, rejoin=existing is not None, by=caller.spiffe_id if caller else "token",
@@ -244,7 +243,7 @@ class FederationService(pb_grpc.FederationServicer):
     async def PublishExports(self, request: pb.PublishExportsRequest, context: grpc.aio.ServicerContext) -> pb.PublishExportsResponse:
         self._cluster_writer(context, request.cluster)
         await self._require_joined(request.cluster)
-        services = [parse_service(s) for s in request.services_json]
+        services = [models.parse_input(models.ExportedService, s, what="exported service") for s in request.services_json]
         rev, lease, ttl, changed = await self.store.publish(request.cluster, services, int(request.ttl_seconds or DEFAULT_TTL))
         if changed:
             log.info("exports.published", cluster=request.cluster, services=len(services), changed=changed, revision=rev)
@@ -322,7 +321,7 @@ class FederationService(pb_grpc.FederationServicer):
 
     def _hub_clusters(self) -> list[models.ClusterRecord]:
         return sorted(
-            (models.ClusterRecord.model_validate_json(v) for v in self.hub.values("clusters/")), key=lambda r: r.name
+            (models.read_record(models.ClusterRecord, v) for v in self.hub.values("clusters/")), key=lambda r: r.name
         )
 
     async def _liveness(self, records: list[models.ClusterRecord]) -> list[pb.ClusterLiveness]:
@@ -338,7 +337,7 @@ class FederationService(pb_grpc.FederationServicer):
     @_rpc
     async def ApplyPolicy(self, request: pb.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> pb.ApplyPolicyResponse:
         caller = self._admin(context, "write policies")
-        policy = parse_policy(request.policy_json.encode())
+        policy = models.parse_input(models.Policy, request.policy_json)
         try:
             validate_policy(policy)  # what the gateways could not enforce is refused here
         except PolicyError as exc:

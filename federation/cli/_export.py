@@ -27,11 +27,10 @@ from typing import Any
 import click
 import structlog
 import yaml
-from pydantic import ValidationError
 
-from ._cli_common import connection_options, handle_errors, make_client, setup_logging
-from ._errors import FederationError, RemoteError
-from .models import ExportedService
+from ._common import connection_options, handle_errors, make_client, setup_logging
+from .._errors import FederationError, InvalidInput, RemoteError
+from ..models import ExportedService, parse_input
 
 log = structlog.get_logger("isthmus.export")
 
@@ -56,11 +55,10 @@ def load_exports(path: Path, cluster: str) -> list[ExportedService]:
         if not isinstance(entry, dict):
             raise ExportsFileError(f"exports file {path}: services[{i}]: expected a mapping")
         try:
-            out.append(ExportedService.model_validate({**entry, "cluster": cluster}))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-            raise ExportsFileError(f"exports file {path}: services[{i}]{loc}: {err['msg']}") from None
+            out.append(parse_input(ExportedService, {**entry, "cluster": cluster}))
+        except InvalidInput as exc:
+            field, msg = exc.problems[0]
+            raise ExportsFileError(f"exports file {path}: services[{i}]{'.' + field if field else ''}: {msg}") from None
     return out
 
 

