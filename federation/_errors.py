@@ -87,3 +87,15 @@ class RemoteError(FederationError):
         self.code = code
         self.details = details
         super().__init__(f"federation call failed: {code.name}: {details}")
+
+
+class InvalidRecord(FederationError):
+    """A record in etcd failed validation; the call that needs it cannot proceed."""
+
+    code = _Code("FAILED_PRECONDITION")
+
+
+class ResourceExhausted(FederationError):
+    """A per-caller limit was reached (join concurrency, gateways per cluster, ...)."""
+
+    code = _Code("RESOURCE_EXHAUSTED")

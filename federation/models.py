@@ -9,12 +9,19 @@ stream carries.  Add fields with defaults; never rename or repurpose one.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _is_hostport(value: str) -> bool:
+    m = _HOSTPORT.match(value)
+    return bool(m) and 0 < int(m.group(2)) < 65536
 
 
 def _label(value: str, what: str) -> str:
@@ -41,6 +48,13 @@ class ServicePort(_Model):
     target: str = ""
     # Re-originate to the service with the gateway's mTLS certificate ("mtls") or plain.
     target_tls: Literal["mtls", "plain"] = "plain"
+
+    @field_validator("target")
+    @classmethod
+    def _v_target(cls, v: str) -> str:
+        if v and not _is_hostport(v):
+            raise ValueError(f"target {v!r} must be HOST:PORT with a port from 1 to 65535, e.g. web.prod.svc:8080")
+        return v
 
 
 class ExportedService(_Model):
@@ -88,8 +102,7 @@ class ClusterRecord(_Model):
     @classmethod
     def _v_addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for a in v:
-            m = _HOSTPORT.match(a)
-            if not m or not 0 < int(m.group(2)) < 65536:
+            if not _is_hostport(a):
                 raise ValueError(f"gateway address {a!r} must be HOST:PORT")
         return v
 
@@ -186,3 +199,33 @@ class Snapshot(_Model):
     policies: tuple[AuthorizationPolicy | RequestAuthentication, ...] = ()
     bundle_pem: str = ""
     crl_pem: str = ""
+
+
+# ---------------------------------------------------------------- lenient reading
+
+T = TypeVar("T")
+_log = structlog.get_logger("federation.models")
+_UNKNOWN_LOGGED: set[tuple[str, str]] = set()
+_MAX_UNKNOWN_LOGGED = 1024
+
+
+def read_lenient(validate: Callable[..., T], data: Any, what: str) -> T:
+    """Validate a value read from etcd or the wire, ignoring unknown fields.
+
+    ``validate`` is a model's ``model_validate_json``/``model_validate`` or a
+    ``TypeAdapter``'s ``validate_json``/``validate_python``.  Unknown fields (from a newer
+    writer) are logged once per field path and dropped; any other problem raises the
+    :class:`pydantic.ValidationError` as usual, for the caller to skip the record.
+    """
+    try:
+        return validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if not errors or any(e["type"] != "extra_forbidden" for e in errors):
+            raise
+    for e in errors:
+        field = ".".join(str(p) for p in e["loc"])
+        if (what, field) not in _UNKNOWN_LOGGED and len(_UNKNOWN_LOGGED) < _MAX_UNKNOWN_LOGGED:
+            _UNKNOWN_LOGGED.add((what, field))
+            _log.info("record.unknown_field_ignored", record=what, field=field)
+    return validate(data, extra="ignore")
