@@ -197,3 +197,19 @@ def test_watch_client_skips_a_bad_change_and_a_bad_snapshot_is_unreadable() -> N
     assert seen[-2:] == [("service", "east/default/web"), ("crl", "crl")]
     with pytest.raises(UnreadableMessage):
         decode_event(pb.WatchEvent(revision=7, is_snapshot=True, snapshot_json="{not json"))
+
+
+def test_an_export_target_must_be_host_port_when_written(fed, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Strict on write: the API refuses it with the field path (the model is the one check)."""
+    import grpc
+
+    east = join_cluster(fed, pki, "east", tmp_path)
+    for target in ("localhost", "localhost:0", "localhost:65536", "web:http"):
+        body = {"cluster": "east", "namespace": "default", "name": "web", "ports": [{"port": 80, "target": target}]}
+        with fed.client(east.agent_dir) as agent, pytest.raises(RemoteError) as err:
+            agent._call("PublishExports", pb.PublishExportsRequest(cluster="east", services_json=[json.dumps(body)]))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ports.0.target: target" in err.value.details and "HOST:PORT" in err.value.details, err.value.details
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        models.ServicePort(port=80, target="localhost")
+    assert models.ServicePort(port=80, target="[::1]:8080").target == "[::1]:8080"

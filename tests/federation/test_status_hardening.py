@@ -97,6 +97,8 @@ def test_a_rejected_snapshot_is_reported_and_status_shows_it(fed, admin, pki: Pk
         assert f"REJECTED rev {bad}: services.0.ports.0: [bold]no route[/bold]" in " ".join(out.split()), out
         body = json.loads(CliRunner().invoke(cli, ["status", "-o", "json"], env=env).output)
         assert body["gateways"][0]["rejected_revision"] == bad and body["gateways"][0]["state"].startswith("REJECTED")
+        assert body["gateways"][0]["confirmed_at"] == 1.0  # how stale its config may be
+        assert "CONFIRMED" in out
         # Once a newer snapshot applies, the rejection is history.
         e.report_applied("", bad)
         [g] = admin.status().gateways

@@ -257,6 +257,9 @@ async def test_a_snapshot_the_gateway_cannot_build_is_reported_and_the_previous_
             return next((g.state for g in admin.status().gateways if g.cluster == "east"), "")
 
     await eventually(lambda: gateway_state().startswith(f"REJECTED rev {bad}: ConfigError: invalid snapshot"))
+    with live.fed.client(live.pki.admin_dir) as admin:
+        [reported] = [g for g in admin.status().gateways if g.cluster == "east"]
+    assert reported.applied_revision == good and abs(reported.confirmed_at - east.last_confirmed) < 5
     assert east.snapshot.revision == good and await live.call("web") == 200  # type: ignore[union-attr]
     assert await metric(east, "isthmus_config_rejected_total") == 1.0
     # The gateway's own hook (for rejections it detects itself) reports the same way.

@@ -93,3 +93,20 @@ def test_the_default_last_known_good_path_is_per_cluster(pki: Pki, tmp_path: Pat
     assert paths == {c: Path(f"/var/lib/isthmus/gateway/{c}/last-known-good.json") for c in ("east", "west")}
     explicit = Gateway(gateway_config(pki, "east", tmp_path))
     assert lkg_path(explicit) == tmp_path / "east-lkg.json"
+
+
+def test_a_record_the_gateway_cannot_route_in_an_old_file_is_skipped_at_start(pki: Pki, tmp_path: Path,
+                                                                              logs: list[dict]) -> None:
+    """A target without a port used to kill the exporting cluster's gateway at start."""
+    snap = json.loads(_snapshot(pki, ("east", "west"), pki.root.bundle_pem().decode()).model_dump_json())
+    port = {"port": 80, "protocol": "HTTP", "target": "localhost"}
+    snap["services"] = [
+        {"cluster": "east", "namespace": "default", "name": "nop", "ports": [port]},
+        {"cluster": "east", "namespace": "default", "name": "web", "ports": [{**port, "target": "localhost:8080"}]},
+    ]
+    (tmp_path / "east-lkg.json").write_text(json.dumps(snap))
+    gw = _start(pki, tmp_path)
+    assert gw.snapshot is not None and [s.name for s in gw.snapshot.services] == ["web"]
+    assert {(t.service, t.host, t.target_port) for t in gw.table.inbound.values()} == {("web", "localhost", 8080)}
+    [skipped] = [e for e in logs if e["event"] == "config.lkg_record_skipped"]
+    assert "ports.0.target" in skipped["error"] and "HOST:PORT" in skipped["error"]
