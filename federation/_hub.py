@@ -59,6 +59,7 @@ DEFAULT_QUEUE = 256
 DEFAULT_PROGRESS_INTERVAL = 5.0
 MIN_PROGRESS_INTERVAL, MAX_PROGRESS_INTERVAL = 0.2, 300.0
 _KIND = {"clusters": pb.CLUSTER, "exports": pb.SERVICE, "policies": pb.POLICY}
+_PARSED = ("clusters", "trust")
 
 
 @dataclass(eq=False)
@@ -83,7 +84,7 @@ class Hub:
         self.keys = keys
         self.queue_size = queue_size
         self.state: dict[bytes, tuple[int, bytes]] = {}  # valid config values, re-encoded
-        self.records: dict[bytes, Record] = {}  # the same keys, parsed
+        self.records: dict[bytes, Record] = {}  # clusters and trust, parsed
         self.revision = 0
         self.config_revision = 0
         self.policy_revision = 0  # newest revision that applied or deleted a policy
@@ -114,6 +115,13 @@ class Hub:
             return None
         return read_valid(self.keys, kv)
 
+    def _keep(self, key: bytes, rec: Record) -> None:
+        # Parsed records are kept only where they are read back (caller checks, trust).
+        if rec.family in _PARSED:
+            self.records[key] = rec
+        else:
+            self.records.pop(key, None)
+
     async def _list(self) -> tuple[int, dict[bytes, tuple[int, bytes]], dict[bytes, Record]]:
         first = await self.etcd.get_prefix(self.keys.family(CONFIG_FAMILIES[0]))
         rev = first.header.revision
@@ -128,7 +136,9 @@ class Hub:
                 if kv.key in self.records and kv.key.startswith(self.keys.family("trust/")):
                     state[kv.key], records[kv.key] = self.state[kv.key], self.records[kv.key]  # keep the good one
                 continue
-            state[kv.key], records[kv.key] = (kv.mod_revision, rec.json), rec
+            state[kv.key] = (kv.mod_revision, rec.json)
+            if rec.family in _PARSED:
+                records[kv.key] = rec
         return rev, state, records
 
     async def _relist(self) -> None:
@@ -200,7 +210,7 @@ class Hub:
                 rec = self._read(kv)
                 if rec is not None:
                     self.state[kv.key] = (kv.mod_revision, rec.json)
-                    self.records[kv.key] = rec
+                    self._keep(kv.key, rec)
                     group.append(self._change(kv.key, rec.json))
                 elif kv.key in self.state and not kv.key.startswith(self.keys.family("trust/")):
                     # A good value replaced by a bad one: gone, as a fresh replica sees it.

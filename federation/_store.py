@@ -221,11 +221,17 @@ def _body(model: type[_Body], raw: bytes, what: str) -> Any:
         raise BadRecord(validation_message(exc, what)) from None
 
 
-def _model(validate: Any, raw: bytes, what: str) -> Any:
+def _model(validate: Any, raw: bytes, what: str) -> tuple[Any, bytes]:
+    """The model and its JSON: the stored value itself unless unknown fields were dropped."""
     try:
-        return models.read_lenient(validate, raw, what)
+        return validate(raw), raw
+    except ValidationError:
+        pass
+    try:
+        model = models.read_lenient(validate, raw, what)
     except ValidationError as exc:
         raise BadRecord(validation_message(exc, what)) from None
+    return model, dump(model)
 
 
 def _certs(pems: Iterable[str], what: str) -> tuple[x509.Certificate, ...]:
@@ -250,16 +256,16 @@ def read_record(keys: Keys, key: bytes, raw: bytes) -> Record | None:
         return None
     family, rest = split
     if family == "clusters":
-        rec = _model(models.ClusterRecord.model_validate_json, raw, "cluster record")
+        rec, body = _model(models.ClusterRecord.model_validate_json, raw, "cluster record")
         if rec.name != rest:
             raise BadRecord(f"invalid cluster record: name {rec.name!r} does not match its key")
         certs = _certs((rec.ca_cert_pem, *rec.previous_ca_certs_pem), "cluster record: ca_cert_pem")
-        return Record(family, rec, dump(rec), certs)
+        return Record(family, rec, body, certs)
     if family == "exports":
-        svc = _model(models.ExportedService.model_validate_json, raw, "exported service")
+        svc, body = _model(models.ExportedService.model_validate_json, raw, "exported service")
         if f"{svc.cluster}/{svc.namespace}/{svc.name}" != rest:
             raise BadRecord(f"invalid exported service: {svc.cluster}/{svc.key} does not match its key")
-        return Record(family, svc, dump(svc))
+        return Record(family, svc, body)
     if family == "policies":
         return _read_policy(rest, raw)
     if family == "trust" and rest in ("bundle", "crl"):
@@ -291,9 +297,9 @@ def _read_policy(rest: str, raw: bytes) -> Record:
         raise BadRecord("invalid policy: expected an object whose kind and name match its key")
     if kind in POLICY_KINDS:
         try:
-            policy = models.read_lenient(PolicyAdapter.validate_python, obj, kind)
-            return Record("policies", policy, dump(policy))
-        except ValidationError:
+            policy, body = _model(PolicyAdapter.validate_json, raw, kind)
+            return Record("policies", policy, body)
+        except BadRecord:
             pass
     return Record("policies", None, json.dumps(obj, separators=(",", ":")).encode(), understood=False)
 
