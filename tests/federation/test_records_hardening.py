@@ -25,7 +25,7 @@ from federation.client import SnapshotTracker, decode_event
 from federation.proto import federation_pb2 as pb
 
 from .fixtures import Pki, join_cluster, start_federation
-from .test_exports import svc, wait_until
+from .test_exports import svc
 from .test_watch import Watcher, names
 
 DENY_ALL = {"kind": "AuthorizationPolicy", "name": "deny-all", "action": "DENY", "rules": [{}]}
@@ -203,13 +203,20 @@ def test_an_export_target_must_be_host_port_when_written(fed, pki: Pki, tmp_path
     """Strict on write: the API refuses it with the field path (the model is the one check)."""
     import grpc
 
+    from federation.client import Credentials
+    from federation.proto import federation_pb2_grpc as pb_grpc
+
     east = join_cluster(fed, pki, "east", tmp_path)
-    for target in ("localhost", "localhost:0", "localhost:65536", "web:http"):
-        body = {"cluster": "east", "namespace": "default", "name": "web", "ports": [{"port": 80, "target": target}]}
-        with fed.client(east.agent_dir) as agent, pytest.raises(RemoteError) as err:
-            agent._call("PublishExports", pb.PublishExportsRequest(cluster="east", services_json=[json.dumps(body)]))
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "ports.0.target: target" in err.value.details and "HOST:PORT" in err.value.details, err.value.details
+    creds = Credentials.from_dir(east.agent_dir).channel_credentials()
+    with grpc.secure_channel(fed.address, creds) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        for target in ("localhost", "localhost:0", "localhost:65536", "web:http"):
+            body = {"cluster": "east", "namespace": "default", "name": "web", "ports": [{"port": 80, "target": target}]}
+            with pytest.raises(grpc.RpcError) as err:
+                stub.PublishExports(pb.PublishExportsRequest(cluster="east", services_json=[json.dumps(body)]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = err.value.details()
+            assert "ports.0.target: target" in details and "HOST:PORT" in details, details
     with pytest.raises(ValueError, match="HOST:PORT"):
         models.ServicePort(port=80, target="localhost")
     assert models.ServicePort(port=80, target="[::1]:8080").target == "[::1]:8080"

@@ -9,6 +9,7 @@ import signal
 import socket
 from pathlib import Path
 
+import httpx
 import trio
 
 from federation._embedded import free_port
@@ -16,7 +17,7 @@ from federation.models import ExportedService, ServicePort
 
 from ..federation.fixtures import join_cluster, make_pki, start_etcd, start_federation
 from .backends import H2Backend
-from .test_subprocess import GatewayProcess, _get, _gw_cfg
+from .test_subprocess import GatewayProcess
 
 
 def _free_pair() -> int:
@@ -29,6 +30,18 @@ def _free_pair() -> int:
             return p
         except OSError:
             continue
+
+
+def gateway_config(cluster_dir: Path, name: str, ports: dict[str, int], tmp: Path, fed: str) -> dict:
+    gdir = cluster_dir / "gateway"
+    return {
+        "cluster": name,
+        **{k: {"host": "127.0.0.1", "port": ports[k]} for k in ("inbound", "outbound", "admin")},
+        "tls": {f: str(gdir / f"{f.removesuffix('_file')}.pem") for f in ("cert_file", "key_file", "bundle_file")},
+        "outbound_allow_plain": True,
+        "federation": {"address": fed},
+        "last_known_good": str(tmp / f"{name}-lkg.json"),
+    }
 
 
 def control_pids(supervisor: int) -> list[int]:
@@ -65,9 +78,9 @@ async def test_the_control_process_is_restarted_while_the_workers_keep_serving(
                     for n in names], ttl=600)
 
         await trio.to_thread.run_sync(publish, "web")
-        west = GatewayProcess("west", _gw_cfg(joined["west"].out_dir, "west", ports["west"], tmp_path, fed.address),
+        west = GatewayProcess("west", gateway_config(joined["west"].out_dir, "west", ports["west"], tmp_path, fed.address),
                               tmp_path).start()
-        east = GatewayProcess("east", _gw_cfg(joined["east"].out_dir, "east", ports["east"], tmp_path, fed.address),
+        east = GatewayProcess("east", gateway_config(joined["east"].out_dir, "east", ports["east"], tmp_path, fed.address),
                               tmp_path, workers=2).start()
         procs += [west, east]
         await west.wait_ready()
@@ -75,7 +88,10 @@ async def test_the_control_process_is_restarted_while_the_workers_keep_serving(
         await east.wait_ready(worker=1)
 
         async def status(name: str) -> int:
-            return (await _get(ports["east"]["outbound"], f"{name}.default.west.isthmus.local:8080")).status_code
+            async with httpx.AsyncClient(http2=True, http1=False) as c:
+                r = await c.get(f"http://127.0.0.1:{ports['east']['outbound']}/echo",
+                                headers={"host": f"{name}.default.west.isthmus.local:8080"})
+                return r.status_code
 
         with trio.fail_after(30):
             while await status("web") != 200:
