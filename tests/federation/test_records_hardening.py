@@ -199,7 +199,7 @@ def test_watch_client_skips_a_bad_change_and_a_bad_snapshot_is_unreadable() -> N
         decode_event(pb.WatchEvent(revision=7, is_snapshot=True, snapshot_json="{not json"))
 
 
-def test_an_export_target_must_be_host_port_when_written(fed, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_writes_are_strict_an_export_target_must_be_host_port_and_unknown_fields_are_refused(fed, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Strict on write: the API refuses it with the field path (the model is the one check)."""
     import grpc
 
@@ -217,6 +217,12 @@ def test_an_export_target_must_be_host_port_when_written(fed, pki: Pki, tmp_path
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             details = err.value.details()
             assert "ports.0.target: target" in details and "HOST:PORT" in details, details
+        # Unknown fields, which readers ignore, are refused on write, with their path.
+        body = {"cluster": "east", "namespace": "default", "name": "web", "ports": [{"port": 80, "colour": "red"}]}
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PublishExports(pb.PublishExportsRequest(cluster="east", services_json=[json.dumps(body)]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ports.0.colour: Extra inputs are not permitted" in err.value.details()
     with pytest.raises(ValueError, match="HOST:PORT"):
         models.ServicePort(port=80, target="localhost")
     assert models.ServicePort(port=80, target="[::1]:8080").target == "[::1]:8080"
