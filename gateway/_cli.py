@@ -229,9 +229,11 @@ class _Restarts:
 
 def _control_main(config_path: str) -> None:
     configure_logging()
-    cfg = load_config(config_path)
     try:
-        trio.run(_supervise_control, cfg)
+        trio.run(_supervise_control, load_config(config_path))
+    except GatewayError as exc:  # the supervisor restarts us with backoff
+        structlog.get_logger("isthmus.gateway").error("gateway.control_failed", error=str(exc))
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
 
