@@ -24,10 +24,10 @@ that was compacted it re-lists and broadcasts the difference as one delta.
 Bad values: every value is validated as it is read (:func:`_store.read_valid`).  A bad
 one is logged once and counted, and is absent from the config, as if deleted (a fresh
 replica would not see it either); a bad trust bundle or CRL keeps the last good one
-instead (the trust sync rewrites it from the trust folder).  Memory holds the
-re-encoded JSON of each valid value, which is what snapshots are spliced from and what
-deltas carry, and the parsed cluster records, from which the revocations for caller
-checks are built once per config revision.
+instead (the trust sync rewrites it from the trust folder).  Memory holds the JSON of
+each valid value (re-encoded when unknown fields were dropped), which is what snapshots
+are spliced from and what deltas carry, and the parsed cluster and trust records, from
+which the revocations for caller checks are built once per config revision.
 
 Progress: a watcher whose queue stays empty for its progress interval gets a
 ``progress`` message at ``revision`` (no changes).  Sent only when the queue is empty,
@@ -44,10 +44,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import structlog
+
 import trust
 
 from . import models
-
 from ._errors import Compacted, FederationError, StoreUnavailable
 from ._etcd import Etcd, prefix_end
 from ._store import CONFIG_FAMILIES, Keys, Record, read_valid
@@ -83,7 +83,7 @@ class Hub:
         self.etcd = etcd
         self.keys = keys
         self.queue_size = queue_size
-        self.state: dict[bytes, tuple[int, bytes]] = {}  # valid config values, re-encoded
+        self.state: dict[bytes, tuple[int, bytes]] = {}  # valid config values (their JSON)
         self.records: dict[bytes, Record] = {}  # clusters and trust, parsed
         self.revision = 0
         self.config_revision = 0
@@ -288,7 +288,7 @@ class Hub:
         return sorted((r.value for k, r in self.records.items() if k.startswith(p)), key=lambda c: c.name)
 
     def snapshot_json(self) -> tuple[int, bytes]:
-        """The models.Snapshot JSON at ``revision``, spliced from the validated, re-encoded values."""
+        """The models.Snapshot JSON at ``revision``, spliced from the validated values' JSON."""
         rev, cached = self._snapshot_cache
         if rev == self.revision:
             return rev, cached

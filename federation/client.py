@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from . import models
 from ._errors import FederationError, RemoteError
-from ._store import PolicyAdapter, validation_message
+from ._store import POLICY_KINDS, PolicyAdapter, validation_message
 from .proto import federation_pb2 as pb
 from .proto import federation_pb2_grpc as pb_grpc
 
@@ -82,7 +82,6 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
 
 # Called for each record skipped (or replaced by a DENY) while reading: (kind, key, error).
 InvalidHook = Callable[[str, str, str], None]
-POLICY_KINDS = ("AuthorizationPolicy", "RequestAuthentication")
 
 
 class UnreadableMessage(FederationError, ValueError):
@@ -102,10 +101,12 @@ def fail_closed(raw: Any) -> models.AuthorizationPolicy:
         except ValidationError:
             pass
     name = raw.get("name") if isinstance(raw, dict) else None
-    try:
-        return models.AuthorizationPolicy(name=name, action="DENY", rules=(models.Rule(),), selector=selector)
-    except ValidationError:
-        return models.AuthorizationPolicy(name="unreadable-policy", action="DENY", rules=(models.Rule(),), selector=selector)
+    for candidate in (name, "unreadable-policy"):  # keep its name where it is a valid one
+        try:
+            return models.AuthorizationPolicy(name=candidate, action="DENY", rules=(models.Rule(),), selector=selector)
+        except ValidationError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def read_policy(raw: Any, key: str = "", on_invalid: InvalidHook = log_invalid) -> Policy:
