@@ -118,3 +118,16 @@ class RemoteError(FederationError):
         self.code = code
         self.details = details
         super().__init__(f"federation call failed: {code.name}: {details}")
+
+
+class UnreadableRecord(FederationError):
+    """A record in etcd failed validation and the call that needs it cannot proceed
+    without it (the record itself is :class:`InvalidRecord`, skipped where it can be)."""
+
+    code = _Code("FAILED_PRECONDITION")
+
+
+class ResourceExhausted(FederationError):
+    """A per-caller limit was reached (join concurrency, gateways per cluster, ...)."""
+
+    code = _Code("RESOURCE_EXHAUSTED")

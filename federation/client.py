@@ -1,5 +1,10 @@
 """A synchronous client for the federation API (grpcio), for gateways, agents, the CLI and tests.
 
+Theory of operation: one class, :class:`FederationClient`, wraps every RPC (unary calls
+with fail-over across replicas, and the resumable watch); the functions above it read
+what arrives leniently; :class:`SnapshotTracker` folds watch messages into the current
+snapshot.  Use it like this:
+
     client = FederationClient(["fed-a:7443", "fed-b:7443"], cert_dir="/etc/isthmus/gateway")
     tracker = SnapshotTracker()
     for message in client.watch(stop=stop_event):      # reconnects and resumes by itself
@@ -12,6 +17,12 @@ addresses (the federation is stateless over etcd, any replica will do); the watc
 reconnects with capped exponential backoff and resumes from the last revision it
 delivered, so a consumer never sees a gap (at worst a fresh snapshot).
 Certificates are read from disk on every (re)connect, so rotated files are picked up.
+
+What arrives is read leniently (:func:`read_snapshot`, :func:`decode_event`): unknown
+fields are ignored, a record that does not validate is skipped (a delta then drops the
+key) and reported to ``on_invalid``; a policy that cannot be read is replaced by a DENY
+for the services it selects (fail closed).  A snapshot that cannot be read at all makes
+the watch resync (reconnect for a fresh snapshot, with backoff).
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from pydantic import ValidationError
 
 from . import models
-from ._errors import FederationError, RemoteError
+from ._errors import FederationError, InvalidRecord, RemoteError
 from .proto import federation_pb2 as pb
 from .proto import federation_pb2_grpc as pb_grpc
 
@@ -72,6 +84,94 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
 
 # ---------------------------------------------------------------------- watch messages
 
+# Called for each record skipped (or replaced by a DENY) while reading: (kind, key, error).
+InvalidHook = Callable[[str, str, str], None]
+
+
+class UnreadableMessage(FederationError, ValueError):
+    """A watch message that cannot be read at all (the watch resyncs)."""
+
+
+def log_invalid(kind: str, key: str, error: str) -> None:
+    log.warning("watch.invalid_record", kind=kind, key=key, error=error[:300])
+
+
+def fail_closed(raw: Any) -> models.AuthorizationPolicy:
+    """The DENY that stands in for a policy this reader cannot enforce, for what it selects."""
+    selector = models.Selector()  # unknown scope: everything
+    if isinstance(raw, dict):
+        try:
+            selector = models.read_record(models.Selector, raw.get("selector") or {}, what="selector")
+        except InvalidRecord:
+            pass
+    name = raw.get("name") if isinstance(raw, dict) else None
+    for candidate in (name, "unreadable-policy"):  # keep its name where it is a valid one
+        try:
+            return models.AuthorizationPolicy(name=candidate, action="DENY", rules=(models.Rule(),), selector=selector)
+        except ValidationError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def read_policy(raw: Any, key: str = "", on_invalid: InvalidHook = log_invalid) -> Policy:
+    """A policy from the wire; one this reader cannot enforce becomes :func:`fail_closed`."""
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind in models.POLICY_KINDS:
+        try:
+            return models.read_record(models.Policy, raw, what=kind)
+        except InvalidRecord as exc:
+            error = str(exc)
+    else:
+        error = f"unknown policy kind {kind!r}" if isinstance(raw, dict) else "not an object"
+    on_invalid("policy", key, f"{error}; enforced as DENY for the services it selects")
+    return fail_closed(raw)
+
+
+def read_snapshot(
+    data: str | bytes, on_invalid: InvalidHook = log_invalid
+) -> tuple[models.Snapshot, tuple[str, ...]]:
+    """A :class:`models.Snapshot` from JSON, record by record; and the policies' keys.
+
+    Raises :class:`UnreadableMessage` only when the document itself is not a snapshot.
+    """
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise UnreadableMessage(f"unreadable snapshot: not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("revision", 0), int):
+        raise UnreadableMessage("unreadable snapshot: expected an object with an integer revision")
+
+    def items(name: str) -> list[Any]:
+        v = doc.get(name) or []
+        return v if isinstance(v, list) else []
+
+    def read(kind: str, model: type[Any], raw: Any) -> Any:
+        try:
+            return models.read_record(model, raw, what=kind)
+        except InvalidRecord as exc:
+            parts = ("cluster", "namespace", "name") if kind == "service" else ("name",)
+            key = "/".join(str(raw.get(k, "?")) for k in parts) if isinstance(raw, dict) else "?"
+            on_invalid(kind, key, str(exc))
+            return None
+
+    clusters = [c for raw in items("clusters") if (c := read("cluster", models.ClusterRecord, raw)) is not None]
+    services = [v for raw in items("services") if (v := read("service", models.ExportedService, raw)) is not None]
+    keys, policies = [], []
+    for raw in items("policies"):
+        key = f"{raw.get('kind')}/{raw.get('name')}" if isinstance(raw, dict) else "?"
+        keys.append(key)
+        policies.append(read_policy(raw, key, on_invalid))
+    pems = {k: v if isinstance(v := doc.get(k, ""), str) else "" for k in ("bundle_pem", "crl_pem")}
+    # model_construct: every part was validated above; skip a second pass.
+    snap = models.Snapshot.model_construct(
+        revision=doc.get("revision", 0),
+        clusters=tuple(clusters),
+        services=tuple(services),
+        policies=tuple(policies),
+        **pems,
+    )
+    return snap, tuple(keys)
+
 
 @dataclass(frozen=True)
 class Change:
@@ -89,27 +189,47 @@ class WatchMessage:
     # A heartbeat of a quiet stream: nothing changed up to ``revision``; the config held
     # is still current (a gateway confirms it instead of re-applying).
     progress: bool = False
+    # With a snapshot: the key of each of its policies (kind/name as the federation
+    # keys it), which a stand-in DENY does not carry itself.
+    policy_keys: tuple[str, ...] = ()
 
 
-def decode_event(event: pb.WatchEvent) -> WatchMessage:
+def decode_event(event: pb.WatchEvent, on_invalid: InvalidHook = log_invalid) -> WatchMessage:
+    """Read one watch event leniently (see the module docstring)."""
     if event.is_snapshot:
-        return WatchMessage(event.revision, snapshot=models.read_record(models.Snapshot, event.snapshot_json))
+        snap, keys = read_snapshot(event.snapshot_json, on_invalid)
+        return WatchMessage(event.revision, snapshot=snap, policy_keys=keys)
     if event.progress:
         return WatchMessage(event.revision, progress=True)
     changes = []
     for c in event.changes:
         kind = KIND_NAMES.get(c.kind, "unknown")
-        value: Any = None
-        if not c.deleted:
+        if c.deleted or kind == "unknown":
+            changes.append(Change(kind, c.key, c.deleted))
+            continue
+        try:
+            value: Any
             if c.kind == pb.CLUSTER:
-                value = models.read_record(models.ClusterRecord, c.json)
+                value = models.read_record(models.ClusterRecord, c.json, what="cluster record")
             elif c.kind == pb.SERVICE:
-                value = models.read_record(models.ExportedService, c.json)
+                value = models.read_record(models.ExportedService, c.json, what="exported service")
             elif c.kind == pb.POLICY:
-                value = models.read_record(models.Policy, c.json)
-            elif c.kind in (pb.BUNDLE, pb.CRL):
+                try:
+                    raw = json.loads(c.json)
+                except ValueError:
+                    raw = None
+                value = read_policy(raw, c.key, on_invalid)
+            else:
                 value = json.loads(c.json)["pem"]
-        changes.append(Change(kind, c.key, c.deleted, value))
+                if not isinstance(value, str):
+                    raise ValueError("pem is not a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            error = str(exc) if isinstance(exc, InvalidRecord) else f"invalid {kind}: {exc}"
+            on_invalid(kind, c.key, error)
+            if kind not in ("bundle", "crl"):  # trust material: keep the last good one
+                changes.append(Change(kind, c.key, True))  # as the federation does: gone
+            continue
+        changes.append(Change(kind, c.key, False, value))
     return WatchMessage(event.revision, changes=tuple(changes))
 
 
@@ -130,7 +250,8 @@ class SnapshotTracker:
             s = message.snapshot
             self.clusters = {c.name: c for c in s.clusters}
             self.services = {f"{v.cluster}/{v.key}": v for v in s.services}
-            self.policies = {f"{p.kind}/{p.name}": p for p in s.policies}
+            keys = message.policy_keys or tuple(f"{p.kind}/{p.name}" for p in s.policies)
+            self.policies = dict(zip(keys, s.policies))
             self.bundle_pem, self.crl_pem = s.bundle_pem, s.crl_pem
         for c in message.changes:
             if c.kind in ("bundle", "crl"):
@@ -177,9 +298,14 @@ class GatewayStatus:
     reported_at: float
     synced: bool
     enforces_policy: bool = False  # applied the newest policy change
+    rejected_revision: int = 0  # the newest snapshot it could not build (0: none since applied_revision)
+    rejected_reason: str = ""
+    confirmed_at: float = 0.0  # unix time it last knew its config current; 0: unknown
 
     @property
     def state(self) -> str:
+        if self.rejected_revision:
+            return f"REJECTED rev {self.rejected_revision}: {self.rejected_reason}"
         return "SYNCED" if self.synced else "STALE"
 
 
@@ -371,11 +497,14 @@ class FederationClient:
         stop: threading.Event | None = None,
         raw: bool = False,
         progress_interval: float = 5.0,
+        on_invalid: InvalidHook = log_invalid,
     ) -> Iterator[WatchMessage]:
         """Yield watch messages forever (until ``stop`` or :meth:`close`), reconnecting as needed.
 
         A quiet stream yields a ``progress`` message every ``progress_interval`` seconds.
         With ``raw=True`` yields the protobuf ``WatchEvent`` undecoded (benchmarks).
+        Records that do not validate are skipped and passed to ``on_invalid``; a message
+        that cannot be read at all makes it reconnect for a fresh snapshot.
         """
         revision = from_revision
         backoff = _Backoff()
@@ -397,9 +526,21 @@ class FederationClient:
                 call.cancel()
             try:
                 for event in call:
+                    if raw:
+                        backoff.reset()
+                        revision = event.revision
+                        yield event  # type: ignore[misc]
+                        continue
+                    try:
+                        message = decode_event(event, on_invalid)
+                    except UnreadableMessage as exc:
+                        log.error("watch.unreadable_message", address=self.address, revision=event.revision, error=str(exc)[:300])
+                        revision = 0  # resync: a fresh snapshot replaces everything
+                        call.cancel()
+                        break
                     backoff.reset()
                     revision = event.revision
-                    yield event if raw else decode_event(event)  # type: ignore[misc]
+                    yield message
                 # Stream ended without error: the server shut down cleanly; reconnect.
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
@@ -418,8 +559,30 @@ class FederationClient:
             else:
                 time.sleep(wait)
 
-    def report_applied(self, gateway_id: str, revision: int) -> None:
-        self._call("ReportApplied", pb.ReportAppliedRequest(gateway_id=gateway_id, revision=revision))
+    def report_applied(
+        self,
+        gateway_id: str,
+        revision: int,
+        *,
+        confirmed_at: float = 0.0,
+        rejected_revision: int = 0,
+        rejected_reason: str = "",
+    ) -> None:
+        """Tell the federation which revision is in force (and which one was rejected, why).
+
+        ``gateway_id``: the caller's SPIFFE ID, optionally with ``#<instance>``; call at
+        least every ``STATUS_TTL / 3`` (20 s) or the status entry lapses.
+        """
+        self._call(
+            "ReportApplied",
+            pb.ReportAppliedRequest(
+                gateway_id=gateway_id,
+                revision=revision,
+                confirmed_at=confirmed_at,
+                rejected_revision=rejected_revision,
+                rejected_reason=rejected_reason,
+            ),
+        )
 
     # ------------------------------------------------------------------ admin
     def create_token(self, ttl: int = 3600, cluster: str = "") -> pb.CreateTokenResponse:
@@ -459,7 +622,8 @@ class FederationClient:
         return Status(
             r.config_revision,
             tuple(
-                GatewayStatus(g.cluster, g.gateway_id, g.applied_revision, g.reported_at, g.synced, g.enforces_policy)
+                GatewayStatus(g.cluster, g.gateway_id, g.applied_revision, g.reported_at, g.synced, g.enforces_policy,
+                              g.rejected_revision, g.rejected_reason, g.confirmed_at)
                 for g in r.gateways
             ),
             tuple(r.clusters),

@@ -37,6 +37,11 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
+def _is_hostport(value: str) -> bool:
+    m = _HOSTPORT.match(value)
+    return bool(m) and 0 < int(m.group(2)) < 65536
+
+
 def _label(value: str, what: str) -> str:
     if not _LABEL.match(value):
         raise ValueError(
@@ -61,6 +66,13 @@ class ServicePort(_Model):
     target: str = ""
     # Re-originate to the service with the gateway's mTLS certificate ("mtls") or plain.
     target_tls: Literal["mtls", "plain"] = "plain"
+
+    @field_validator("target")
+    @classmethod
+    def _v_target(cls, v: str) -> str:
+        if v and not _is_hostport(v):
+            raise ValueError(f"target {v!r} must be HOST:PORT with a port from 1 to 65535, e.g. web.prod.svc:8080")
+        return v
 
 
 class ExportedService(_Model):
@@ -108,8 +120,7 @@ class ClusterRecord(_Model):
     @classmethod
     def _v_addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for a in v:
-            m = _HOSTPORT.match(a)
-            if not m or not 0 < int(m.group(2)) < 65536:
+            if not _is_hostport(a):
                 raise ValueError(f"gateway address {a!r} must be HOST:PORT")
         return v
 
@@ -219,6 +230,7 @@ class Snapshot(_Model):
 M = TypeVar("M", bound=BaseModel)
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {Policy: TypeAdapter(AnyPolicy)}
 _REPORTED_UNKNOWN: set[tuple[str, str]] = set()
+_MAX_REPORTED_UNKNOWN = 1024
 
 
 def field_path(loc: Sequence[int | str]) -> str:
@@ -297,9 +309,15 @@ def read_record(model: Any, data: Any, *, what: str | None = None) -> Any:
     Unknown fields are ignored and logged once per model and field; anything else raises
     :class:`InvalidRecord`.  The common case (nothing unknown) costs one validation.
     """
+    return read_record_dropping(model, data, what=what)[0]
+
+
+def read_record_dropping(model: Any, data: Any, *, what: str | None = None) -> tuple[Any, bool]:
+    """:func:`read_record`, and whether unknown fields were dropped (a writer that keeps
+    the stored bytes re-encodes the value only then)."""
     name = what or _name(model)
     try:
-        return _validate(model, data, "forbid")
+        return _validate(model, data, "forbid"), False
     except ValidationError as exc:
         unknown = {
             re.sub(r"\[\d+\]", "[]", field_path(e["loc"]))
@@ -313,8 +331,8 @@ def read_record(model: Any, data: Any, *, what: str | None = None) -> Any:
     except ValidationError as exc:
         raise InvalidRecord(name, _problems(exc)) from None
     new = sorted(f for f in unknown if (name, f) not in _REPORTED_UNKNOWN)
-    if new:
+    if new and len(_REPORTED_UNKNOWN) < _MAX_REPORTED_UNKNOWN:  # bounded: names come from etcd
         _REPORTED_UNKNOWN.update((name, f) for f in new)
         log.warning("record.unknown_fields_ignored", model=name, fields=new,
                     hint="written by a newer Isthmus; upgrade this component to use them")
-    return value
+    return value, True

@@ -5,8 +5,9 @@
 
 With ``--workers N`` a supervisor starts N worker processes that each bind the listeners
 with SO_REUSEPORT (the kernel spreads connections across them); the supervisor alone runs
-the federation client (in a thread of its own loop, not on any data path) and writes the
-last-known-good file, which the workers follow.  Worker *i* serves its admin endpoint on
+the federation client (in a control process of its own, not on any data path; restarted
+with backoff when it exits, while the workers keep serving) and writes the last-known-good
+file, which the workers follow.  Worker *i* serves its admin endpoint on
 ``admin.port + i`` so that every worker's metrics can be scraped.
 """
 
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import structlog
@@ -60,14 +62,34 @@ async def serve(cfg: GatewayConfig, follow: str, reuse_port: bool = False) -> No
     async with trio.open_nursery() as nursery:
         await nursery.start(gw.run)
         if follow == "federation":
-            nursery.start_soon(follow_federation, gw)
+            nursery.start_soon(_keep_running, follow_federation, gw)
         elif follow == "file":
-            nursery.start_soon(follow_file, gw)
+            nursery.start_soon(_keep_running, follow_file, gw)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 structlog.get_logger("isthmus.gateway").info("gateway.stopping")
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _keep_running(follow: Any, gw: Any) -> None:
+    """Run a config follower forever: whatever it raises must not reach the data path's
+    nursery (it would stop the listeners); log it and start it again, with backoff."""
+    log = structlog.get_logger("isthmus.gateway")
+    failures = 0
+    while True:
+        started = trio.current_time()
+        try:
+            await follow(gw)
+            error = "returned"
+        except Exception as exc:  # noqa: BLE001 - the boundary that reports it
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if trio.current_time() - started > 60:
+            failures = 0
+        wait = min(30.0, 0.5 * 2**failures)
+        failures += 1
+        log.error("config.follower_failed", error=error, retry_in=wait)
+        await trio.sleep(wait)
 
 
 async def _supervise_control(cfg: GatewayConfig) -> None:
@@ -78,7 +100,7 @@ async def _supervise_control(cfg: GatewayConfig) -> None:
     gw = Gateway(cfg)
     initial_config(gw)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(follow_federation, gw)
+        nursery.start_soon(_keep_running, follow_federation, gw)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 nursery.cancel_scope.cancel()
@@ -138,17 +160,26 @@ def _supervise(config_path: str, cfg: GatewayConfig, workers: int, log_level: st
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    control_cmd = [sys.executable, "-c", "import sys; from gateway._cli import _control_main; "
+                   "_control_main(sys.argv[1])", str(Path(config_path).resolve())]
+    control_restart = _Restarts()
     if cfg.federation.address:
         # The control client gets its own process (and loop): never on a data path.
-        control = subprocess.Popen([sys.executable, "-c",
-                                    "import sys; from gateway._cli import _control_main; "
-                                    "_control_main(sys.argv[1])", str(Path(config_path).resolve())])
+        control = subprocess.Popen(control_cmd)
     restarts: dict[int, float] = {}
     for i in range(workers):
         procs[i] = subprocess.Popen([*cmd, "--worker-index", str(i)])
     log.info("gateway.supervisor_started", workers=workers)
     while not stopping:
         time.sleep(0.2)
+        if control is not None and control.poll() is not None and not stopping:
+            # The workers serve the last-known-good config meanwhile (static stability).
+            wait = control_restart.exited()
+            log.warning("gateway.control_exited", code=control.returncode, restart_in=round(wait, 1))
+            control = None
+        if control is None and cfg.federation.address and control_restart.due() and not stopping:
+            control = subprocess.Popen(control_cmd)
+            log.info("gateway.control_restarted", restarts=control_restart.count)
         for i, p in list(procs.items()):
             if p.poll() is not None and not stopping:
                 # Crash-looping workers restart at most once a second.
@@ -168,11 +199,41 @@ def _supervise(config_path: str, cfg: GatewayConfig, workers: int, log_level: st
             p.kill()
 
 
+class _Restarts:
+    """Capped exponential backoff for a supervised process (1 s .. 30 s); a process that
+    ran for a minute is forgiven its earlier exits."""
+
+    def __init__(self, first: float = 1.0, cap: float = 30.0, forgive_after: float = 60.0) -> None:
+        self.first, self.cap, self.forgive_after = first, cap, forgive_after
+        self.count = 0
+        self._streak = 0
+        self._started = time.monotonic()
+        self._next = 0.0
+
+    def exited(self) -> float:
+        now = time.monotonic()
+        if now - self._started >= self.forgive_after:
+            self._streak = 0
+        wait = min(self.cap, self.first * 2**self._streak)
+        self._streak += 1
+        self._next = now + wait
+        return wait
+
+    def due(self) -> bool:
+        if time.monotonic() < self._next:
+            return False
+        self.count += 1
+        self._started = time.monotonic()
+        return True
+
+
 def _control_main(config_path: str) -> None:
     configure_logging()
-    cfg = load_config(config_path)
     try:
-        trio.run(_supervise_control, cfg)
+        trio.run(_supervise_control, load_config(config_path))
+    except GatewayError as exc:  # the supervisor restarts us with backoff
+        structlog.get_logger("isthmus.gateway").error("gateway.control_failed", error=str(exc))
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
 

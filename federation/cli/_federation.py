@@ -33,6 +33,7 @@ def federation() -> None:
 @click.option("--advertise", multiple=True, help="Extra DNS name or IP for the server certificate (repeatable).")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="File with the root key passphrase.")
 @click.option("--trust-sync-interval", default=5.0, show_default=True, help="Seconds between checks of the trust folder (bundle, CRL).")
+@click.option("--metrics-listen", default="", help="Serve Prometheus metrics on HOST:PORT (/metrics); default: off.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     trust_dir: str,
@@ -44,6 +45,7 @@ def serve(
     advertise: tuple[str, ...],
     passphrase_file: str | None,
     trust_sync_interval: float,
+    metrics_listen: str,
     log_level: str,
 ) -> None:
     """Serve the federation API (stops on SIGTERM/SIGINT)."""
@@ -62,6 +64,7 @@ def serve(
         advertise=advertise,
         passphrase=read_passphrase(passphrase_file),
         trust_sync_interval=trust_sync_interval,
+        metrics_listen=metrics_listen,
     )
     handle_errors(lambda: asyncio.run(run(cfg)))()
 

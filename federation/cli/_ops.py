@@ -115,8 +115,11 @@ def services(cluster: str, federation_addr: str | None, cert_dir: str | None, ou
 @output_option
 @handle_errors
 def status(federation_addr: str | None, cert_dir: str | None, output: str) -> None:
-    """Cluster liveness, and the config revision every gateway applied: SYNCED or STALE
-    (like istioctl proxy-status), and whether it enforces the latest policy."""
+    """Cluster liveness, and the config revision every gateway applied: SYNCED, STALE or
+    REJECTED rev N: reason (like istioctl proxy-status), whether it enforces the latest
+    policy, and how long ago it last knew its config current (CONFIRMED)."""
+    from rich.markup import escape  # the reason is the gateway's text, not table markup
+
     setup_logging("warning")
     with make_client(federation_addr, cert_dir) as client:
         st = client.status()
@@ -135,6 +138,9 @@ def status(federation_addr: str | None, cert_dir: str | None, output: str) -> No
                         "reported_at": g.reported_at,
                         "state": g.state,
                         "enforces_policy": g.enforces_policy,
+                        "rejected_revision": g.rejected_revision or None,
+                        "rejected_reason": g.rejected_reason or None,
+                        "confirmed_at": g.confirmed_at or None,
                     }
                     for g in st.gateways
                 ],
@@ -154,14 +160,16 @@ def status(federation_addr: str | None, cert_dir: str | None, output: str) -> No
     ]
     print_table("clusters", ("CLUSTER", "STATE", "EXPORTS", "HEARTBEAT", "LEASE LEFT"), live_rows)
     rows = [
-        (g.cluster, g.gateway_id, g.applied_revision, st.config_revision, g.state, "yes" if g.enforces_policy else "NO",
-         _age(g.reported_at))
+        (g.cluster, escape(g.gateway_id), g.applied_revision, st.config_revision, escape(g.state),
+         "yes" if g.enforces_policy else "NO", _age(g.confirmed_at), _age(g.reported_at))
         for g in st.gateways
     ]
-    rows += [(c, "-", "-", st.config_revision, "NO REPORT", "-", "-") for c in st.clusters if c not in reported]
+    rows += [(c, "-", "-", st.config_revision, "NO REPORT", "-", "-", "-") for c in st.clusters if c not in reported]
+    # CONFIRMED: how long ago the gateway last knew its config current (its watch delivered
+    # something); it grows while the gateway's watch is down, though it keeps serving.
     print_table(
         f"gateways (config revision {st.config_revision}, policy revision {st.policy_revision})",
-        ("CLUSTER", "GATEWAY", "APPLIED", "LATEST", "STATE", "POLICY", "REPORTED"),
+        ("CLUSTER", "GATEWAY", "APPLIED", "LATEST", "STATE", "POLICY", "CONFIRMED", "REPORTED"),
         rows,
     )
 

@@ -168,12 +168,18 @@ class WatchEvent(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., snapshot_json: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., is_snapshot: _Optional[bool] = ..., progress: _Optional[bool] = ...) -> None: ...
 
 class ReportAppliedRequest(_message.Message):
-    __slots__ = ("gateway_id", "revision")
+    __slots__ = ("gateway_id", "revision", "rejected_revision", "rejected_reason", "confirmed_at")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_AT_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     revision: int
-    def __init__(self, gateway_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    rejected_revision: int
+    rejected_reason: str
+    confirmed_at: float
+    def __init__(self, gateway_id: _Optional[str] = ..., revision: _Optional[int] = ..., rejected_revision: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., confirmed_at: _Optional[float] = ...) -> None: ...
 
 class ReportAppliedResponse(_message.Message):
     __slots__ = ()
@@ -250,20 +256,26 @@ class ListServicesResponse(_message.Message):
     def __init__(self, services_json: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
-    __slots__ = ("cluster", "gateway_id", "applied_revision", "reported_at", "synced", "enforces_policy")
+    __slots__ = ("cluster", "gateway_id", "applied_revision", "reported_at", "synced", "enforces_policy", "rejected_revision", "rejected_reason", "confirmed_at")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     REPORTED_AT_FIELD_NUMBER: _ClassVar[int]
     SYNCED_FIELD_NUMBER: _ClassVar[int]
     ENFORCES_POLICY_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_AT_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     gateway_id: str
     applied_revision: int
     reported_at: float
     synced: bool
     enforces_policy: bool
-    def __init__(self, cluster: _Optional[str] = ..., gateway_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., reported_at: _Optional[float] = ..., synced: _Optional[bool] = ..., enforces_policy: _Optional[bool] = ...) -> None: ...
+    rejected_revision: int
+    rejected_reason: str
+    confirmed_at: float
+    def __init__(self, cluster: _Optional[str] = ..., gateway_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., reported_at: _Optional[float] = ..., synced: _Optional[bool] = ..., enforces_policy: _Optional[bool] = ..., rejected_revision: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., confirmed_at: _Optional[float] = ...) -> None: ...
 
 class ClusterLiveness(_message.Message):
     __slots__ = ("cluster", "exports", "lease_ttl", "lease_remaining", "last_heartbeat_age", "published_at", "state")

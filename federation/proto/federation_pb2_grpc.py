@@ -153,7 +153,9 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportApplied(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A gateway's applied (and rejected) revision; kept under a lease its reports renew,
+        so a gateway that stops reporting disappears from GetStatus within a minute.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

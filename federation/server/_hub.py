@@ -21,6 +21,14 @@ watcher is therefore bounded by the queue size, and a slow watcher never delays 
 etcd restarts and reconnects: the hub resumes its etcd watch from ``revision + 1``; if
 that was compacted it re-lists and broadcasts the difference as one delta.
 
+Bad values: every value is validated as it is read (:func:`federation.server._store.read_valid`).  A bad
+one is logged once and counted, and is absent from the config, as if deleted (a fresh
+replica would not see it either); a bad trust bundle or CRL keeps the last good one
+instead (the trust sync rewrites it from the trust folder).  Memory holds the JSON of
+each valid value (re-encoded when unknown fields were dropped), which is what snapshots
+are spliced from and what deltas carry, and the parsed cluster and trust records, from
+which the revocations for caller checks are built once per config revision.
+
 Progress: a watcher whose queue stays empty for its progress interval gets a
 ``progress`` message at ``revision`` (no changes).  Sent only when the queue is empty,
 so it never overtakes a queued delta; it lets a gateway tell "nothing changed" from
@@ -36,14 +44,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import structlog
-from cryptography import x509
 
 import trust
 
+from .. import models
 from .._errors import Compacted, FederationError, StoreUnavailable
-from ._etcd import Etcd, prefix_end
-from ._store import CONFIG_FAMILIES, Keys
 from ..proto import federation_pb2 as pb
+from ._etcd import Etcd, prefix_end
+from ._store import CONFIG_FAMILIES, Keys, Record, read_valid
 
 log = structlog.get_logger("federation.hub")
 
@@ -51,6 +59,7 @@ DEFAULT_QUEUE = 256
 DEFAULT_PROGRESS_INTERVAL = 5.0
 MIN_PROGRESS_INTERVAL, MAX_PROGRESS_INTERVAL = 0.2, 300.0
 _KIND = {"clusters": pb.CLUSTER, "exports": pb.SERVICE, "policies": pb.POLICY}
+_PARSED = ("clusters", "trust")
 
 
 @dataclass(eq=False)
@@ -74,7 +83,8 @@ class Hub:
         self.etcd = etcd
         self.keys = keys
         self.queue_size = queue_size
-        self.state: dict[bytes, tuple[int, bytes]] = {}
+        self.state: dict[bytes, tuple[int, bytes]] = {}  # valid config values (their JSON)
+        self.records: dict[bytes, Record] = {}  # clusters and trust, parsed
         self.revision = 0
         self.config_revision = 0
         self.policy_revision = 0  # newest revision that applied or deleted a policy
@@ -99,17 +109,41 @@ class Hub:
             return (pb.BUNDLE if rest == "bundle" else pb.CRL), rest
         return None
 
-    async def _list(self) -> tuple[int, dict[bytes, tuple[int, bytes]]]:
+    def _read(self, kv: object) -> Record | None:
+        """The validated record of a config value, None when it is bad (logged, counted)."""
+        if self._classify(kv.key) is None:  # type: ignore[attr-defined]
+            return None
+        return read_valid(self.keys, kv)
+
+    def _keep(self, key: bytes, rec: Record) -> None:
+        # Parsed records are kept only where they are read back (caller checks, trust).
+        if rec.family in _PARSED:
+            self.records[key] = rec
+        else:
+            self.records.pop(key, None)
+
+    async def _list(self) -> tuple[int, dict[bytes, tuple[int, bytes]], dict[bytes, Record]]:
         first = await self.etcd.get_prefix(self.keys.family(CONFIG_FAMILIES[0]))
         rev = first.header.revision
         kvs = list(first.kvs)
         for fam in CONFIG_FAMILIES[1:]:
             # Pin the other families to the same revision: one consistent cut.
             kvs += (await self.etcd.get_prefix(self.keys.family(fam), revision=rev)).kvs
-        return rev, {kv.key: (kv.mod_revision, kv.value) for kv in kvs}
+        state, records = {}, {}
+        for kv in kvs:
+            rec = self._read(kv)
+            if rec is None:
+                if kv.key in self.records and kv.key.startswith(self.keys.family("trust/")):
+                    state[kv.key], records[kv.key] = self.state[kv.key], self.records[kv.key]  # keep the good one
+                continue
+            state[kv.key] = (kv.mod_revision, rec.json)
+            if rec.family in _PARSED:
+                records[kv.key] = rec
+        return rev, state, records
 
     async def _relist(self) -> None:
-        rev, state = await self._list()
+        rev, state, records = await self._list()
+        self.records = records
         if self.ready.is_set():
             changes = [
                 self._change(k, v[1]) for k, v in state.items() if self.state.get(k) != v
@@ -169,11 +203,20 @@ class Hub:
             if self._classify(kv.key) is None:
                 continue
             if ev.type == ev.DELETE:
+                self.records.pop(kv.key, None)
                 if self.state.pop(kv.key, None) is not None:
                     group.append(self._change(kv.key, None))
             else:
-                self.state[kv.key] = (kv.mod_revision, kv.value)
-                group.append(self._change(kv.key, kv.value))
+                rec = self._read(kv)
+                if rec is not None:
+                    self.state[kv.key] = (kv.mod_revision, rec.json)
+                    self._keep(kv.key, rec)
+                    group.append(self._change(kv.key, rec.json))
+                elif kv.key in self.state and not kv.key.startswith(self.keys.family("trust/")):
+                    # A good value replaced by a bad one: gone, as a fresh replica sees it.
+                    del self.state[kv.key]
+                    self.records.pop(kv.key, None)
+                    group.append(self._change(kv.key, None))
         if group:
             self._advance(group_rev, group)
         # Everything up to the last event (or, for a progress notice, the header) is in.
@@ -239,15 +282,20 @@ class Hub:
         p = self.keys.family(family)
         return [v for k, (_, v) in self.state.items() if k.startswith(p)]
 
+    def clusters(self) -> list[models.ClusterRecord]:
+        """The valid cluster records, by name."""
+        p = self.keys.family("clusters/")
+        return sorted((r.value for k, r in self.records.items() if k.startswith(p)), key=lambda c: c.name)
+
     def snapshot_json(self) -> tuple[int, bytes]:
-        """The models.Snapshot JSON at ``revision``, built by splicing stored JSON (no re-validation)."""
+        """The models.Snapshot JSON at ``revision``, spliced from the validated values' JSON."""
         rev, cached = self._snapshot_cache
         if rev == self.revision:
             return rev, cached
 
         def pem(name: str) -> str:
-            v = self.state.get(self.keys.k("trust", name))
-            return json.loads(v[1])["pem"] if v else ""
+            r = self.records.get(self.keys.k("trust", name))
+            return r.value if r is not None else ""
 
         body = b"".join(
             [
@@ -280,15 +328,15 @@ class Hub:
         rev, cached = self._revocations
         if rev == self.config_revision:
             return cached
-        crl = self.state.get(self.keys.k("trust", "crl"))
-        cas = []
-        for v in self.values("clusters/"):
-            body = json.loads(v)
-            # The previous CAs of re-joined clusters too: their serials are in the CRL.
-            for pem in [body.get("ca_cert_pem") or "", *body.get("previous_ca_certs_pem", ())]:
-                if pem:
-                    cas.extend(x509.load_pem_x509_certificates(pem.encode()))
-        revs = trust.Revocations.from_crl(json.loads(crl[1])["pem"].encode() if crl else None, cas)
+        crl = self.records.get(self.keys.k("trust", "crl"))
+        p = self.keys.family("clusters/")
+        # The previous CAs of re-joined clusters too: their serials are in the CRL.
+        cas = [c for k, r in self.records.items() if k.startswith(p) for c in r.certs]
+        try:
+            revs = trust.Revocations.from_crl(crl.value.encode() if crl is not None else None, cas)
+        except trust.TrustError as exc:  # validated when read: cannot happen; keep the last good
+            log.error("hub.revocations_failed", error=str(exc))
+            return cached
         self._revocations = (self.config_revision, revs)
         return revs
 

@@ -5,9 +5,14 @@ Two listeners share one set of handlers:
 * ``--listen`` (default ``0.0.0.0:7443``): mutual TLS, client certificates required
   and verified against the federation bundle.  Every call.
 * ``--join-listen`` (default: the same host, port + 1): server-auth TLS only, for
-  :rpc:`Join` by clusters that have no certificate yet.  Other calls there fail with
-  UNAUTHENTICATED because the handlers find no client identity.  (grpcio cannot make a
+  :rpc:`Join` by clusters that have no certificate yet.  It is reachable without any
+  credential, so it is a server of its own that serves Join alone, with a small message
+  limit (a CSR is ~2 KiB) and few concurrent calls, behind a TCP relay
+  (:class:`JoinFront`) that caps connections per source IP.  (grpcio cannot make a
   client certificate optional on one port, hence two.)
+
+``--metrics-listen`` (off by default) serves Prometheus metrics, e.g.
+``isthmus_federation_invalid_records_total{kind}``.
 
 The server certificate is a leaf signed by the root with ``spiffe://<td>/federation`` and
 DNS/IP names for every address it is reached by, re-issued before it expires (the
@@ -47,6 +52,14 @@ from ..proto import federation_pb2_grpc as pb_grpc
 log = structlog.get_logger("federation.serve")
 
 MAX_MESSAGE = 256 * 1024 * 1024  # a 50k-service snapshot is ~15 MB; leave ample room
+# The join port: a CSR is ~2 KiB, the reply carries the bundle and the CRL.
+JOIN_MAX_MESSAGE = 64 * 1024
+JOIN_MAX_REPLY = 16 * 1024 * 1024
+JOIN_MAX_CALLS = 16  # in flight at once, whoever calls
+JOIN_MAX_STREAMS = 4  # per connection
+JOIN_CONNECTIONS_PER_IP = 8
+JOIN_CONNECTIONS = 256
+JOIN_CONNECTION_LIFETIME = 60.0  # a join takes well under a second
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 SERVER_CERT_VALIDITY = 24 * 3600.0
 
@@ -76,6 +89,7 @@ class ServeConfig:
     passphrase: bytes | None = None
     queue_size: int = 256
     trust_sync_interval: float = 5.0
+    metrics_listen: str = ""  # HOST:PORT for Prometheus metrics; empty: off
 
     def join_address(self) -> str:
         if self.join_listen:
@@ -167,6 +181,82 @@ class Election:
         return self.leader
 
 
+class JoinFront:
+    """The join port: relays TCP to the join server, at most ``per_ip`` connections per
+    source IP (and ``total`` in all), each for at most ``lifetime`` seconds.
+
+    TLS stays end to end (the relay sees only ciphertext); it exists because grpcio has
+    no per-client connection limit, and the join port needs no credential to reach.
+    """
+
+    def __init__(self, upstream_port: int, per_ip: int = JOIN_CONNECTIONS_PER_IP, total: int = JOIN_CONNECTIONS,
+                 lifetime: float = JOIN_CONNECTION_LIFETIME) -> None:
+        self.upstream_port = upstream_port
+        self.per_ip, self.total, self.lifetime = per_ip, total, lifetime
+        self.by_ip: dict[str, int] = {}
+        self.refused = 0
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        try:
+            return await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        except OSError as exc:
+            raise FederationError(f"cannot listen on {host}:{port} (join): {exc.strerror}") from None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ip = str((writer.get_extra_info("peername") or ("?",))[0])
+        if self.by_ip.get(ip, 0) >= self.per_ip or sum(self.by_ip.values()) >= self.total:
+            self.refused += 1
+            log.warning("join.connection_refused", peer=ip, per_ip=self.per_ip, open=self.by_ip.get(ip, 0))
+            writer.transport.abort()
+            return
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.lifetime):
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+                pipes = [asyncio.create_task(_pipe(reader, up_writer)), asyncio.create_task(_pipe(up_reader, writer))]
+                try:
+                    await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in pipes:
+                        t.cancel()
+                    await asyncio.gather(*pipes, return_exceptions=True)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self.by_ip[ip] -= 1
+            if not self.by_ip[ip]:
+                del self.by_ip[ip]
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(64 * 1024):
+        writer.write(data)
+        await writer.drain()  # backpressure: at most one read in flight per direction
+
+
+class _JoinOnly(pb_grpc.FederationServicer):
+    """The join server's servicer: Join, and nothing else (UNIMPLEMENTED)."""
+
+    def __init__(self, service: FederationService) -> None:
+        self.Join = service.Join  # type: ignore[method-assign]
+
+
+def _serve_metrics(listen: str) -> object:
+    from prometheus_client import start_http_server
+
+    host, port = split_hostport(listen, "--metrics-listen address")
+    try:
+        server, _thread = start_http_server(port, host)
+    except OSError as exc:
+        raise FederationError(f"cannot listen on {listen} (metrics): {exc.strerror}") from None
+    log.info("metrics.serving", listen=listen)
+    return server
+
+
 async def _trust_sync(store: Store, td: trust.TrustDir, interval: float) -> None:
     """Mirror the trust folder's bundle and CRL into etcd (leader only), e.g. after a revoke."""
     election = Election(store.etcd, store.keys.k("election", "trust-sync"))
@@ -216,6 +306,17 @@ async def serve(cfg: ServeConfig) -> None:
     store = Store(etcd, cfg.etcd_prefix)
     hub = Hub(etcd, store.keys, cfg.queue_size)
     tasks: list[asyncio.Task[None]] = []
+    metrics: object = None
+    join_front: asyncio.Server | None = None
+    join_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", JOIN_MAX_MESSAGE),
+            ("grpc.max_send_message_length", JOIN_MAX_REPLY),
+            ("grpc.max_concurrent_streams", JOIN_MAX_STREAMS),
+            ("grpc.max_connection_age_ms", int(JOIN_CONNECTION_LIFETIME * 1000)),
+        ],
+        maximum_concurrent_rpcs=JOIN_MAX_CALLS,
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -240,18 +341,27 @@ async def serve(cfg: ServeConfig) -> None:
         tasks.append(asyncio.create_task(_trust_sync(store, td, cfg.trust_sync_interval), name="trust-sync"))
         await asyncio.wait_for(hub.ready.wait(), 30)
 
+        if cfg.metrics_listen:
+            metrics = _serve_metrics(cfg.metrics_listen)
         dns, ips = _names_for(cfg.listen, cfg.advertise)
         certs = ServerCertificate(td, cfg.data_dir / "server-tls", dns, ips)
-        pb_grpc.add_FederationServicer_to_server(FederationService(store, hub, td), server)
+        service = FederationService(store, hub, td)
+        pb_grpc.add_FederationServicer_to_server(service, server)
+        pb_grpc.add_FederationServicer_to_server(_JoinOnly(service), join_server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, join_server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         mtls = grpc.dynamic_ssl_server_credentials(certs.config, certs.fetch, require_client_authentication=True)
         server_auth = grpc.dynamic_ssl_server_credentials(certs.config, certs.fetch, require_client_authentication=False)
-        for addr, creds, what in ((cfg.listen, mtls, "mtls"), (cfg.join_address(), server_auth, "join")):
-            if server.add_secure_port(addr, creds) == 0:
-                raise FederationError(f"cannot listen on {addr} ({what}): address in use or not local")
+        if server.add_secure_port(cfg.listen, mtls) == 0:
+            raise FederationError(f"cannot listen on {cfg.listen} (mtls): address in use or not local")
+        join_port = join_server.add_secure_port("127.0.0.1:0", server_auth)
+        if join_port == 0:
+            raise FederationError("cannot listen on 127.0.0.1 (join server, behind the join port)")
         await server.start()
+        await join_server.start()
+        join_front = await JoinFront(join_port).start(*split_hostport(cfg.join_address(), "--join-listen address"))
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -275,7 +385,12 @@ async def serve(cfg: ServeConfig) -> None:
                 raise t.exception()  # type: ignore[misc]
         log.info("federation.stopping")
     finally:
+        if join_front is not None:
+            join_front.close()
+        await join_server.stop(grace=0.5)
         await server.stop(grace=1.0)
+        if metrics is not None:
+            metrics.shutdown()  # type: ignore[attr-defined]
         for t in tasks:
             t.cancel()
         for t in tasks:

@@ -40,6 +40,8 @@ log = structlog.get_logger("federation.server")
 
 DEFAULT_CLUSTER_VALIDITY = 90 * 86400.0
 DEFAULT_TOKEN_TTL = 3600
+MAX_GATEWAY_ID = 256  # the SPIFFE ID and "#<instance>"
+MAX_REASON = 500  # characters of a rejected snapshot's reason that are kept
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,27 @@ class FederationService(pb_grpc.FederationServicer):
         assert caller is not None
         if not caller.cluster:
             raise PermissionDenied(f"{caller.spiffe_id} is not a cluster gateway or agent: it has no config to report")
-        await self.store.report_applied(caller.cluster, request.gateway_id or caller.spiffe_id, request.revision)
+        gateway_id = request.gateway_id or caller.spiffe_id
+        ident, sep, instance = gateway_id.partition("#")
+        if ident != caller.spiffe_id or (sep and not instance) or len(gateway_id) > MAX_GATEWAY_ID:
+            raise PermissionDenied(
+                f"{caller.spiffe_id} may report only as itself: gateway_id must be its SPIFFE ID, optionally "
+                f"followed by '#<instance>' (at most {MAX_GATEWAY_ID} characters)"
+            )
+        for what, rev in (("revision", request.revision), ("rejected_revision", request.rejected_revision)):
+            if rev < 0:
+                raise InvalidRequest(f"invalid report: {what} {rev} is negative")
+            if rev > self.hub.revision and rev > await self.store.etcd.current_revision():
+                raise InvalidRequest(f"invalid report: {what} {rev} is ahead of the federation's ({self.hub.revision})")
+        reason = "".join(ch if ch.isprintable() else " " for ch in request.rejected_reason[:MAX_REASON])
+        await self.store.report_applied(
+            caller.cluster,
+            gateway_id,
+            request.revision,
+            confirmed_at=request.confirmed_at,
+            rejected_revision=request.rejected_revision,
+            rejected_reason=reason if request.rejected_revision else "",
+        )
         return pb.ReportAppliedResponse()
 
     @_rpc
@@ -302,11 +324,14 @@ class FederationService(pb_grpc.FederationServicer):
         gateways = [
             pb.GatewayStatus(
                 cluster=cluster,
-                gateway_id=body["gateway_id"],
-                applied_revision=body["revision"],
-                reported_at=body["reported_at"],
-                synced=body["revision"] >= config_rev,
-                enforces_policy=body["revision"] >= policy_rev,
+                gateway_id=body.gateway_id,
+                applied_revision=body.revision,
+                reported_at=body.reported_at,
+                synced=body.revision >= config_rev,
+                enforces_policy=body.revision >= policy_rev,
+                rejected_revision=body.rejected_revision if body.rejected_revision > body.revision else 0,
+                rejected_reason=body.rejected_reason if body.rejected_revision > body.revision else "",
+                confirmed_at=body.confirmed_at,
             )
             for cluster, body in await self.store.list_status()
         ]
@@ -320,9 +345,7 @@ class FederationService(pb_grpc.FederationServicer):
         )
 
     def _hub_clusters(self) -> list[models.ClusterRecord]:
-        return sorted(
-            (models.read_record(models.ClusterRecord, v) for v in self.hub.values("clusters/")), key=lambda r: r.name
-        )
+        return self.hub.clusters()
 
     async def _liveness(self, records: list[models.ClusterRecord]) -> list[pb.ClusterLiveness]:
         exports: dict[str, int] = {}

@@ -1,5 +1,11 @@
 """The federation's records in etcd: key layout, encoding, and the writes the API makes.
 
+Theory of operation: :class:`Keys` builds and parses every key below; :func:`read_record`
+and :func:`read_valid` are the one door through which a value read from etcd enters the
+service (validated, or skipped and counted); :class:`Store` makes every write, each as
+one etcd transaction that checks what it depends on (mod revisions, leases), so
+concurrent replicas never half-apply a change.
+
 Key layout under the prefix (default ``/isthmus/``) — STABLE API: other tools, older
 and newer replicas read it; only ever add new key families.
 
@@ -14,7 +20,10 @@ and newer replicas read it; only ever add new key families.
     <prefix>trust/crl                             {"pem": ...}: the root-signed CRL
     <prefix>tokens/<sha256(token) hex>            {"cluster": "", "expires_at": t}; bound to
                                                   a lease of the token's TTL; deleted on use
-    <prefix>status/<cluster>/<url-quoted id>      {"gateway_id", "revision", "reported_at"}
+    <prefix>status/<cluster>/<url-quoted id>      {"gateway_id", "revision", "reported_at",
+                                                  "confirmed_at", "rejected_revision",
+                                                  "rejected_reason", "lease"}; bound to
+                                                  that lease (STATUS_TTL)
     <prefix>election/<job>                        a replica's id, bound to its lease: the
                                                   leader of a background job (trust-sync)
     <prefix>meta/sync                             empty; a replica writes it to flush its own
@@ -23,6 +32,13 @@ and newer replicas read it; only ever add new key families.
 The watch stream carries the *config* families (clusters, exports, policies, trust);
 tokens, leases and status never reach gateways.  Values are the models' JSON
 (``model_dump_json(by_alias=True)``), so what a gateway receives is what etcd holds.
+
+Every value read back is validated first (:func:`read_record`): etcd is shared, other
+tools and other versions write it.  A bad value is skipped with one log line
+(``record.invalid``) and counted in ``isthmus_federation_invalid_records{kind}``; it
+never fails a call that does not need that very record.  Unknown fields are ignored
+(a newer replica wrote them); what the watch carries is the stored value, re-encoded
+from the model only when unknown fields were dropped.
 """
 
 from __future__ import annotations
@@ -38,10 +54,20 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import structlog
-from pydantic import BaseModel
+from cryptography import x509
+from prometheus_client import Counter
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import models
-from .._errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from .._errors import (
+    InvalidRecord,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    UnreadableRecord,
+)
 from ._etcd import Etcd, prefix_end
 
 log = structlog.get_logger("federation.store")
@@ -49,6 +75,10 @@ log = structlog.get_logger("federation.store")
 # etcd's default --max-txn-ops is 128; stay under it so any etcd deployment works.
 MAX_TXN_OPS = 100
 MIN_TTL, MAX_TTL, DEFAULT_TTL = 2, 3600, 30
+# Gateway status keys: bound to a lease a gateway's reports renew (it reports at least
+# every STATUS_TTL / 3), and at most this many per cluster.
+STATUS_TTL = 60
+MAX_GATEWAYS_PER_CLUSTER = 64
 CONFIG_FAMILIES = ("clusters/", "exports/", "policies/", "trust/")
 
 @dataclass(frozen=True)
@@ -96,6 +126,172 @@ def dump(model: BaseModel) -> bytes:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------- reading records
+
+INVALID_RECORDS = Counter(
+    "isthmus_federation_invalid_records",
+    "Values read from etcd that failed validation and were skipped (once per bad value)",
+    ["kind"],
+)
+
+
+class BadRecord(ValueError):
+    """A value in etcd that does not validate; the message says why."""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class LeaseBody(_Body):
+    lease: int
+    ttl: int = 0
+    published_at: float = 0.0
+
+
+class TokenBody(_Body):
+    cluster: str = ""
+    expires_at: float
+
+
+class StatusBody(_Body):
+    gateway_id: str
+    revision: int = Field(ge=0)
+    reported_at: float = 0.0
+    confirmed_at: float = 0.0  # when the gateway last knew its config current
+    rejected_revision: int = 0  # newest snapshot the gateway could not apply (0: none)
+    rejected_reason: str = ""
+    lease: int = 0
+
+
+class PemBody(_Body):
+    pem: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """A validated value: the model (or body), and the JSON the watch carries."""
+
+    family: str
+    value: Any
+    json: bytes
+    certs: tuple[x509.Certificate, ...] = ()  # clusters: the current and previous CAs
+    # policies: False when this replica cannot read it (unknown kind, newer fields'
+    # values): it is still carried to gateways, which fail closed for what it selects.
+    understood: bool = True
+
+
+def _body(model: type[_Body], raw: bytes, what: str) -> Any:
+    return _model(model, raw, what)[0]
+
+
+def _model(model: Any, raw: bytes, what: str) -> tuple[Any, bytes]:
+    """The model and its JSON: the stored value itself unless unknown fields were dropped."""
+    try:
+        value, dropped = models.read_record_dropping(model, raw, what=what)
+    except InvalidRecord as exc:
+        raise BadRecord(str(exc)) from None
+    return value, (dump(value) if dropped else raw)
+
+
+def _certs(pems: Iterable[str], what: str) -> tuple[x509.Certificate, ...]:
+    out: list[x509.Certificate] = []
+    for pem in pems:
+        if pem:
+            try:
+                out.extend(x509.load_pem_x509_certificates(pem.encode()))
+            except ValueError:
+                raise BadRecord(f"invalid {what}: not a PEM certificate") from None
+    return tuple(out)
+
+
+def read_record(keys: Keys, key: bytes, raw: bytes) -> Record | None:
+    """Validate one value read under ``keys.prefix``; None for keys that hold no record.
+
+    Raises :class:`BadRecord` naming the problem.  The record must also match its key
+    (a cluster's name, an export's cluster/namespace/name, a policy's kind/name).
+    """
+    split = keys.split(key)
+    if split is None:
+        return None
+    family, rest = split
+    if family == "clusters":
+        rec, body = _model(models.ClusterRecord, raw, "cluster record")
+        if rec.name != rest:
+            raise BadRecord(f"invalid cluster record: name {rec.name!r} does not match its key")
+        certs = _certs((rec.ca_cert_pem, *rec.previous_ca_certs_pem), "cluster record: ca_cert_pem")
+        return Record(family, rec, body, certs)
+    if family == "exports":
+        svc, body = _model(models.ExportedService, raw, "exported service")
+        if f"{svc.cluster}/{svc.namespace}/{svc.name}" != rest:
+            raise BadRecord(f"invalid exported service: {svc.cluster}/{svc.key} does not match its key")
+        return Record(family, svc, body)
+    if family == "policies":
+        return _read_policy(rest, raw)
+    if family == "trust" and rest in ("bundle", "crl"):
+        body = _body(PemBody, raw, f"trust {rest}")
+        if rest == "bundle" and not _certs((body.pem,), "trust bundle"):
+            raise BadRecord("invalid trust bundle: no certificate")
+        if rest == "crl" and body.pem:
+            try:
+                x509.load_pem_x509_crl(body.pem.encode())
+            except ValueError:
+                raise BadRecord("invalid trust crl: not a PEM CRL") from None
+        return Record(family, body.pem, json.dumps({"pem": body.pem}).encode())
+    if family == "tokens":
+        return Record(family, _body(TokenBody, raw, "join token"), raw)
+    if family == "leases":
+        return Record(family, _body(LeaseBody, raw, "export lease"), raw)
+    if family == "status":
+        return Record(family, _body(StatusBody, raw, "gateway status"), raw)
+    return None
+
+
+def _read_policy(rest: str, raw: bytes) -> Record:
+    kind, _, name = rest.partition("/")
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise BadRecord(f"invalid policy: not JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("kind") != kind or obj.get("name") != name:
+        raise BadRecord("invalid policy: expected an object whose kind and name match its key")
+    if kind in models.POLICY_KINDS:
+        try:
+            policy, body = _model(models.Policy, raw, kind)
+            return Record("policies", policy, body)
+        except BadRecord:
+            pass
+    return Record("policies", None, json.dumps(obj, separators=(",", ":")).encode(), understood=False)
+
+
+_LOGGED_BAD: dict[bytes, int] = {}  # key -> mod_revision already logged and counted
+
+
+def skip_invalid(family: str, key: bytes, mod_revision: int, error: str) -> None:
+    """Log and count a bad value once (per key and version), however often it is read."""
+    if _LOGGED_BAD.get(key) == mod_revision:
+        return
+    if len(_LOGGED_BAD) >= 4096:
+        _LOGGED_BAD.clear()
+    _LOGGED_BAD[key] = mod_revision
+    INVALID_RECORDS.labels(kind=family).inc()
+    log.error("record.invalid", kind=family, key=key.decode(errors="replace"), revision=mod_revision, error=error[:300])
+
+
+def read_valid(keys: Keys, kv: Any) -> Record | None:
+    """:func:`read_record` for an etcd KeyValue; a bad one is skipped (None), logged and counted."""
+    try:
+        rec = read_record(keys, kv.key, kv.value)
+    except BadRecord as exc:
+        split = keys.split(kv.key)
+        skip_invalid(split[0] if split else "unknown", kv.key, kv.mod_revision, str(exc))
+        return None
+    if rec is not None and not rec.understood:
+        skip_invalid("policies", kv.key, kv.mod_revision, "policy this replica cannot read (unknown kind or "
+                     "newer values); gateways fail closed for what it selects")
+    return rec
 
 
 @dataclass(frozen=True)
@@ -184,16 +380,17 @@ class Store:
             raise Unauthenticated("invalid join token: empty")
         key = self.keys.token(token_hash(token))
         kv = await self.etcd.get(key)
-        if kv is None:
+        rec = read_valid(self.keys, kv) if kv is not None else None
+        if kv is None or rec is None:
             raise Unauthenticated(problem)
-        body = json.loads(kv.value)
+        body: TokenBody = rec.value
         # The lease deletes the key, but lease expiry can lag by a second; the recorded
         # deadline is authoritative.
-        if body.get("expires_at", 0) <= time.time():
+        if body.expires_at <= time.time():
             raise Unauthenticated("invalid join token: expired; create a new one with `isthmus federation token create`")
-        if body.get("cluster") and body["cluster"] != name:
+        if body.cluster and body.cluster != name:
             raise PermissionDenied(
-                f"join token is for cluster {body['cluster']!r}, not {name!r}"
+                f"join token is for cluster {body.cluster!r}, not {name!r}"
             )
         resp = await self.etcd.txn(
             compare=[self.etcd.cmp_mod(key, kv.mod_revision)],
@@ -207,7 +404,14 @@ class Store:
         kv = await self.etcd.get(self.keys.cluster(name))
         if kv is None:
             return None
-        return models.read_record(models.ClusterRecord, kv.value), kv.mod_revision
+        rec = read_valid(self.keys, kv)
+        if rec is None:
+            key = kv.key.decode(errors="replace")
+            raise UnreadableRecord(
+                f"invalid cluster record {key} in etcd (see the federation log, record.invalid): "
+                f"repair it or delete it (etcdctl del {key}) and join again"
+            )
+        return rec.value, kv.mod_revision
 
     async def put_cluster(self, record: models.ClusterRecord, expect_mod_revision: int) -> int:
         """Write a cluster record if nobody changed it since we looked (0: must not exist)."""
@@ -235,7 +439,10 @@ class Store:
         resp = await self.etcd.get_prefix(self.keys.family("clusters/"))
         marked = []
         for kv in resp.kvs:
-            record = models.read_record(models.ClusterRecord, kv.value)
+            rec = read_valid(self.keys, kv)
+            if rec is None:
+                continue
+            record: models.ClusterRecord = rec.value
             if record.revoked or not record.ca_cert_pem:
                 continue
             if x509.load_pem_x509_certificate(record.ca_cert_pem.encode()).serial_number not in serials:
@@ -251,16 +458,24 @@ class Store:
 
     async def list_clusters(self) -> tuple[list[models.ClusterRecord], int]:
         resp = await self.etcd.get_prefix(self.keys.family("clusters/"))
-        return [models.read_record(models.ClusterRecord, kv.value) for kv in resp.kvs], resp.header.revision
+        return self._valid(resp.kvs), resp.header.revision
+
+    def _valid(self, kvs: Iterable[Any]) -> list[Any]:
+        """The values of the records that validate (the others are logged and counted)."""
+        return [rec.value for kv in kvs if (rec := read_valid(self.keys, kv)) is not None and rec.understood]
+
+    async def _lease_body(self, cluster: str) -> LeaseBody | None:
+        kv = await self.etcd.get(self.keys.lease(cluster))
+        rec = read_valid(self.keys, kv) if kv is not None else None
+        return rec.value if rec is not None else None
 
     # ------------------------------------------------------------------ exports
     async def _cluster_lease(self, cluster: str, ttl: int) -> tuple[int, int]:
-        kv = await self.etcd.get(self.keys.lease(cluster))
-        if kv is not None:
-            lease = json.loads(kv.value)["lease"]
-            left = await self.etcd.keepalive_once(lease)
+        body = await self._lease_body(cluster)
+        if body is not None:  # (a bad one is replaced below)
+            left = await self.etcd.keepalive_once(body.lease)
             if left > 0:
-                return lease, left
+                return body.lease, left
         lease, granted = await self.etcd.grant(ttl)
         await self.etcd.put(self.keys.lease(cluster), self._lease_value(lease, granted), lease=lease)
         log.info("lease.granted", cluster=cluster, lease=lease, ttl=granted)
@@ -315,9 +530,9 @@ class Store:
         raise AssertionError("unreachable")
 
     async def heartbeat(self, cluster: str) -> int:
-        kv = await self.etcd.get(self.keys.lease(cluster))
-        if kv is not None:
-            left = await self.etcd.keepalive_once(json.loads(kv.value)["lease"])
+        body = await self._lease_body(cluster)
+        if body is not None:
+            left = await self.etcd.keepalive_once(body.lease)
             if left > 0:
                 return left
         raise NotFound(f"no live export lease for cluster {cluster!r}: it lapsed; publish the export set again")
@@ -325,26 +540,27 @@ class Store:
     async def liveness(self, clusters: Sequence[models.ClusterRecord]) -> list[Liveness]:
         """Each cluster's lease, as etcd's LeaseTimeToLive reports it (one read per cluster)."""
         resp = await self.etcd.get_prefix(self.keys.family("leases/"))
-        bodies: dict[str, dict[str, Any]] = {}
+        bodies: dict[str, LeaseBody] = {}
         for kv in resp.kvs:
             split = self.keys.split(kv.key)
-            if split is not None:
-                bodies[split[1]] = json.loads(kv.value)
+            rec = read_valid(self.keys, kv)
+            if split is not None and rec is not None:
+                bodies[split[1]] = rec.value
 
         async def one(c: models.ClusterRecord) -> Liveness:
             body = bodies.get(c.name)
             if body is None:
                 return Liveness(c.name, revoked=c.revoked)
-            ttl, remaining = await self.etcd.time_to_live(int(body["lease"]))
-            return Liveness(c.name, ttl, remaining, float(body.get("published_at", 0.0)), c.revoked)
+            ttl, remaining = await self.etcd.time_to_live(body.lease)
+            return Liveness(c.name, ttl, remaining, body.published_at, c.revoked)
 
         return list(await asyncio.gather(*(one(c) for c in clusters)))
 
     async def drop_lease(self, cluster: str) -> None:
         """Revoke a cluster's export lease: its exports vanish at once."""
-        kv = await self.etcd.get(self.keys.lease(cluster))
-        if kv is not None:
-            await self.etcd.revoke(json.loads(kv.value)["lease"])
+        body = await self._lease_body(cluster)
+        if body is not None:
+            await self.etcd.revoke(body.lease)
 
     async def withdraw(self, cluster: str, namespace: str = "", name: str = "") -> tuple[int, int]:
         if bool(namespace) != bool(name):
@@ -361,7 +577,7 @@ class Store:
     async def list_services(self, cluster: str = "") -> tuple[list[models.ExportedService], int]:
         prefix = self.keys.exports_of(cluster) if cluster else self.keys.family("exports/")
         resp = await self.etcd.get_prefix(prefix)
-        return [models.read_record(models.ExportedService, kv.value) for kv in resp.kvs], resp.header.revision
+        return self._valid(resp.kvs), resp.header.revision
 
     # ------------------------------------------------------------------ policies
     async def apply_policy(self, policy: models.AuthorizationPolicy | models.RequestAuthentication) -> tuple[int, bool]:
@@ -375,7 +591,7 @@ class Store:
 
     async def list_policies(self) -> tuple[list[models.AuthorizationPolicy | models.RequestAuthentication], int]:
         resp = await self.etcd.get_prefix(self.keys.family("policies/"))
-        return [models.read_record(models.Policy, kv.value) for kv in resp.kvs], resp.header.revision
+        return self._valid(resp.kvs), resp.header.revision
 
     async def delete_policy(self, name: str, kind: str = "") -> tuple[int, int]:
         kinds: Iterable[str] = (kind,) if kind else ("AuthorizationPolicy", "RequestAuthentication")
@@ -388,15 +604,54 @@ class Store:
         return resp.header.revision, int(deleted)
 
     # ------------------------------------------------------------------ status
-    async def report_applied(self, cluster: str, gateway_id: str, revision: int) -> None:
-        body = {"gateway_id": gateway_id, "revision": revision, "reported_at": time.time()}
-        await self.etcd.put(self.keys.status(cluster, gateway_id), json.dumps(body).encode())
+    async def report_applied(
+        self,
+        cluster: str,
+        gateway_id: str,
+        revision: int,
+        *,
+        confirmed_at: float = 0.0,
+        rejected_revision: int = 0,
+        rejected_reason: str = "",
+    ) -> None:
+        """Record what a gateway applied, under a lease that its next reports renew.
 
-    async def list_status(self) -> list[tuple[str, dict[str, Any]]]:
+        A gateway that stops reporting disappears after :data:`STATUS_TTL`; a cluster
+        has at most :data:`MAX_GATEWAYS_PER_CLUSTER` status keys.
+        """
+        key = self.keys.status(cluster, gateway_id)
+        kv = await self.etcd.get(key)
+        old = read_valid(self.keys, kv) if kv is not None else None
+        if kv is None:
+            prefix = self.keys.k("status", cluster, "")
+            count = (await self.etcd.range(prefix, prefix_end(prefix), count_only=True)).count
+            if count >= MAX_GATEWAYS_PER_CLUSTER:
+                raise ResourceExhausted(
+                    f"cluster {cluster!r} already reports {count} gateways (at most {MAX_GATEWAYS_PER_CLUSTER}); "
+                    f"stale ones disappear {STATUS_TTL}s after their last report"
+                )
+        lease = 0
+        if old is not None and old.value.lease and await self.etcd.keepalive_once(old.value.lease) > 0:
+            lease = old.value.lease
+        if not lease:
+            lease, _ = await self.etcd.grant(STATUS_TTL)
+        body = StatusBody(
+            gateway_id=gateway_id,
+            revision=revision,
+            reported_at=time.time(),
+            confirmed_at=confirmed_at,
+            rejected_revision=rejected_revision,
+            rejected_reason=rejected_reason,
+            lease=lease,
+        )
+        await self.etcd.put(key, body.model_dump_json().encode(), lease=lease)
+
+    async def list_status(self) -> list[tuple[str, StatusBody]]:
         resp = await self.etcd.get_prefix(self.keys.family("status/"))
         out = []
         for kv in resp.kvs:
             split = self.keys.split(kv.key)
-            assert split is not None
-            out.append((split[1].partition("/")[0], json.loads(kv.value)))
+            rec = read_valid(self.keys, kv)
+            if split is not None and rec is not None:
+                out.append((split[1].partition("/")[0], rec.value))
         return out

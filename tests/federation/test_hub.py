@@ -69,15 +69,20 @@ def test_non_config_keys_never_reach_watchers(etcd) -> None:  # type: ignore[no-
     asyncio.run(_with_hub(etcd.endpoint, body))
 
 
-def test_snapshot_is_valid_model_json(etcd) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_is_valid_model_json(etcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import trust
     from federation import models
+
+    td = trust.TrustDir(tmp_path / "trust")
+    td.init("isthmus.local")
+    root_pem = td.bundle_pem().decode()
 
     async def body(e: Etcd, hub: Hub) -> None:
         await e.put(b"/isthmus/exports/east/default/web", svc_json("web"))
-        await e.put(b"/isthmus/trust/bundle", json.dumps({"pem": "B"}).encode())
+        await e.put(b"/isthmus/trust/bundle", json.dumps({"pem": root_pem}).encode())
         assert await hub.catch_up()
         snap = models.Snapshot.model_validate_json(hub.snapshot_event().snapshot_json)
-        assert [s.name for s in snap.services] == ["web"] and snap.bundle_pem == "B"
+        assert [s.name for s in snap.services] == ["web"] and snap.bundle_pem == root_pem
         assert snap.revision == hub.revision
 
     asyncio.run(_with_hub(etcd.endpoint, body))

@@ -97,26 +97,28 @@ def test_status_shows_which_gateways_enforce_the_latest_policy(fed, admin, pki: 
     east = join_cluster(fed, pki, "east", tmp_path)
     west = join_cluster(fed, pki, "west", tmp_path)
     rev, _ = admin.apply_policy(ALLOW_FRONTEND)
+    gw_east = "spiffe://east.isthmus.local/ns/isthmus-system/sa/isthmus-gateway#gw-east"
+    gw_west = "spiffe://west.isthmus.local/ns/isthmus-system/sa/isthmus-gateway#gw-west"
     with fed.client(east.gateway_dir) as e, fed.client(west.gateway_dir) as w:
-        e.report_applied("gw-east", rev)
-        w.report_applied("gw-west", rev - 1)
+        e.report_applied(gw_east, rev)
+        w.report_applied(gw_west, rev - 1)
         st = admin.status()
         assert st.policy_revision == rev
         by = {g.gateway_id: g for g in st.gateways}
-        assert by["gw-east"].enforces_policy and not by["gw-west"].enforces_policy
+        assert by[gw_east].enforces_policy and not by[gw_west].enforces_policy
         # An export is a config change but not a policy change: east still enforces.
         e.publish("east", [models.ExportedService(cluster="east", namespace="shop", name="cart",
                                                   ports=(models.ServicePort(port=80),))])
         st = admin.status()
         assert st.policy_revision == rev and st.config_revision > rev
         by = {g.gateway_id: g for g in st.gateways}
-        assert by["gw-east"].enforces_policy and not by["gw-east"].synced
+        assert by[gw_east].enforces_policy and not by[gw_east].synced
         # Deleting a policy is a policy change too.
         admin.delete_policy("allow-frontend")
         st = admin.status()
         assert st.policy_revision > rev
         assert not any(g.enforces_policy for g in st.gateways)
-        w.report_applied("gw-west", st.policy_revision)
+        w.report_applied(gw_west, st.policy_revision)
     from click.testing import CliRunner
 
     from federation.cli import cli
@@ -127,7 +129,7 @@ def test_status_shows_which_gateways_enforce_the_latest_policy(fed, admin, pki: 
 
     body = json.loads(out)
     assert body["policy_revision"] == st.policy_revision
-    assert {g["gateway_id"]: g["enforces_policy"] for g in body["gateways"]} == {"gw-east": False, "gw-west": True}
+    assert {g["gateway_id"]: g["enforces_policy"] for g in body["gateways"]} == {gw_east: False, gw_west: True}
     table = CliRunner().invoke(cli, ["status"], env=env).output
     assert f"policy revision {st.policy_revision}" in table
 

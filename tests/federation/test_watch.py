@@ -85,7 +85,7 @@ def test_snapshot_first_then_tagged_deltas(fed, admin, east) -> None:  # type: i
             snap = w.tracker.snapshot()
             assert names(snap) == {"east/b"} and [p.name for p in snap.policies] == ["deny-all"]
             # Status: the gateway reports what it applied; SYNCED until the next change.
-            gw.report_applied("gw-east-1", snap.revision)
+            gw.report_applied("", snap.revision)
             assert [g.state for g in admin.status().gateways] == ["SYNCED"]
             gw.publish("east", [svc("east", "b"), svc("east", "c")])
             assert [g.state for g in admin.status().gateways] == ["STALE"]
