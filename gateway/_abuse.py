@@ -50,6 +50,7 @@ from h2.errors import ErrorCodes
 from h2.events import RequestReceived
 from h2.settings import SettingCodes
 
+from ._flags import flag
 from ._io import StreamWrapper
 
 log = structlog.get_logger("isthmus.gateway")
@@ -454,10 +455,11 @@ class Shield:
             self.reject("memory")
             grpc = any(k == b"content-type" and v.startswith(b"application/grpc")
                        for k, v in headers)
+            f = flag("OM")
             if grpc and hasattr(half, "respond_grpc"):
-                half.respond_grpc(14, "gateway overloaded")
+                half.respond_grpc(f.grpc, f.text)
             else:
-                half.respond(503, [(b"content-type", b"text/plain")], b"gateway overloaded\n")
+                half.respond(f.http, [(b"content-type", b"text/plain")], f.text.encode() + b"\n")
         return handler
 
 

@@ -61,14 +61,13 @@ from federation.jwt import JwksStore, JwtResult, JwtValidator
 from federation.models import AuthorizationPolicy, RequestAuthentication, Rule, Selector, Snapshot
 from federation.policy import PolicyError, PolicySet, RequestAttributes, validate_policy
 
+from ._flags import GrpcStatus
 from ._proxy import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
 
 log = structlog.get_logger("isthmus.gateway")
 
 JWT_FLAG = "UAEX"  # Envoy's flag for a request refused by an authentication check
 RBAC_FLAG = "RBAC"
-GRPC_PERMISSION_DENIED = 7
-GRPC_UNAUTHENTICATED = 16
 _WWW_AUTHENTICATE = ((b"www-authenticate", b'Bearer realm="isthmus", error="invalid_token"'),)
 # How often the background task looks for key sets due a refresh (cheap: no IO unless due).
 REFRESH_CHECK_INTERVAL = 5.0
@@ -99,7 +98,7 @@ def _jwt_public_reason(reason: str) -> str:
 def jwt_denied(result: JwtResult) -> Decision:
     public = _jwt_public_reason(result.reason)
     return Decision(
-        False, result.reason, status=401, flags=JWT_FLAG, grpc_status=GRPC_UNAUTHENTICATED,
+        False, result.reason, status=401, flags=JWT_FLAG, grpc_status=GrpcStatus.UNAUTHENTICATED,
         message=public, headers=_WWW_AUTHENTICATE,
         details=f"jwt_authn_access_denied{{{public.replace(' ', '_')}}}",
     )
@@ -113,7 +112,7 @@ def rbac_denied(policy: str | None, reason: str, audit_policy: str | None) -> De
         message = "RBAC: access denied (no ALLOW policy matched)"
         details = "rbac_access_denied_matched_policy[none]"
     return Decision(False, reason, status=403, flags=RBAC_FLAG,
-                    grpc_status=GRPC_PERMISSION_DENIED, message=message, policy=policy,
+                    grpc_status=GrpcStatus.PERMISSION_DENIED, message=message, policy=policy,
                     audit_policy=audit_policy, details=details)
 
 
@@ -349,5 +348,5 @@ class Parked:
                 into.write_headers(*value)
 
 
-__all__ = ["Authz", "GRPC_PERMISSION_DENIED", "GRPC_UNAUTHENTICATED", "JWT_FLAG", "Parked",
+__all__ = ["Authz", "JWT_FLAG", "Parked",
            "PolicyState", "RBAC_FLAG", "enforceable", "jwt_denied", "rbac_denied"]

@@ -11,6 +11,8 @@ import trio
 
 from h2.errors import ErrorCodes
 
+from ._flags import GrpcStatus
+
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
@@ -55,7 +57,7 @@ class Deadlines:
 
 
 def expire(half: Any) -> None:
-    """The downstream request ran past its grpc-timeout: cancel upstream, answer 4."""
+    """The downstream request ran past its grpc-timeout: cancel upstream, answer DEADLINE_EXCEEDED."""
     from ._relay import _Sink
 
     if half.closed or (half.x is not None and half.x.done):
@@ -70,6 +72,7 @@ def expire(half: Any) -> None:
     if not half.headers_sent:
         if hasattr(half, "q"):
             half.q.clear()
-        half.respond_grpc(4, "deadline exceeded")
+        half.respond_grpc(GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded")
     else:
-        half.write_trailers([(b"grpc-status", b"4"), (b"grpc-message", b"deadline exceeded")])
+        half.write_trailers([(b"grpc-status", b"%d" % GrpcStatus.DEADLINE_EXCEEDED),
+                             (b"grpc-message", b"deadline exceeded")])

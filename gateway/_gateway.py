@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 import trio
 from cryptography import x509
+from h2.errors import ErrorCodes
 
 import trust
 from federation.models import Snapshot
@@ -38,6 +39,7 @@ from ._abuse import FrameGuard, HeadersDeadlineStream, Shield, refuse_connection
 from ._config import GatewayConfig
 from ._deadlines import Deadlines, parse_grpc_timeout
 from ._errors import ConfigError, GatewayError, UpstreamError
+from ._flags import flag
 from ._h1 import H1Connection, H1Half, H1Pool, H1Upstream
 from ._io import PrefixedStream, TcpHalf, h2_connection, link, new_upstream, pump_h2
 from ._pool import Pool
@@ -454,7 +456,7 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - as in _guarded
             log.error("connection.crashed", error=repr(exc), exc_info=True)
             if h1.peer is not None:
-                h1.peer.abort(8, "UF", "upstream failed")
+                h1.peer.abort(ErrorCodes.CANCEL, "UF", "upstream failed")
 
     def _connect_local(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
         x.tcp = True
@@ -466,7 +468,7 @@ class Gateway:
             await self._connect_local_inner(half, target, x)
         except Exception as exc:  # noqa: BLE001 - as in _guarded
             log.error("connection.crashed", error=repr(exc), exc_info=True)
-            half.abort(8, "UF", "tunnel failed")
+            half.abort(ErrorCodes.CANCEL, "UF", "tunnel failed")
 
     async def _connect_local_inner(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
         try:
@@ -478,7 +480,7 @@ class Gateway:
         except (OSError, trio.TooSlowError, UpstreamError, ssl.SSLError,
                 trio.BrokenResourceError) as exc:
             log.info("connect.failed", target=x.upstream_host, error=str(exc))
-            half.abort(8, "UF", "upstream connect failed")
+            half.abort(ErrorCodes.CANCEL, "UF", "upstream connect failed")
             return
         up = TcpHalf(stream, self.limits.tcp_buffer)
         link(half, up)
@@ -619,8 +621,7 @@ class Gateway:
     def _reject(self, half: Any, x: Exchange, d: Reject) -> None:
         x.response_flags = d.flags
         if x.grpc:
-            from ._relay import _FLAG_GRPC
-            half.respond_grpc(d.grpc_status or _FLAG_GRPC.get(d.flags, 14), d.message)
+            half.respond_grpc(d.grpc_status or flag(d.flags).grpc, d.message)
         elif d.status:
             half.respond(d.status, [(b"content-type", b"text/plain"), *d.headers],
                          d.message.encode() + b"\n")
@@ -673,7 +674,7 @@ class Gateway:
         finally:
             self.downstream["tcp"] -= 1
             if not up.closed:
-                up.abort(8, "DC")
+                up.abort(ErrorCodes.CANCEL, "DC")
             x.finish()
 
     # -- dialling ----------------------------------------------------------------------------

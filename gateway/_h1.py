@@ -15,7 +15,10 @@ from typing import Any
 import h11
 import trio
 
-from ._relay import _FLAG_STATUS, Headers
+from h2.errors import ErrorCodes
+
+from ._flags import flag
+from ._relay import Headers
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
@@ -103,7 +106,7 @@ class H1Half:
             self.write_end()
 
     def respond_error(self, flags: str, message: str) -> None:
-        self.respond(_FLAG_STATUS.get(flags, 503), [(b"content-type", b"text/plain")],
+        self.respond(flag(flags).http, [(b"content-type", b"text/plain")],
                      message.encode() + b"\n")
 
     def respond_grpc(self, status: int, message: str) -> None:
@@ -156,7 +159,7 @@ class H1Connection:
         except _BROKEN:
             self.broken = True
             if self.half is not None and self.half.peer is not None:
-                self.half.peer.abort(8, "DC", "client went away")
+                self.half.peer.abort(ErrorCodes.CANCEL, "DC", "client went away")
 
     async def _write_loop(self) -> None:
         while True:
@@ -184,7 +187,7 @@ class H1Connection:
                     await self._serve()
                 except _BROKEN:
                     if self.half is not None and self.half.peer is not None:
-                        self.half.peer.abort(8, "DC", "client went away")
+                        self.half.peer.abort(ErrorCodes.CANCEL, "DC", "client went away")
                 n.cancel_scope.cancel()
         except _BROKEN:
             pass
@@ -269,7 +272,7 @@ class H1Connection:
                     break
                 else:
                     if half.peer is not None:
-                        half.peer.abort(8, "DC", "client went away")
+                        half.peer.abort(ErrorCodes.CANCEL, "DC", "client went away")
                     return
             await half.complete.wait()
             if half.x is not None:
@@ -408,7 +411,7 @@ class H1Upstream:
         except Exception as exc:  # noqa: BLE001 - any connect failure is a 503 downstream
             self.closed = True
             if self.peer is not None:
-                self.peer.abort(8, "UF", f"upstream connect failed: {exc}")
+                self.peer.abort(ErrorCodes.CANCEL, "UF", f"upstream connect failed: {exc}")
             return
         keep = False
         try:
@@ -418,7 +421,7 @@ class H1Upstream:
                 n.cancel_scope.cancel()
         except (*_BROKEN, h11.ProtocolError) as exc:
             if not self.closed and self.peer is not None:
-                self.peer.abort(8, "UC" if self.headers_sent else "UF", f"upstream failed: {exc}")
+                self.peer.abort(ErrorCodes.CANCEL, "UC" if self.headers_sent else "UF", f"upstream failed: {exc}")
             self.closed = True
         if keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()

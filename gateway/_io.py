@@ -391,7 +391,7 @@ class TcpHalf:
             return
         self._close()
         if self.peer is not None:
-            self.peer.abort(8, "UC", "connection reset")
+            self.peer.abort(h2.errors.ErrorCodes.CANCEL, "UC", "connection reset")
 
 
 def link(a: Any, b: Any) -> None:

@@ -23,6 +23,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from trust import InvalidSpiffeId, SpiffeId
 
+from ._flags import GrpcStatus
 from ._relay import Headers
 from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable
 from ._telemetry import Exchange
@@ -62,7 +63,7 @@ class Decision:
     reason: str = ""
     status: int = 403
     flags: str = "RBAC"
-    grpc_status: int = 7  # PERMISSION_DENIED
+    grpc_status: int = GrpcStatus.PERMISSION_DENIED
     message: str = ""
     policy: str | None = None
     audit_policy: str | None = None

@@ -34,6 +34,8 @@ import h2.exceptions
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
+from ._flags import flag
+
 Headers = list[tuple[bytes, bytes]]
 
 _HEADERS, _DATA, _TRAILERS, _END = 0, 1, 2, 3
@@ -364,16 +366,16 @@ class H2Half:
 
     def respond_error(self, flags: str, message: str) -> None:
         x = self.x
-        status = _FLAG_STATUS.get(flags, 503)
+        f = flag(flags)
         if x is not None and x.grpc:
-            self.respond_grpc(_FLAG_GRPC.get(flags, 14), message)
+            self.respond_grpc(f.grpc, message)
         else:
-            self.respond(status, [(b"content-type", b"text/plain")], message.encode() + b"\n")
+            self.respond(f.http, [(b"content-type", b"text/plain")], message.encode() + b"\n")
 
     def respond_grpc(self, status: int, message: str) -> None:
         """A gRPC trailers-only response."""
         self.write_headers([(b":status", b"200"), (b"content-type", b"application/grpc"),
-                            (b"grpc-status", str(status).encode()),
+                            (b"grpc-status", b"%d" % status),
                             (b"grpc-message", _grpc_message(message))], True)
         self.peer = _Sink(self)
 
@@ -522,13 +524,6 @@ class _Sink:
 
     def ack(self, credit: int) -> None:
         pass
-
-
-# Envoy response flags -> HTTP status / gRPC status for locally generated errors.
-_FLAG_STATUS = {"NR": 404, "RBAC": 403, "UF": 503, "UC": 503, "UR": 503, "UH": 503, "UO": 503,
-                "UT": 504, "DT": 504, "UAEX": 403, "RL": 429}
-_FLAG_GRPC = {"NR": 12, "RBAC": 7, "UF": 14, "UC": 14, "UR": 14, "UH": 14, "UO": 14, "UT": 4, "DT": 4,
-              "UAEX": 7, "RL": 8}
 
 
 def _grpc_message(message: str) -> bytes:
