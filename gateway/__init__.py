@@ -15,7 +15,7 @@ from ._config import (
 )
 from ._errors import ConfigError as ConfigError, GatewayError as GatewayError, UpstreamError as UpstreamError
 from ._gateway import ConnectionGuard as ConnectionGuard, ConnInfo as ConnInfo, Gateway as Gateway
-from ._proxy import (
+from ._decision import (
     ALLOW as ALLOW,
     Authorizer as Authorizer,
     Decision as Decision,

@@ -51,6 +51,7 @@ from h2.events import RequestReceived
 from h2.settings import SettingCodes
 
 from ._flags import flag
+from ._half import Half, Headers
 from ._io import StreamWrapper
 
 log = structlog.get_logger("isthmus.gateway")
@@ -61,6 +62,8 @@ _DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WINDOW, _CO
 _H2_STREAM_CAP = 2**31 - 1
 # Violations that earn the client's IP a cooldown (slow or non-reading clients may be
 # merely slow: they don't).
+# A listener's per-request entry point: (downstream half, request headers, end of stream).
+RequestHandler = Callable[[Half, Headers, bool], None]
 PENALIZED = frozenset({"rapid_reset", "control_frame_flood", "window_update_flood",
                        "header_block_too_large"})
 # Open-stream timestamps kept for the rapid-reset rule before old ones are pruned.
@@ -444,11 +447,11 @@ class Shield:
     def release_peer(self, peer: str) -> None:
         self._give(self.per_peer, peer)
 
-    def shed_streams(self, on_request: Callable[[Any, Any, bool], None]) -> Callable[..., None]:
+    def shed_streams(self, on_request: RequestHandler) -> RequestHandler:
         """Wrap a listener's request handler: 503 / gRPC UNAVAILABLE while over memory."""
         memory = self.memory
 
-        def handler(half: Any, headers: Any, end: bool) -> None:
+        def handler(half: Half, headers: Headers, end: bool) -> None:
             if not memory.overloaded:
                 on_request(half, headers, end)
                 return
@@ -456,7 +459,7 @@ class Shield:
             grpc = any(k == b"content-type" and v.startswith(b"application/grpc")
                        for k, v in headers)
             f = flag("OM")
-            if grpc and hasattr(half, "respond_grpc"):
+            if grpc:
                 half.respond_grpc(f.grpc, f.text)
             else:
                 half.respond(f.http, [(b"content-type", b"text/plain")], f.text.encode() + b"\n")

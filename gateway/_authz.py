@@ -10,9 +10,9 @@ request ever sees routes of one revision and policies of another), and each requ
 reads it once: a request keeps the policy set it started with, whatever is applied while
 it runs.
 
-A :class:`PolicyState` *is* the gateway's :data:`~gateway._proxy.Authorizer`: called with
-the :class:`~gateway._proxy.RequestAttrs` of one request it answers a
-:class:`~gateway._proxy.Decision`, in this order:
+A :class:`PolicyState` *is* the gateway's :data:`~gateway._decision.Authorizer`: called with
+the :class:`~gateway._decision.RequestAttrs` of one request it answers a
+:class:`~gateway._decision.Decision`, in this order:
 
 1. JWT (HTTP only; CONNECT tunnels carry no token): with a RequestAuthentication selecting
    the service, a request carrying a token must carry a *valid* one, else 401
@@ -51,7 +51,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -62,7 +61,8 @@ from federation.models import AuthorizationPolicy, RequestAuthentication, Rule, 
 from federation.policy import PolicyError, PolicySet, RequestAttributes, validate_policy
 
 from ._flags import GrpcStatus
-from ._proxy import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
+from ._half import Half, Headers
+from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -111,8 +111,7 @@ def rbac_denied(policy: str | None, reason: str, audit_policy: str | None) -> De
     else:
         message = "RBAC: access denied (no ALLOW policy matched)"
         details = "rbac_access_denied_matched_policy[none]"
-    return Decision(False, reason, status=403, flags=RBAC_FLAG,
-                    grpc_status=GrpcStatus.PERMISSION_DENIED, message=message, policy=policy,
+    return Decision(False, reason, flags=RBAC_FLAG, message=message, policy=policy,
                     audit_policy=audit_policy, details=details)
 
 
@@ -293,7 +292,7 @@ class Authz:
 # ---------------------------------------------------------------- parking a request
 
 
-class Parked:
+class Parked(Half):
     """Stands in for the upstream of a request whose decision is pending.
 
     It holds what the caller sends meanwhile (bounded by the stream's flow-control window,
@@ -301,20 +300,20 @@ class Parked:
     window back if the request is refused.
     """
 
-    __slots__ = ("peer", "items", "aborted")
+    __slots__ = ("items", "aborted")
 
     def __init__(self) -> None:
-        self.peer: Any = None
+        super().__init__()
         self.items: list[tuple[str, Any, int]] = []
         self.aborted = False
 
-    def write_headers(self, headers: Any, end: bool) -> None:  # never: request headers went by
+    def write_headers(self, headers: Headers, end: bool) -> None:  # never: request headers went by
         self.items.append(("headers", (headers, end), 0))
 
     def write_data(self, data: bytes, credit: int) -> None:
         self.items.append(("data", data, credit))
 
-    def write_trailers(self, trailers: Any) -> None:
+    def write_trailers(self, trailers: Headers) -> None:
         self.items.append(("trailers", trailers, 0))
 
     def write_end(self) -> None:
@@ -325,17 +324,15 @@ class Parked:
         self.items.clear()
 
     def ack(self, credit: int) -> None:
-        if self.peer is not None:
-            self.peer.ack(credit)
+        self.give_back(credit)
 
     def release(self) -> None:
         """Refused: hand the held window back to the caller."""
         credit = sum(c for _, _, c in self.items)
         self.items.clear()
-        if credit and self.peer is not None:
-            self.peer.ack(credit)
+        self.give_back(credit)
 
-    def replay(self, into: Any) -> None:
+    def replay(self, into: Half) -> None:
         items, self.items = self.items, []
         for kind, value, credit in items:
             if kind == "data":

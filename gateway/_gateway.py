@@ -36,16 +36,18 @@ import trust
 from federation.models import Snapshot
 
 from ._abuse import FrameGuard, HeadersDeadlineStream, Shield, refuse_connection
-from ._config import GatewayConfig
-from ._deadlines import Deadlines, parse_grpc_timeout
-from ._errors import ConfigError, GatewayError, UpstreamError
-from ._flags import flag
-from ._h1 import H1Connection, H1Half, H1Pool, H1Upstream
-from ._io import PrefixedStream, TcpHalf, h2_connection, link, new_upstream, pump_h2
-from ._pool import Pool
 from ._authz import Authz, Parked, PolicyState
-from ._proxy import Authorizer, Forward, Reject, allow_all, inbound, outbound, refusal, strip
-from ._relay import H2Endpoint, H2Half, Headers
+from ._config import GatewayConfig
+from ._context import RequestContext
+from ._deadlines import Deadlines
+from ._decision import Authorizer, Decision, allow_all, refuse
+from ._errors import ConfigError, GatewayError, UpstreamError
+from ._h1 import H1Connection, H1Half, H1Pool, H1Upstream
+from ._half import Half, Headers, link
+from ._io import PrefixedStream, TcpHalf, h2_connection, new_upstream, pump_h2
+from ._pool import Pool
+from ._proxy import Forward, inbound, outbound, settle, strip, traceparent
+from ._relay import H2Endpoint
 from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable, build_routes
 from ._telemetry import Exchange, Metrics, Recorder
 
@@ -193,12 +195,7 @@ class Gateway:
 
     def buffered_bytes(self) -> int:
         """Bytes held by the relay right now (queued in halves + h2 output buffers)."""
-        total = 0
-        for ep in self.endpoints:
-            total += len(ep.conn._data_to_send)
-            for h in ep.halves.values():
-                total += sum(len(item[1]) for item in h.q if item[0] == 1)
-        return total
+        return sum(ep.buffered_bytes() for ep in self.endpoints)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
@@ -370,61 +367,62 @@ class Gateway:
             self.downstream["inbound"] -= 1
             self.metrics.downstream_connections.labels("inbound").dec()
 
-    def _inbound_request(self, sid: trust.SpiffeId, half: H2Half, headers: Headers,
+    def _inbound_request(self, sid: trust.SpiffeId, half: Half, headers: Headers,
                          end: bool) -> None:
-        x = Exchange("destination", "HTTP/2", self.recorder)
-        half.x = x
+        ctx = half.ctx = RequestContext.parse(headers, Exchange("destination", "HTTP/2", self.recorder))
+        x = ctx.record
         x.destination_principal = str(self.identity)
         table = self.table
         peer = table.peer(sid.trust_domain)
         if peer is None:  # revoked or removed since the connection was made
             x.peer_principal = str(sid)
-            x.response_flags = "RBAC"
-            half.respond(403, [(b"content-type", b"text/plain")], b"peer cluster not joined\n")
+            ctx.refuse(half, refuse("RBAC", "peer cluster not joined", 403))
             return
-        d = inbound(headers, table, peer, str(sid), self.policy, x)
-        if isinstance(d, Reject):
-            self._reject(half, x, d)
+        d = inbound(headers, table, peer, str(sid), self.policy, ctx)
+        if isinstance(d, Decision):
+            ctx.refuse(half, d)
             return
-        if d.pending is not None:
+        if d.decision.pending is not None:
             # Decision waits on a JWKS fetch: park the request, decide in a thread.
             parked = Parked()
             link(half, parked)
             assert self._nursery is not None
-            self._nursery.start_soon(self._resume_inbound, half, parked, d, headers, end, x)
+            self._nursery.start_soon(self._resume_inbound, half, parked, d, end)
             return
-        self._forward_inbound(half, d, headers, end, x)
+        self._forward_inbound(half, d, end)
 
-    async def _resume_inbound(self, half: H2Half, parked: Parked, d: Forward, headers: Headers,
-                              end: bool, x: Exchange) -> None:
-        assert d.pending is not None
+    async def _resume_inbound(self, half: Half, parked: Parked, d: Forward, end: bool) -> None:
+        pending = d.decision.pending
+        assert pending is not None and half.ctx is not None
+        ctx = half.ctx
         try:
-            decision = await trio.to_thread.run_sync(d.pending, abandon_on_cancel=True)
+            decision = await trio.to_thread.run_sync(pending, abandon_on_cancel=True)
         except Exception as exc:  # noqa: BLE001 - fail closed, never crash the gateway
             log.error("authz.pending_failed", error=repr(exc), exc_info=True)
-            decision = None
+            decision = refuse("RBAC", "RBAC: access denied (authorization failed)", 403)
         if parked.aborted or half.closed:
             return  # the caller went away meanwhile
-        denied = refusal(decision, x, x.peer_principal) if decision is not None else \
-            Reject("RBAC", "RBAC: access denied (authorization failed)", 403)
+        denied = settle(decision, ctx, ctx.record.peer_principal)
         if denied is not None:
             parked.release()
-            self._reject(half, x, denied)
+            ctx.refuse(half, denied)
             return
-        if decision is not None and decision.strip_headers:
+        if decision.strip_headers:
             d.headers = strip(d.headers, decision.strip_headers)
-        self._forward_inbound(half, d, headers, end, x)
-        if half.peer is not parked:
+        self._forward_inbound(half, d, end)
+        if half.peer is not parked and half.peer is not None:
             parked.replay(half.peer)
 
-    def _forward_inbound(self, half: H2Half, d: Forward, headers: Headers, end: bool,
-                         x: Exchange) -> None:
+    def _forward_inbound(self, half: Half, d: Forward, end: bool) -> None:
+        ctx = half.ctx
+        assert ctx is not None
         target: LocalTarget = d.route
+        x = ctx.record
         x.upstream_cluster = f"inbound|{target.port}||{target.destination_service}"
         x.upstream_host = f"{target.host}:{target.target_port}"
-        self._deadline(half, headers, x)
+        self._deadline(half, ctx)
         if d.connect:
-            self._connect_local(half, target, x)
+            self._connect_local(half, target, ctx)
             return
         if target.protocol == "HTTP":
             # Plain "HTTP" services may speak HTTP/1.1 only: re-originate with h11.
@@ -458,19 +456,21 @@ class Gateway:
             if h1.peer is not None:
                 h1.peer.abort(ErrorCodes.CANCEL, "UF", "upstream failed")
 
-    def _connect_local(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
-        x.tcp = True
+    def _connect_local(self, half: Half, target: LocalTarget, ctx: RequestContext) -> None:
+        ctx.record.tcp = True
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_connect_local, half, target, x)
+        self._nursery.start_soon(self._run_connect_local, half, target, ctx)
 
-    async def _run_connect_local(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
+    async def _run_connect_local(self, half: Half, target: LocalTarget,
+                                 ctx: RequestContext) -> None:
         try:
-            await self._connect_local_inner(half, target, x)
+            await self._connect_local_inner(half, target, ctx)
         except Exception as exc:  # noqa: BLE001 - as in _guarded
             log.error("connection.crashed", error=repr(exc), exc_info=True)
             half.abort(ErrorCodes.CANCEL, "UF", "tunnel failed")
 
-    async def _connect_local_inner(self, half: H2Half, target: LocalTarget, x: Exchange) -> None:
+    async def _connect_local_inner(self, half: Half, target: LocalTarget,
+                                   ctx: RequestContext) -> None:
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(target.host, target.target_port)
@@ -479,12 +479,12 @@ class Gateway:
                                                     allowed=frozenset({self.trust_domain}))
         except (OSError, trio.TooSlowError, UpstreamError, ssl.SSLError,
                 trio.BrokenResourceError) as exc:
-            log.info("connect.failed", target=x.upstream_host, error=str(exc))
+            log.info("connect.failed", target=ctx.record.upstream_host, error=str(exc))
             half.abort(ErrorCodes.CANCEL, "UF", "upstream connect failed")
             return
         up = TcpHalf(stream, self.limits.tcp_buffer)
         link(half, up)
-        self.recorder.tcp_opened(x)
+        self.recorder.tcp_opened(ctx.record)
         half.write_headers([(b":status", b"200")], False)
         up.open_ok.set()
         await up.run()
@@ -552,32 +552,32 @@ class Gateway:
                     functools.partial(self._outbound_request, caller, "HTTP/1.1"))
                 conn = H1Connection(
                     slow, scheme, self.limits.tcp_buffer, slow.wrap_on_request(on_request),
-                    lambda: None, self.limits.idle_timeout)
+                    self.limits.idle_timeout)
                 await conn.run()
         finally:
             self.downstream["outbound"] -= 1
             self.metrics.downstream_connections.labels("outbound").dec()
 
-    def _outbound_request(self, caller: str, protocol: str, half: Any, headers: Headers,
+    def _outbound_request(self, caller: str, protocol: str, half: Half, headers: Headers,
                           end: bool) -> None:
-        x = Exchange("source", protocol, self.recorder)
-        half.x = x
+        ctx = half.ctx = RequestContext.parse(headers, Exchange("source", protocol, self.recorder))
+        x = ctx.record
         x.source_principal = caller
         x.source_cluster = self.cluster
-        d = outbound(headers, self.table, caller, x)
-        if isinstance(d, Reject):
-            self._reject(half, x, d)
+        d = outbound(headers, self.table, caller, ctx)
+        if isinstance(d, Decision):
+            ctx.refuse(half, d)
             return
         if d.connect and isinstance(half, H1Half):
-            self._reject(half, x, Reject("NR", "CONNECT needs HTTP/2", 405))
+            ctx.refuse(half, refuse("NR", "CONNECT needs HTTP/2", 405))
             return
         route: OutboundRoute = d.route
         pc = self._pick(route)
         if pc is None:
-            self._reject(half, x, Reject("UH", f"no healthy cluster serves {x.authority}", 503))
+            ctx.refuse(half, refuse("UH", f"no healthy cluster serves {x.authority}", 503))
             return
         self._fill_upstream(x, route, pc)
-        self._deadline(half, headers, x)
+        self._deadline(half, ctx)
         if d.connect:
             x.tcp = True
             self.recorder.tcp_opened(x)
@@ -618,30 +618,15 @@ class Gateway:
                 return pc
         return clusters[n % len(clusters)]
 
-    def _reject(self, half: Any, x: Exchange, d: Reject) -> None:
-        x.response_flags = d.flags
-        if x.grpc:
-            half.respond_grpc(d.grpc_status or flag(d.flags).grpc, d.message)
-        elif d.status:
-            half.respond(d.status, [(b"content-type", b"text/plain"), *d.headers],
-                         d.message.encode() + b"\n")
-        else:
-            half.respond_error(d.flags, d.message)
-
-    def _deadline(self, half: Any, headers: Headers, x: Exchange) -> None:
-        if not x.grpc:
-            return
-        for k, v in headers:
-            if k == b"grpc-timeout":
-                t = parse_grpc_timeout(v)
-                if t is not None:
-                    x.deadline = trio.current_time() + t
-                    self.deadlines.add(x.deadline, half)
-                return
+    def _deadline(self, half: Half, ctx: RequestContext) -> None:
+        at = ctx.start_deadline(trio.current_time())
+        if at is not None:
+            self.deadlines.add(at, functools.partial(ctx.expire, half))
 
     # -- opaque TCP ports -------------------------------------------------------------------
     async def _handle_tcp_port(self, target: str, stream: trio.SocketStream) -> None:
-        x = Exchange("source", "TCP", self.recorder)
+        ctx = RequestContext(Exchange("source", "TCP", self.recorder))
+        x = ctx.record
         x.tcp = True
         x.source_cluster = self.cluster
         x.authority = target
@@ -651,18 +636,18 @@ class Gateway:
             x.response_flags = "NR" if route is None else "UH"
             log.info("tcp.no_route", target=target)
             await trio.aclose_forcefully(stream)
-            x.finish()
+            ctx.finish()
             return
         if not self._admit("tcp", "", stream):
             await trio.aclose_forcefully(stream)
             return
         x.destination_service = route.destination_service
         self._fill_upstream(x, route, pc)
-        down = TcpHalf(stream, self.limits.tcp_buffer, x=x, down=True)
+        down = TcpHalf(stream, self.limits.tcp_buffer)
+        down.ctx = ctx
         up = new_upstream()
         link(down, up)
         self.recorder.tcp_opened(x)
-        from ._proxy import traceparent
         tp, x.trace_id = traceparent(None)
         up.write_headers([(b":method", b"CONNECT"), (b":authority", route.authority.encode()),
                           (b"traceparent", tp)], False)
@@ -675,7 +660,7 @@ class Gateway:
             self.downstream["tcp"] -= 1
             if not up.closed:
                 up.abort(ErrorCodes.CANCEL, "DC")
-            x.finish()
+            ctx.finish()
 
     # -- dialling ----------------------------------------------------------------------------
     async def _tls_client(self, stream: trio.abc.Stream, host: str, alpn: str | None,

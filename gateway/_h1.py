@@ -18,22 +18,21 @@ import trio
 from h2.errors import ErrorCodes
 
 from ._flags import flag
-from ._relay import Headers
+from ._half import Half, Headers
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                   b"upgrade", b"te", b"host"})
 
 
-class H1Half:
+class H1Half(Half):
     """Downstream half for one HTTP/1.1 request at a time."""
 
-    def __init__(self, conn: "H1Connection", x: Any) -> None:
+    __slots__ = ("c", "complete")
+
+    def __init__(self, conn: H1Connection) -> None:
+        super().__init__()
         self.c = conn
-        self.x = x
-        self.peer: Any = None
-        self.headers_sent = False
-        self.closed = False
         self.complete = trio.Event()  # response fully written (or failed)
 
     def write_headers(self, headers: Headers, end: bool) -> None:
@@ -46,8 +45,9 @@ class H1Half:
                 status = int(v)
             elif k[:1] != b":" and k not in _HOP:
                 out.append((k, v))
-        if self.x is not None:
-            self.x.on_response_headers(headers, end)
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.record.on_response_headers(headers, end)
         if status < 200:
             if status != 101:
                 self.c.send(h11.InformationalResponse(status_code=status, headers=out))
@@ -57,18 +57,16 @@ class H1Half:
         if end:
             self.write_end()
 
-    def write_data(self, data: bytes, credit: int) -> None:
-        if self.closed:
-            if self.peer is not None:
-                self.peer.ack(credit)
-            return
-        if self.x is not None:
-            self.x.bytes_sent += len(data)
+    def send_data(self, data: bytes, credit: int) -> None:
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.record.bytes_sent += len(data)
         self.c.send(h11.Data(data=data), credit, self.peer)
 
     def write_trailers(self, trailers: Headers) -> None:
-        if self.x is not None:
-            self.x.on_trailers(trailers)
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.record.on_trailers(trailers)
         self.write_end()
 
     def write_end(self) -> None:
@@ -78,25 +76,19 @@ class H1Half:
         self.c.send(h11.EndOfMessage())
         self.complete.set()
 
-    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
-        if self.closed:
-            return
-        if self.x is not None and not self.x.response_flags:
-            self.x.response_flags = flags
-        if not self.headers_sent:
-            self.respond_error(flags, message or "upstream reset")
-        else:
-            self.closed = True
-            self.c.broken = True
-            self.complete.set()
-            self.c.wake()
+    def reset(self, code: int) -> None:
+        # Mid-response: HTTP/1.1 can only break the connection.
+        self.closed = True
+        self.c.broken = True
+        self.complete.set()
+        self.c.wake()
 
     def ack(self, credit: int) -> None:
         self.c.in_flight -= credit
         self.c.wake_reader()
 
-    def respond(self, status: int, headers: Headers = (), body: bytes = b"",  # type: ignore[assignment]
-                end_headers_only: bool = False) -> None:
+    def respond(self, status: int, headers: Headers | tuple[tuple[bytes, bytes], ...] = (),
+                body: bytes = b"") -> None:
         hs: Headers = [(b":status", str(status).encode()), *headers,
                        (b"content-length", str(len(body)).encode())]
         self.peer = None
@@ -104,13 +96,12 @@ class H1Half:
         if body:
             self.write_data(body, 0)
             self.write_end()
-
-    def respond_error(self, flags: str, message: str) -> None:
-        self.respond(flag(flags).http, [(b"content-type", b"text/plain")],
-                     message.encode() + b"\n")
+        self.swallow()
 
     def respond_grpc(self, status: int, message: str) -> None:
-        self.respond_error("UF", message)
+        # gRPC needs HTTP/2 trailers: over HTTP/1.1 the caller gets a plain 503.
+        f = flag("UF")
+        self.respond(f.http, [(b"content-type", b"text/plain")], message.encode() + b"\n")
 
 
 class H1Connection:
@@ -118,16 +109,15 @@ class H1Connection:
 
     def __init__(self, stream: trio.abc.Stream, scheme: bytes, buffer: int,
                  on_request: Callable[[H1Half, Headers, bool], None],
-                 new_exchange: Callable[[], Any], idle_timeout: float) -> None:
+                 idle_timeout: float) -> None:
         self.stream = stream
         self.scheme = scheme
         self.buffer = buffer
         self.on_request = on_request
-        self.new_exchange = new_exchange
         self.idle = idle_timeout
         self.h11 = h11.Connection(h11.SERVER)
         self.out: list[bytes] = []
-        self.acks: list[tuple[int, Any]] = []
+        self.acks: list[tuple[int, Half]] = []
         self.in_flight = 0
         self.broken = False
         self._writer_ev = trio.Event()
@@ -135,7 +125,7 @@ class H1Connection:
         self.half: H1Half | None = None
         self._idle = trio.Event()  # set while the writer has nothing left to send
 
-    def send(self, event: Any, credit: int = 0, ack_to: Any = None) -> None:
+    def send(self, event: Any, credit: int = 0, ack_to: Half | None = None) -> None:
         try:
             data = self.h11.send(event)
         except h11.LocalProtocolError:
@@ -224,7 +214,7 @@ class H1Connection:
                 return
             if not isinstance(event, h11.Request):
                 return
-            half = self.half = H1Half(self, self.new_exchange())
+            half = self.half = H1Half(self)
             headers: Headers = [(b":method", event.method), (b":scheme", self.scheme)]
             host = b""
             rest: Headers = []
@@ -260,8 +250,8 @@ class H1Connection:
                 ev = await self._next_event()
                 if isinstance(ev, h11.Data):
                     self.in_flight += len(ev.data)
-                    if half.x is not None:
-                        half.x.bytes_received += len(ev.data)
+                    if half.ctx is not None:
+                        half.ctx.record.bytes_received += len(ev.data)
                     if half.peer is not None:
                         half.peer.write_data(ev.data, len(ev.data))
                     else:
@@ -275,8 +265,8 @@ class H1Connection:
                         half.peer.abort(ErrorCodes.CANCEL, "DC", "client went away")
                     return
             await half.complete.wait()
-            if half.x is not None:
-                half.x.finish()
+            if half.ctx is not None:
+                half.ctx.finish()
             await self._flush()
             if self.broken or self.h11.our_state is not h11.DONE:
                 return
@@ -329,7 +319,7 @@ class H1Pool:
         return True
 
 
-class H1Upstream:
+class H1Upstream(Half):
     """Upstream half speaking HTTP/1.1 to a local service (``protocol: HTTP`` ports).
 
     The request (h2-style headers from the peer gateway) is queued until the connection
@@ -337,19 +327,18 @@ class H1Upstream:
     read only while fewer than ``buffer`` bytes wait unacknowledged downstream.
     """
 
+    __slots__ = ("buffer", "queue", "in_flight", "_wq", "_wr", "request_done")
+
     def __init__(self, buffer: int) -> None:
-        self.peer: Any = None
-        self.x = None
+        super().__init__()
         self.buffer = buffer
         self.queue: list[tuple[Any, int]] = []
-        self.closed = False
-        self.headers_sent = False
         self.in_flight = 0
         self._wq = trio.Event()
         self._wr = trio.Event()
         self.request_done = False
 
-    # -- Half protocol (written by the downstream peer) ---------------------------------
+    # -- Half (written by the downstream peer) ------------------------------------------
     def write_headers(self, headers: Headers, end: bool) -> None:
         method = path = authority = b""
         out: Headers = []
@@ -373,11 +362,7 @@ class H1Upstream:
         if end:
             self._push(h11.EndOfMessage(), 0)
 
-    def write_data(self, data: bytes, credit: int) -> None:
-        if self.closed:
-            if self.peer is not None:
-                self.peer.ack(credit)
-            return
+    def send_data(self, data: bytes, credit: int) -> None:
         self._push(h11.Data(data=data), credit)
 
     def write_trailers(self, trailers: Headers) -> None:
@@ -386,7 +371,7 @@ class H1Upstream:
     def write_end(self) -> None:
         self._push(h11.EndOfMessage(), 0)
 
-    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
+    def reset(self, code: int) -> None:
         self.closed = True
         self._wq.set()
         self._wr.set()
@@ -443,9 +428,7 @@ class H1Upstream:
                 batch, self.queue = self.queue, []
                 data = b"".join(conn.send(ev) or b"" for ev, _ in batch)
                 await stream.send_all(data)
-                credit = sum(c for _, c in batch)
-                if credit and self.peer is not None:
-                    self.peer.ack(credit)
+                self.give_back(sum(c for _, c in batch))
                 if any(isinstance(ev, h11.EndOfMessage) for ev, _ in batch):
                     self.request_done = True
                     return
@@ -456,6 +439,7 @@ class H1Upstream:
     async def _receive(self, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
         """Relay the response; True if the connection may be kept alive."""
         peer = self.peer
+        assert peer is not None  # linked before the exchange runs
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:

@@ -22,7 +22,8 @@ import structlog
 import trio
 
 from ._config import Limits
-from ._relay import H2Endpoint, H2Half, Headers
+from ._half import Half, Headers
+from ._relay import H2Endpoint, H2Half
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -247,7 +248,7 @@ def _closed_wake() -> None:
     return None
 
 
-class TcpHalf:
+class TcpHalf(Half):
     """An opaque TCP (or TLS) byte stream as one half of a relayed exchange.
 
     Bytes read from the socket are handed to the peer with their length as credit; the
@@ -255,45 +256,43 @@ class TcpHalf:
     written by the peer are sent by a writer task, which acks them after the socket took them.
     """
 
-    def __init__(self, stream: trio.abc.Stream, buffer: int, x: Any = None,
-                 down: bool = False) -> None:
+    __slots__ = ("stream", "buffer", "in_flight", "out", "out_end", "open_ok", "failed",
+                 "_wake_writer", "_wake_reader")
+
+    answers = False  # bytes only: a failure closes the socket
+
+    def __init__(self, stream: trio.abc.Stream, buffer: int) -> None:
+        super().__init__()
         self.stream = stream
-        self.peer: Any = None
         self.buffer = buffer
         self.in_flight = 0
-        self.x = x  # Exchange, when this half is the downstream side
-        self.is_down = down
         self.out: list[tuple[bytes, int]] = []
         self.out_end = False
-        self.closed = False
         self.open_ok = trio.Event()  # peer answered 2xx (or we are the upstream)
         self.failed = False
         self._wake_writer = trio.Event()
         self._wake_reader = trio.Event()
 
-    # -- Half protocol ----------------------------------------------------------------
+    # -- Half ---------------------------------------------------------------------------
     def write_headers(self, headers: Headers, end: bool) -> None:
         status = b""
         for k, v in headers:
             if k == b":status":
                 status = v
-        if self.x is not None and status:
-            self.x.response_code = int(status)
+        ctx = self.ctx
+        if ctx is not None and status:
+            ctx.record.response_code = int(status)
         if status and not status.startswith(b"2"):
             self.failed = True
-            if self.x is not None and not self.x.response_flags:
-                self.x.response_flags = "UF" if status.startswith(b"5") else "NR"
+            if ctx is not None:
+                ctx.flag("UF" if status.startswith(b"5") else "NR")
             self._close()
             return
         self.open_ok.set()
         if end:
             self.write_end()
 
-    def write_data(self, data: bytes, credit: int) -> None:
-        if self.closed:
-            if self.peer is not None:
-                self.peer.ack(credit)
-            return
+    def send_data(self, data: bytes, credit: int) -> None:
         self.out.append((data, credit))
         self._wake_writer.set()
 
@@ -304,9 +303,7 @@ class TcpHalf:
         self.out_end = True
         self._wake_writer.set()
 
-    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
-        if self.x is not None and not self.x.response_flags:
-            self.x.response_flags = flags
+    def reset(self, code: int) -> None:
         self._close()
 
     def ack(self, credit: int) -> None:
@@ -334,11 +331,13 @@ class TcpHalf:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
                     await self.stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except _BROKEN:
                     pass
 
     async def _reader(self) -> None:
         peer = self.peer
+        assert peer is not None
+        ctx = self.ctx
         try:
             while not self.closed:
                 while self.in_flight >= self.buffer and not self.closed:
@@ -351,13 +350,14 @@ class TcpHalf:
                     peer.write_end()
                     return
                 self.in_flight += len(data)
-                if self.x is not None:
-                    self.x.bytes_received += len(data)
+                if ctx is not None:
+                    ctx.record.bytes_received += len(data)
                 peer.write_data(data, len(data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _BROKEN:
             self._fail()
 
     async def _writer(self, scope: trio.CancelScope) -> None:
+        ctx = self.ctx
         try:
             while True:
                 while not self.out and not self.out_end and not self.closed:
@@ -367,11 +367,9 @@ class TcpHalf:
                     batch, self.out = self.out, []
                     await self.stream.send_all(b"".join(d for d, _ in batch))
                     n = sum(len(d) for d, _ in batch)
-                    if self.x is not None:
-                        self.x.bytes_sent += n
-                    peer = self.peer
-                    if peer is not None:
-                        peer.ack(sum(c for _, c in batch))
+                    if ctx is not None:
+                        ctx.record.bytes_sent += n
+                    self.give_back(sum(c for _, c in batch))
                     continue
                 if self.closed:
                     scope.cancel()
@@ -382,7 +380,7 @@ class TcpHalf:
                     except (AttributeError, NotImplementedError):
                         pass  # TLS without half-close: the close at the end does it
                     return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _BROKEN:
             self._fail()
             scope.cancel()
 
@@ -392,11 +390,6 @@ class TcpHalf:
         self._close()
         if self.peer is not None:
             self.peer.abort(h2.errors.ErrorCodes.CANCEL, "UC", "connection reset")
-
-
-def link(a: Any, b: Any) -> None:
-    a.peer = b
-    b.peer = a
 
 
 def new_upstream() -> H2Half:

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ._relay import Headers
+from ._half import Headers
 
 REQUEST_LABELS = ("reporter", "source_cluster", "destination_cluster", "source_principal",
                   "destination_principal", "destination_service", "request_protocol",
@@ -92,14 +92,18 @@ def _get(headers: Headers, name: bytes) -> bytes | None:
 
 
 class Exchange:
-    """What we know about one request, for metrics and the access log."""
+    """The record of one request, for metrics and the access log.
+
+    It records; it decides nothing.  What to answer, when to reset and when a deadline
+    passed are the request's :class:`~gateway._context.RequestContext`'s decisions.
+    """
 
     __slots__ = ("t0", "start_time", "method", "path", "authority", "protocol", "grpc",
                  "response_code", "grpc_status", "response_flags", "bytes_received",
                  "bytes_sent", "upstream_cluster", "upstream_host", "x_forwarded_for",
                  "user_agent", "request_id", "trace_id", "peer_principal", "source_principal",
                  "destination_principal", "source_cluster", "destination_cluster",
-                 "destination_service", "reporter", "done", "on_done", "deadline", "tcp",
+                 "destination_service", "reporter", "done", "on_done", "tcp",
                  "audit_policy", "response_code_details")
 
     def __init__(self, reporter: str, protocol: str, on_done: Any) -> None:
@@ -120,7 +124,6 @@ class Exchange:
         self.source_cluster = self.destination_cluster = ""
         self.destination_service = "unknown"
         self.done = False
-        self.deadline = 0.0
         self.tcp = False
         self.audit_policy = ""  # an AUDIT AuthorizationPolicy matched this request
         self.response_code_details = ""

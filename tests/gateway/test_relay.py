@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 import gateway
 from gateway._config import Limits
-from gateway._io import h2_connection, link, new_upstream
+from gateway._context import RequestContext
+from gateway._half import link
+from gateway._io import h2_connection, new_upstream
 from gateway._proxy import traceparent
 from gateway._relay import H2Endpoint
 from gateway._telemetry import Exchange
@@ -42,8 +44,7 @@ class Rig:
 
     def on_request(self, half, headers, end) -> None:
         x = Exchange("source", "HTTP/2", lambda x: None)
-        x.grpc = any(k == b"content-type" and v.startswith(b"application/grpc") for k, v in headers)
-        half.x = x
+        half.ctx = RequestContext.parse(headers, x)
         self.exchanges.append(x)
         up = new_upstream()
         link(half, up)
