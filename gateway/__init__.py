@@ -14,7 +14,8 @@ from ._config import (
     parse_config as parse_config,
 )
 from ._errors import ConfigError as ConfigError, GatewayError as GatewayError, UpstreamError as UpstreamError
-from ._gateway import ConnectionGuard as ConnectionGuard, ConnInfo as ConnInfo, Gateway as Gateway
+from ._gateway import Gateway as Gateway
+from ._listeners import ConnectionGuard as ConnectionGuard, ConnInfo as ConnInfo
 from ._decision import (
     ALLOW as ALLOW,
     Authorizer as Authorizer,

@@ -5,8 +5,8 @@ Theory of operation
 Every applied snapshot yields one :class:`PolicyState`: the snapshot's policies compiled
 into a :class:`federation.policy.PolicySet` plus lazily built per-service
 :class:`federation.jwt.JwtValidator` objects.  The gateway swaps it in together with the
-route table (both assignments happen in one synchronous step on the trio thread, so no
-request ever sees routes of one revision and policies of another), and each request
+route table (both are fields of one :class:`gateway._state.ConfigState`, so no request
+ever sees routes of one revision and policies of another), and each request
 reads it once: a request keeps the policy set it started with, whatever is applied while
 it runs.
 
@@ -26,8 +26,8 @@ the :class:`~gateway._decision.RequestAttrs` of one request it answers a
 
 JWKS fetched from ``jwks_uri`` live in one :class:`~federation.jwt.JwksStore` per gateway,
 shared by every revision.  Fetching is blocking IO and never runs on the trio loop:
-:meth:`Authz.run` refreshes due key sets in a worker thread (right after a snapshot that
-names a new ``jwks_uri``, then periodically); and when a token needs a key set we do not
+:meth:`Authz.refresh` runs in a worker thread, from the gateway's refresher task (right
+after a snapshot that names a new ``jwks_uri``, then periodically); and when a token needs a key set we do not
 have yet (first use, or an unknown ``kid`` after the issuer rotated its keys) the decision
 is *pending*: the gateway parks the request (:class:`Parked` buffers what the caller
 sends, bounded by HTTP/2 flow control), runs :meth:`PolicyState.after_refresh` in a
@@ -51,18 +51,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import structlog
-import trio
 
 from federation.jwt import JwksStore, JwtResult, JwtValidator
 from federation.models import AuthorizationPolicy, RequestAuthentication, Rule, Selector, Snapshot
 from federation.policy import PolicyError, PolicySet, RequestAttributes, validate_policy
 
+from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
 from ._flags import GrpcStatus
 from ._half import Half, Headers
-from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -71,6 +71,10 @@ RBAC_FLAG = "RBAC"
 _WWW_AUTHENTICATE = ((b"www-authenticate", b'Bearer realm="isthmus", error="invalid_token"'),)
 # How often the background task looks for key sets due a refresh (cheap: no IO unless due).
 REFRESH_CHECK_INTERVAL = 5.0
+
+
+def _noop() -> None:
+    return None
 
 
 # ---------------------------------------------------------------- denials (what callers see)
@@ -248,7 +252,12 @@ class PolicyState:
 
 
 class Authz:
-    """Owns the JWKS store and builds a :class:`PolicyState` per applied snapshot."""
+    """Owns the JWKS store and compiles a :class:`PolicyState` per applied snapshot.
+
+    The shell runs the refresher (``gateway.Gateway``): every ``check_interval`` seconds,
+    and whenever :attr:`kick` is called, it runs :meth:`refresh` in a worker thread if
+    :meth:`refresh_due`.
+    """
 
     def __init__(self, then: Authorizer = allow_all, store: JwksStore | None = None,
                  check_interval: float = REFRESH_CHECK_INTERVAL, cluster: str = "") -> None:
@@ -256,10 +265,11 @@ class Authz:
         self.cluster = cluster  # prefetch only key sets of services this cluster exports
         self.store = store if store is not None else JwksStore()
         self.check_interval = check_interval
-        self._kick: trio.Event | None = None
+        self.kick: Callable[[], None] = _noop  # set by the refresher task
         self._uris: frozenset[str] = frozenset()
 
-    def build(self, snapshot: Snapshot | None) -> PolicyState:
+    def compile(self, snapshot: Snapshot | None) -> PolicyState:
+        """The policies of ``snapshot`` (pure: safe in a worker thread)."""
         state = PolicyState(snapshot, self.store, self.then)
         if snapshot is not None and self.cluster:
             local = [(s.namespace, s.name) for s in snapshot.services if s.cluster == self.cluster]
@@ -267,26 +277,22 @@ class Authz:
                 r.jwks_uri for ns, svc in local
                 for p in state.set.request_authentications(ns, svc)
                 for r in p.jwt_rules if r.jwks_uri)
+        return state
+
+    def adopt(self, state: PolicyState) -> None:
+        """``state`` is now in force (event loop): fetch the key sets it newly names."""
         for uri in state.jwks_uris - self._uris:
             self.store.source(uri)  # register now so the refresher fetches it at once
-        if state.jwks_uris - self._uris and self._kick is not None:
-            self._kick.set()
+        if state.jwks_uris - self._uris:
+            self.kick()
         self._uris = state.jwks_uris
-        return state
 
     def refresh_due(self) -> bool:
         return any(s.refresh_due() for s in self.store.sources())
 
-    async def run(self) -> None:
-        """Refresh due key sets in a worker thread: at start, after a snapshot naming a
-        new jwks_uri, and every ``check_interval`` seconds."""
-        while True:
-            self._kick = trio.Event()
-            if self.refresh_due():
-                # A fetch blocks for up to fetch_timeout per URI: a thread, never the loop.
-                await trio.to_thread.run_sync(self.store.refresh, abandon_on_cancel=True)
-            with trio.move_on_after(self.check_interval):
-                await self._kick.wait()
+    def refresh(self) -> None:
+        """Fetch every key set that is due (blocking IO: a worker thread, never the loop)."""
+        self.store.refresh()
 
 
 # ---------------------------------------------------------------- parking a request

@@ -118,7 +118,8 @@ async def follow_federation(
                     if save:
                         await trio.to_thread.run_sync(_touch, cfg.last_known_good)
                     continue
-                gw.apply_snapshot(snap, source="federation")
+                if not await gw.update(snap, source="federation"):
+                    continue  # rejected: not saved, not reported as applied
                 if save:
                     await trio.to_thread.run_sync(save_lkg, cfg.last_known_good, snap)
                 if report:
@@ -153,7 +154,7 @@ async def follow_file(gw: Gateway, interval: float = 0.5) -> None:
             stamp = cur
             snap = await trio.to_thread.run_sync(load_lkg, path)
             if snap is not None and (gw.snapshot is None or snap.revision != gw.snapshot.revision):
-                gw.apply_snapshot(snap, source="last-known-good")
+                await gw.update(snap, source="last-known-good")
             elif snap is not None:
                 gw.confirm_current()
         await trio.sleep(interval)

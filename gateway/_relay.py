@@ -463,6 +463,11 @@ class H2Half(Half):
                        "upstream connection failed" if flags == "UC" else "upstream reset")
 
 
+def new_upstream() -> H2Half:
+    """An upstream half, to be attached to a pooled connection once one has room."""
+    return H2Half(None, down=False)
+
+
 def _grpc_message(message: str) -> bytes:
     # grpc-message is percent-encoded UTF-8 (gRPC over HTTP/2 spec).
     out = bytearray()

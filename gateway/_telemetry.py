@@ -52,6 +52,9 @@ class Metrics:
         self.config_staleness = Gauge("isthmus_config_staleness_seconds",
                                       "Seconds since the config was last confirmed current",
                                       registry=r)
+        self.config_rejected = Counter("isthmus_config_rejected",
+                                       "Config snapshots the gateway could not build (the "
+                                       "config in force stayed)", registry=r)
         self.policy_revision = Gauge("isthmus_policy_revision",
                                      "Federation revision of the policies enforced", registry=r)
         self.policy_errors = Gauge("isthmus_policy_errors",

@@ -14,9 +14,9 @@ import gateway
 from gateway._config import Limits
 from gateway._context import RequestContext
 from gateway._half import link
-from gateway._io import h2_connection, new_upstream
+from gateway._h2 import h2_connection
 from gateway._proxy import traceparent
-from gateway._relay import H2Endpoint
+from gateway._relay import H2Endpoint, new_upstream
 from gateway._telemetry import Exchange
 
 L = Limits()
