@@ -220,11 +220,11 @@ class Gateway:
             nursery.start_soon(self.deadlines.run)
             nursery.start_soon(self.shield.memory.run)
             nursery.start_soon(self._refresh_jwks)
-            lst = self.listeners
-            nursery.start_soon(lst.accept, inbound, lst.inbound, nursery)
-            nursery.start_soon(lst.accept, outbound, lst.outbound, nursery)
+            serve = self.listeners
+            nursery.start_soon(serve.accept, inbound, serve.inbound, nursery)
+            nursery.start_soon(serve.accept, outbound, serve.outbound, nursery)
             for t, tl in tcp:
-                nursery.start_soon(lst.accept, tl, functools.partial(lst.tcp_port, t.target),
+                nursery.start_soon(serve.accept, tl, functools.partial(serve.tcp_port, t.target),
                                    nursery)
             nursery.start_soon(serve_admin, view, admin)
             if extra is not None:

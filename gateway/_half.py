@@ -12,19 +12,45 @@ the flow-controlled length they cost their sender; the receiving half calls
 the original sender.  A half that can no longer write (it is closed) gives the credit
 back at once, so a failed stream never holds a window.
 
-A downstream half carries the :class:`~gateway._context.RequestContext` of its request:
+A downstream half carries the context of its request (:class:`Context`, implemented by
+:class:`gateway._context.RequestContext`):
 when the other side fails, the context decides whether this half answers with an error
 (nothing sent yet) or is reset.  Upstream halves have no context and are reset.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._context import RequestContext
+from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
+
+
+class Record(Protocol):
+    """What halves report to a request's telemetry (:class:`gateway._telemetry.Exchange`)."""
+
+    bytes_sent: int
+    bytes_received: int
+    response_code: int
+
+    def on_response_headers(self, headers: Headers, end: bool) -> None: ...
+    def on_trailers(self, trailers: Headers) -> None: ...
+
+
+class Context(Protocol):
+    """What a downstream half needs of its request's context
+    (:class:`gateway._context.RequestContext`)."""
+
+    @property
+    def record(self) -> Record: ...
+
+    def peer_failed(self, half: Half, code: int, flags: str, message: str) -> None:
+        """The other side failed: answer on ``half`` or reset it."""
+
+    def flag(self, flags: str) -> None:
+        """Record why the exchange ended (the first cause wins)."""
+
+    def finish(self) -> None:
+        """The exchange is over (recorded once)."""
 
 
 class Half:
@@ -40,7 +66,7 @@ class Half:
         self.peer: Half | None = None
         self.closed = False
         self.headers_sent = False  # response (downstream) or request (upstream) headers are out
-        self.ctx: RequestContext | None = None  # downstream halves only
+        self.ctx: Context | None = None  # downstream halves only
 
     # -- written by the peer ------------------------------------------------------------
     def write_headers(self, headers: Headers, end: bool) -> None:
@@ -141,4 +167,4 @@ def link(a: Half, b: Half) -> None:
     b.peer = a
 
 
-__all__ = ["Half", "Headers", "Sink", "link"]
+__all__ = ["Context", "Half", "Headers", "Record", "Sink", "link"]

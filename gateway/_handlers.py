@@ -77,8 +77,8 @@ class Handlers:
     # -- inbound --------------------------------------------------------------------------
     def inbound_request(self, sid: trust.SpiffeId, half: Half, headers: Headers,
                         end: bool) -> None:
-        ctx = half.ctx = RequestContext.parse(headers, Exchange("destination", "HTTP/2",
-                                                                self.recorder))
+        ctx = RequestContext.parse(headers, Exchange("destination", "HTTP/2", self.recorder))
+        half.ctx = ctx
         x = ctx.record
         x.destination_principal = self.identity
         state = self.state()
@@ -95,13 +95,14 @@ class Handlers:
             # Decision waits on a JWKS fetch: park the request, decide in a thread.
             parked = Parked()
             link(half, parked)
-            self.spawn(self._resume_inbound, half, parked, d, end)
+            self.spawn(self._resume_inbound, half, ctx, parked, d, end)
             return
-        self._forward_inbound(half, d, end)
+        self._forward_inbound(half, ctx, d, end)
 
-    async def _resume_inbound(self, half: Half, parked: Parked, d: Forward, end: bool) -> None:
-        pending, ctx = d.decision.pending, half.ctx
-        assert pending is not None and ctx is not None
+    async def _resume_inbound(self, half: Half, ctx: RequestContext, parked: Parked, d: Forward,
+                              end: bool) -> None:
+        pending = d.decision.pending
+        assert pending is not None
         try:
             decision = await self.in_thread(pending)
         except Exception as exc:  # noqa: BLE001 - fail closed, never crash the gateway
@@ -116,13 +117,11 @@ class Handlers:
             return
         if decision.strip_headers:
             d.headers = strip(d.headers, decision.strip_headers)
-        self._forward_inbound(half, d, end)
+        self._forward_inbound(half, ctx, d, end)
         if half.peer is not parked and half.peer is not None:
             parked.replay(half.peer)
 
-    def _forward_inbound(self, half: Half, d: Forward, end: bool) -> None:
-        ctx = half.ctx
-        assert ctx is not None
+    def _forward_inbound(self, half: Half, ctx: RequestContext, d: Forward, end: bool) -> None:
         target: LocalTarget = d.route
         x = ctx.record
         x.upstream_cluster = f"inbound|{target.port}||{target.destination_service}"
@@ -147,8 +146,8 @@ class Handlers:
     # -- outbound -------------------------------------------------------------------------
     def outbound_request(self, caller: str, protocol: str, half: Half, headers: Headers,
                          end: bool) -> None:
-        ctx = half.ctx = RequestContext.parse(headers, Exchange("source", protocol,
-                                                                self.recorder))
+        ctx = RequestContext.parse(headers, Exchange("source", protocol, self.recorder))
+        half.ctx = ctx
         x = ctx.record
         x.source_principal = caller
         x.source_cluster = self.cluster

@@ -50,7 +50,7 @@ class H2Endpoint:
                  "info", "on_idle", "draining", "out_limit", "on_overflow", "error")
 
     def __init__(self, conn: H2Connection, *,
-                 on_request: Callable[[H2Half, Headers, bool], None] | None = None,
+                 on_request: Callable[[Half, Headers, bool], None] | None = None,
                  info: Any = None) -> None:
         self.conn = conn
         self.halves: dict[int, H2Half] = {}
