@@ -20,9 +20,13 @@ reason)`` hook.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -53,6 +57,59 @@ RejectedHook = Callable[[int, str], None]
 
 async def _decide_in_thread(pending: Callable[[], Decision]) -> Decision:
     return await trio.to_thread.run_sync(pending, abandon_on_cancel=True)
+
+
+# While a config builds in a worker thread the event loop must keep running:
+#
+# * the loop thread waits for the GIL up to the interpreter's switch interval (5 ms by
+#   default) each time it wakes: a shorter one while a build runs keeps those waits short;
+# * a cyclic-GC pass stops every thread, and the passes a build's allocations trigger
+#   would scan the half-built state (tens of thousands of objects): the collector is
+#   paused for the build.  The new state is immutable and acyclic (freed by reference
+#   counting when replaced), so it is then frozen out of the collector's reach instead of
+#   being rescanned by every later pass; young garbage is collected just before.
+BUILD_SWITCH_INTERVAL = 0.0005
+_build_lock = threading.Lock()
+_builds = 0
+_saved_interval = 0.0
+_gc_was_enabled = False
+_frozen_at_start = False
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up allocated (modules, TLS contexts, the first config) out of the
+    collector's reach, once per process: a full collection stops every thread, and
+    rescanning those objects would make each one stall the loop for tens of ms."""
+    global _frozen_at_start
+    if not _frozen_at_start:
+        _frozen_at_start = True
+        gc.collect()
+        gc.freeze()
+
+
+@contextlib.contextmanager
+def _quiet_build() -> Iterator[None]:
+    """Around a config build in a worker thread (and the swap): see the comment above."""
+    global _builds, _saved_interval, _gc_was_enabled
+    with _build_lock:
+        if _builds == 0:
+            _gc_was_enabled = gc.isenabled()
+            if _gc_was_enabled:
+                gc.collect(1)
+                gc.disable()
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved_interval, BUILD_SWITCH_INTERVAL))
+        _builds += 1
+    try:
+        yield
+    finally:
+        with _build_lock:
+            _builds -= 1
+            if _builds == 0:
+                sys.setswitchinterval(_saved_interval)
+                if _gc_was_enabled:
+                    gc.freeze()
+                    gc.enable()
 
 
 class Gateway:
@@ -134,12 +191,16 @@ class Gateway:
         """Like :meth:`apply_snapshot`, but built in a worker thread: the event loop only
         swaps, so a large config change does not stall the streams in flight."""
         async with self._updating:
-            try:
-                state = await trio.to_thread.run_sync(self._build, snap, source)
-            except Exception as exc:  # noqa: BLE001 - never fatal: see _rejected
-                self._rejected(snap.revision, source, exc)
-                return False
-            self._install(state)
+            retired = [self.state]
+            with _quiet_build():
+                try:
+                    state = await trio.to_thread.run_sync(self._build, snap, source)
+                except Exception as exc:  # noqa: BLE001 - never fatal: see _rejected
+                    self._rejected(snap.revision, source, exc)
+                    return False
+                self._install(state)
+            # Freeing the old state (tens of thousands of objects) is work too: not here.
+            await trio.to_thread.run_sync(retired.clear)
             return True
 
     def _install(self, state: ConfigState) -> None:
@@ -214,6 +275,7 @@ class Gateway:
             self.ports[f"tcp:{t.target}"] = lst.socket.getsockname()[1]
         view = AdminView(ready=lambda: self.ready, config=self.config_document,
                          registry=self.metrics.registry)
+        _freeze_startup_objects()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.dialer.start(nursery)

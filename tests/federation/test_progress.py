@@ -75,8 +75,9 @@ async def test_gateway_staleness_stays_small_while_nothing_changes(fed, pki: Pki
     update = gw.update
 
     async def counting_update(snap, source="federation"):  # type: ignore[no-untyped-def]
+        ok = await update(snap, source)
         applied.append(snap.revision)
-        return await update(snap, source)
+        return ok
 
     gw.update = counting_update  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
