@@ -10,12 +10,13 @@ WINDOW_UPDATEs and resets keep flowing while data waits for the peer.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
 
 import h2.errors
 import structlog
 import trio
 
+from ._frames import FrameGuard
 from ._half import Half, Headers
 from ._relay import H2Endpoint
 
@@ -62,11 +63,11 @@ class PrefixedStream(StreamWrapper):
 
 
 async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
-                  first: bytes = b"", guard: Any = None,
-                  on_abuse: Any = None) -> None:
+                  first: bytes = b"", guard: FrameGuard | None = None,
+                  on_abuse: Callable[[str, str], None] | None = None) -> None:
     """Run one HTTP/2 connection until it closes; fail its streams when it does.
 
-    ``guard`` (a :class:`gateway._abuse.FrameGuard`, downstream connections only) adds
+    ``guard`` (a :class:`gateway._frames.FrameGuard`, downstream connections only) adds
     the request-headers deadline; ``on_abuse(reason, detail)`` hears why a connection was
     closed for abuse (guard violations, output ceiling ``ep.out_limit``).
     """
@@ -136,7 +137,7 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
                             if guard is not None and guard.deadline != gd:
                                 gd = guard.deadline
                                 scope.deadline = min(period, gd)
-                    if scope.cancelled_caught and trio.current_time() >= gd:
+                    if scope.cancelled_caught and guard is not None and trio.current_time() >= gd:
                         guard.headers_timed_out()
                         ep.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                         ep.mark()

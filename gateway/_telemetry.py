@@ -10,6 +10,7 @@ names, status codes and flags — never IPs or paths.  Each gateway owns its own
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -109,7 +110,7 @@ class Exchange:
                  "destination_service", "reporter", "done", "on_done", "tcp",
                  "audit_policy", "response_code_details")
 
-    def __init__(self, reporter: str, protocol: str, on_done: Any) -> None:
+    def __init__(self, reporter: str, protocol: str, on_done: Callable[[Exchange], None]) -> None:
         self.t0 = time.perf_counter()
         self.start_time = time.time()
         self.reporter = reporter

@@ -48,3 +48,15 @@ def test_importing_gateway_does_not_load_the_etcd_client() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_readme_flag_table_is_the_code_s() -> None:
+    import re
+    from pathlib import Path
+
+    from gateway._flags import FLAGS
+
+    readme = (Path(gateway.__file__).parent / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| (\d+) \| (\w+) \((\d+)\) \| (.+?) \|$", readme, re.M)
+    assert {r[0]: (int(r[1]), r[2], int(r[3]), r[4]) for r in rows} == {
+        k: (f.http, f.grpc.name, int(f.grpc), f.text) for k, f in FLAGS.items()}
