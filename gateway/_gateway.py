@@ -67,7 +67,8 @@ async def _decide_in_thread(pending: Callable[[], Decision]) -> Decision:
 #   would scan the half-built state (tens of thousands of objects): the collector is
 #   paused for the build.  The new state is immutable and acyclic (freed by reference
 #   counting when replaced), so it is then frozen out of the collector's reach instead of
-#   being rescanned by every later pass; young garbage is collected just before.
+#   being rescanned by every later pass.  Young garbage is collected before the build,
+#   so what is frozen is (nearly) all live.
 BUILD_SWITCH_INTERVAL = 0.0005
 _build_lock = threading.Lock()
 _builds = 0
@@ -191,16 +192,16 @@ class Gateway:
         """Like :meth:`apply_snapshot`, but built in a worker thread: the event loop only
         swaps, so a large config change does not stall the streams in flight."""
         async with self._updating:
-            retired = [self.state]
             with _quiet_build():
                 try:
                     state = await trio.to_thread.run_sync(self._build, snap, source)
                 except Exception as exc:  # noqa: BLE001 - never fatal: see _rejected
                     self._rejected(snap.revision, source, exc)
                     return False
+                retired = [self.state]
                 self._install(state)
-            # Freeing the old state (tens of thousands of objects) is work too: not here.
-            await trio.to_thread.run_sync(retired.clear)
+                # Freeing the old state (tens of thousands of objects) is work too: not here.
+                await trio.to_thread.run_sync(retired.clear)
             return True
 
     def _install(self, state: ConfigState) -> None:

@@ -14,10 +14,12 @@ before the change until it is in force.  Two ways, measured in the same run:
 * ``on_loop``: :meth:`Gateway.apply_snapshot`, the whole build on the event loop (how
   every change was applied before :meth:`Gateway.update`);
 * ``off_loop``: :meth:`Gateway.update`, routes, policies and revocations built in a
-  worker thread and only the swap on the loop.
+  worker thread and only the swap on the loop;
+* ``floor``: as long a run of plain Python in a worker thread, building nothing: what the
+  interpreter (one GIL) and the machine allow at best.
 
-Reported: the median and worst stall per change of each, the build time, and the ratio
-on_loop / off_loop of the worst stalls.  Snapshots are made before timing starts (in a
+Reported: the median and worst stall per change of each, the build time, and the ratios
+on_loop / off_loop and off_loop / floor of the worst stalls.  Snapshots are made before timing starts (in a
 gateway they arrive already parsed from the federation watch thread).
 """
 
@@ -51,6 +53,7 @@ from federation.models import (  # noqa: E402
     Snapshot,
 )
 from gateway import Gateway, GatewayConfig  # noqa: E402
+from gateway._gateway import _quiet_build  # noqa: E402
 
 TICK = 0.001
 FED_TD = "isthmus.local"
@@ -118,7 +121,14 @@ def changed(base: Snapshot, rev: int) -> Snapshot:
     return base.model_copy(update={"revision": rev, "services": (first, *base.services[1:])})
 
 
-async def measure(gw: Gateway, base: Snapshot, revisions: range, mode: str) -> dict[str, float]:
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sum(range(100))
+
+
+async def measure(gw: Gateway, base: Snapshot, revisions: range, mode: str,
+                  floor_seconds: float = 0.0) -> dict[str, float]:
     stalls: list[float] = []
     builds: list[float] = []
     window: list[float] = []  # gaps seen while a change is being applied
@@ -144,10 +154,15 @@ async def measure(gw: Gateway, base: Snapshot, revisions: range, mode: str) -> d
             t0 = time.perf_counter()
             if mode == "on_loop":
                 ok = gw.apply_snapshot(snap)
-            else:
+            elif mode == "off_loop":
                 ok = await gw.update(snap)
+            else:  # floor: the same time of pure-Python work in a thread, nothing built
+                with _quiet_build():
+                    await trio.to_thread.run_sync(_busy, floor_seconds)
+                ok = True
             builds.append(time.perf_counter() - t0)
-            assert ok and gw.state.revision == snap.revision, "the change was not applied"
+            assert ok and (mode == "floor" or gw.state.revision == snap.revision), \
+                "the change was not applied"
             await trio.sleep(TICK * 3)  # the ticks right after the swap
             measuring = False
             stalls.append(max(window, default=0.0))
@@ -186,8 +201,10 @@ def main() -> None:
                 n = args.changes
                 on_loop = await measure(gw, base, range(2, 2 + n), "on_loop")
                 off_loop = await measure(gw, base, range(2 + n, 2 + 2 * n), "off_loop")
+                floor = await measure(gw, base, range(2 + 2 * n, 2 + 3 * n), "floor",
+                                      floor_seconds=off_loop["apply_ms_median"] / 1000)
                 gw.stop()
-            return {"on_loop": on_loop, "off_loop": off_loop}
+            return {"on_loop": on_loop, "off_loop": off_loop, "floor": floor}
 
         result: dict[str, object] = {
             "clusters": args.clusters, "services": args.services, "policies": args.policies,
@@ -197,18 +214,22 @@ def main() -> None:
         result.update(trio.run(run))
     on, off = result["on_loop"], result["off_loop"]
     assert isinstance(on, dict) and isinstance(off, dict)
+    floor = result["floor"]
+    assert isinstance(floor, dict)
     result["ratio_stall_on_loop/off_loop"] = round(on["stall_ms_max"] / max(off["stall_ms_max"], 0.01), 1)
+    result["ratio_stall_off_loop/floor"] = round(off["stall_ms_max"] / max(floor["stall_ms_max"], 0.01), 1)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{args.clusters} clusters x {args.services} services x {args.policies} policies, "
           f"{args.changes} changes each way")
-    for mode in ("on_loop", "off_loop"):
+    for mode in ("on_loop", "off_loop", "floor"):
         r = result[mode]
         assert isinstance(r, dict)
         print(f"  {mode:9s} loop stall per change: median {r['stall_ms_median']:7.2f} ms, "
               f"worst {r['stall_ms_max']:7.2f} ms   (apply {r['apply_ms_median']:.1f} ms)")
-    print(f"  worst stall on_loop / off_loop: {result['ratio_stall_on_loop/off_loop']}x")
+    print(f"  worst stall on_loop / off_loop: {result['ratio_stall_on_loop/off_loop']}x; "
+          f"off_loop / floor: {result['ratio_stall_off_loop/floor']}x")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_config_apply_benchmark_smoke_mode_runs() -> None:
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
-    for mode in ("on_loop", "off_loop"):
+    for mode in ("on_loop", "off_loop", "floor"):
         assert set(r[mode]) == {"stall_ms_median", "stall_ms_max", "apply_ms_median"}
         assert r[mode]["apply_ms_median"] > 0
-    assert r["ratio_stall_on_loop/off_loop"] > 0
+    assert r["ratio_stall_on_loop/off_loop"] > 0 and r["ratio_stall_off_loop/floor"] > 0
