@@ -89,7 +89,7 @@ def _freeze_startup_objects() -> None:
 
 
 @contextlib.contextmanager
-def _quiet_build() -> Iterator[None]:
+def quiet_build() -> Iterator[None]:
     """Around a config build in a worker thread (and the swap): see the comment above."""
     global _builds, _saved_interval, _gc_was_enabled
     with _build_lock:
@@ -192,7 +192,7 @@ class Gateway:
         """Like :meth:`apply_snapshot`, but built in a worker thread: the event loop only
         swaps, so a large config change does not stall the streams in flight."""
         async with self._updating:
-            with _quiet_build():
+            with quiet_build():
                 try:
                     state = await trio.to_thread.run_sync(self._build, snap, source)
                 except Exception as exc:  # noqa: BLE001 - never fatal: see _rejected
@@ -314,4 +314,4 @@ class Gateway:
                 await kick.wait()
 
 
-__all__ = ["Gateway", "RejectedHook"]
+__all__ = ["Gateway", "RejectedHook", "quiet_build"]

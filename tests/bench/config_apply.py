@@ -53,7 +53,7 @@ from federation.models import (  # noqa: E402
     Snapshot,
 )
 from gateway import Gateway, GatewayConfig  # noqa: E402
-from gateway._gateway import _quiet_build  # noqa: E402
+from gateway._gateway import quiet_build  # noqa: E402
 
 TICK = 0.001
 FED_TD = "isthmus.local"
@@ -157,7 +157,7 @@ async def measure(gw: Gateway, base: Snapshot, revisions: range, mode: str,
             elif mode == "off_loop":
                 ok = await gw.update(snap)
             else:  # floor: the same time of pure-Python work in a thread, nothing built
-                with _quiet_build():
+                with quiet_build():
                     await trio.to_thread.run_sync(_busy, floor_seconds)
                 ok = True
             builds.append(time.perf_counter() - t0)
