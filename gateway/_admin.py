@@ -7,60 +7,43 @@ Plain HTTP/1.1 on h11, one request per connection is plenty for probes and scrap
 from __future__ import annotations
 
 import json
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import h11
 import structlog
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from ._config import config_json
-
-if TYPE_CHECKING:
-    from ._gateway import Gateway
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
-def config_document(gw: Gateway) -> dict[str, object]:
-    snap = gw.snapshot
-    return {
-        "cluster": gw.cluster,
-        "identity": str(gw.identity),
-        "revision": snap.revision if snap is not None else None,
-        "source": gw.config_source,
-        "staleness_seconds": round(time.time() - gw.last_confirmed, 3),
-        "policy_revision": gw.policy.revision,
-        "policies": {"count": len(gw.policy), "digest": gw.policy.digest,
-                     "failed_closed": gw.policy.failed},
-        "ports": gw.ports,
-        "config": config_json(gw.cfg),
-        "snapshot": json.loads(snap.model_dump_json()) if snap is not None else None,
-        "routes": {
-            "outbound": sorted(f"{h}:{p}" for (h, p) in gw.table.outbound if p is not None),
-            "inbound": sorted({f"{h}:{p}" for (h, p) in gw.table.inbound if p is not None}),
-            "peers": sorted(p.name for p in gw.table.peers_by_td.values()),
-        },
-    }
+@dataclass(frozen=True)
+class AdminView:
+    """What the admin endpoint reads of a gateway, each time it is asked."""
+
+    ready: Callable[[], bool]
+    config: Callable[[], dict[str, Any]]  # the /config document
+    registry: CollectorRegistry
 
 
-def _respond(gw: Gateway, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
+def _respond(view: AdminView, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
     path = target.split(b"?", 1)[0]
     if method not in (b"GET", b"HEAD"):
         return 405, b"text/plain", b"method not allowed\n"
     if path == b"/healthz":
         return 200, b"text/plain", b"ok\n"
     if path == b"/readyz":
-        if gw.ready:
+        if view.ready():
             return 200, b"text/plain", b"ready\n"
         return 503, b"text/plain", b"no config yet\n"
     if path == b"/metrics":
-        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(gw.metrics.registry)
+        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(view.registry)
     if path == b"/config":
-        return 200, b"application/json", json.dumps(config_document(gw), indent=2).encode()
+        return 200, b"application/json", json.dumps(view.config(), indent=2).encode()
     return 404, b"text/plain", b"not found: try /healthz /readyz /metrics /config\n"
 
 
-async def _handle(gw: Gateway, stream: trio.SocketStream) -> None:
+async def _handle(view: AdminView, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         with trio.fail_after(10):
@@ -72,7 +55,7 @@ async def _handle(gw: Gateway, stream: trio.SocketStream) -> None:
                 break
             if not isinstance(event, h11.Request):
                 return
-            status, ctype, body = _respond(gw, event.method, event.target)
+            status, ctype, body = _respond(view, event.method, event.target)
             head = event.method == b"HEAD"
             data = conn.send(h11.Response(status_code=status, headers=[
                 (b"content-type", ctype), (b"content-length", str(len(body)).encode()),
@@ -90,8 +73,11 @@ async def _handle(gw: Gateway, stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def serve_admin(gw: Gateway, listener: trio.SocketListener) -> None:
+async def serve_admin(view: AdminView, listener: trio.SocketListener) -> None:
     async with listener, trio.open_nursery() as nursery:
         while True:
             stream = await listener.accept()
-            nursery.start_soon(_handle, gw, stream)
+            nursery.start_soon(_handle, view, stream)
+
+
+__all__ = ["AdminView", "serve_admin"]

@@ -5,14 +5,14 @@ Theory of operation
 Every applied snapshot yields one :class:`PolicyState`: the snapshot's policies compiled
 into a :class:`federation.policy.PolicySet` plus lazily built per-service
 :class:`federation.jwt.JwtValidator` objects.  The gateway swaps it in together with the
-route table (both assignments happen in one synchronous step on the trio thread, so no
-request ever sees routes of one revision and policies of another), and each request
+route table (both are fields of one :class:`gateway._state.ConfigState`, so no request
+ever sees routes of one revision and policies of another), and each request
 reads it once: a request keeps the policy set it started with, whatever is applied while
 it runs.
 
-A :class:`PolicyState` *is* the gateway's :data:`~gateway._proxy.Authorizer`: called with
-the :class:`~gateway._proxy.RequestAttrs` of one request it answers a
-:class:`~gateway._proxy.Decision`, in this order:
+A :class:`PolicyState` *is* the gateway's :data:`~gateway._decision.Authorizer`: called with
+the :class:`~gateway._decision.RequestAttrs` of one request it answers a
+:class:`~gateway._decision.Decision`, in this order:
 
 1. JWT (HTTP only; CONNECT tunnels carry no token): with a RequestAuthentication selecting
    the service, a request carrying a token must carry a *valid* one, else 401
@@ -26,8 +26,8 @@ the :class:`~gateway._proxy.RequestAttrs` of one request it answers a
 
 JWKS fetched from ``jwks_uri`` live in one :class:`~federation.jwt.JwksStore` per gateway,
 shared by every revision.  Fetching is blocking IO and never runs on the trio loop:
-:meth:`Authz.run` refreshes due key sets in a worker thread (right after a snapshot that
-names a new ``jwks_uri``, then periodically); and when a token needs a key set we do not
+:meth:`Authz.refresh` runs in a worker thread, from the gateway's refresher task (right
+after a snapshot that names a new ``jwks_uri``, then periodically); and when a token needs a key set we do not
 have yet (first use, or an unknown ``kid`` after the issuer rotated its keys) the decision
 is *pending*: the gateway parks the request (:class:`Parked` buffers what the caller
 sends, bounded by HTTP/2 flow control), runs :meth:`PolicyState.after_refresh` in a
@@ -55,23 +55,26 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-import trio
 
 from federation.jwt import JwksStore, JwtResult, JwtValidator
 from federation.models import AuthorizationPolicy, RequestAuthentication, Rule, Selector, Snapshot
 from federation.policy import PolicyError, PolicySet, RequestAttributes, validate_policy
 
-from ._proxy import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
+from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
+from ._flags import GrpcStatus
+from ._half import Half, Headers
 
 log = structlog.get_logger("isthmus.gateway")
 
 JWT_FLAG = "UAEX"  # Envoy's flag for a request refused by an authentication check
 RBAC_FLAG = "RBAC"
-GRPC_PERMISSION_DENIED = 7
-GRPC_UNAUTHENTICATED = 16
 _WWW_AUTHENTICATE = ((b"www-authenticate", b'Bearer realm="isthmus", error="invalid_token"'),)
 # How often the background task looks for key sets due a refresh (cheap: no IO unless due).
 REFRESH_CHECK_INTERVAL = 5.0
+
+
+def _noop() -> None:
+    return None
 
 
 # ---------------------------------------------------------------- denials (what callers see)
@@ -99,7 +102,7 @@ def _jwt_public_reason(reason: str) -> str:
 def jwt_denied(result: JwtResult) -> Decision:
     public = _jwt_public_reason(result.reason)
     return Decision(
-        False, result.reason, status=401, flags=JWT_FLAG, grpc_status=GRPC_UNAUTHENTICATED,
+        False, result.reason, status=401, flags=JWT_FLAG, grpc_status=GrpcStatus.UNAUTHENTICATED,
         message=public, headers=_WWW_AUTHENTICATE,
         details=f"jwt_authn_access_denied{{{public.replace(' ', '_')}}}",
     )
@@ -112,8 +115,7 @@ def rbac_denied(policy: str | None, reason: str, audit_policy: str | None) -> De
     else:
         message = "RBAC: access denied (no ALLOW policy matched)"
         details = "rbac_access_denied_matched_policy[none]"
-    return Decision(False, reason, status=403, flags=RBAC_FLAG,
-                    grpc_status=GRPC_PERMISSION_DENIED, message=message, policy=policy,
+    return Decision(False, reason, flags=RBAC_FLAG, message=message, policy=policy,
                     audit_policy=audit_policy, details=details)
 
 
@@ -250,7 +252,12 @@ class PolicyState:
 
 
 class Authz:
-    """Owns the JWKS store and builds a :class:`PolicyState` per applied snapshot."""
+    """Owns the JWKS store and compiles a :class:`PolicyState` per applied snapshot.
+
+    The shell runs the refresher (``gateway.Gateway``): every ``check_interval`` seconds,
+    and whenever :attr:`kick` is called, it runs :meth:`refresh` in a worker thread if
+    :meth:`refresh_due`.
+    """
 
     def __init__(self, then: Authorizer = allow_all, store: JwksStore | None = None,
                  check_interval: float = REFRESH_CHECK_INTERVAL, cluster: str = "") -> None:
@@ -258,10 +265,11 @@ class Authz:
         self.cluster = cluster  # prefetch only key sets of services this cluster exports
         self.store = store if store is not None else JwksStore()
         self.check_interval = check_interval
-        self._kick: trio.Event | None = None
+        self.kick: Callable[[], None] = _noop  # set by the refresher task
         self._uris: frozenset[str] = frozenset()
 
-    def build(self, snapshot: Snapshot | None) -> PolicyState:
+    def compile(self, snapshot: Snapshot | None) -> PolicyState:
+        """The policies of ``snapshot`` (pure: safe in a worker thread)."""
         state = PolicyState(snapshot, self.store, self.then)
         if snapshot is not None and self.cluster:
             local = [(s.namespace, s.name) for s in snapshot.services if s.cluster == self.cluster]
@@ -269,32 +277,28 @@ class Authz:
                 r.jwks_uri for ns, svc in local
                 for p in state.set.request_authentications(ns, svc)
                 for r in p.jwt_rules if r.jwks_uri)
+        return state
+
+    def adopt(self, state: PolicyState) -> None:
+        """``state`` is now in force (event loop): fetch the key sets it newly names."""
         for uri in state.jwks_uris - self._uris:
             self.store.source(uri)  # register now so the refresher fetches it at once
-        if state.jwks_uris - self._uris and self._kick is not None:
-            self._kick.set()
+        if state.jwks_uris - self._uris:
+            self.kick()
         self._uris = state.jwks_uris
-        return state
 
     def refresh_due(self) -> bool:
         return any(s.refresh_due() for s in self.store.sources())
 
-    async def run(self) -> None:
-        """Refresh due key sets in a worker thread: at start, after a snapshot naming a
-        new jwks_uri, and every ``check_interval`` seconds."""
-        while True:
-            self._kick = trio.Event()
-            if self.refresh_due():
-                # A fetch blocks for up to fetch_timeout per URI: a thread, never the loop.
-                await trio.to_thread.run_sync(self.store.refresh, abandon_on_cancel=True)
-            with trio.move_on_after(self.check_interval):
-                await self._kick.wait()
+    def refresh(self) -> None:
+        """Fetch every key set that is due (blocking IO: a worker thread, never the loop)."""
+        self.store.refresh()
 
 
 # ---------------------------------------------------------------- parking a request
 
 
-class Parked:
+class Parked(Half):
     """Stands in for the upstream of a request whose decision is pending.
 
     It holds what the caller sends meanwhile (bounded by the stream's flow-control window,
@@ -302,20 +306,20 @@ class Parked:
     window back if the request is refused.
     """
 
-    __slots__ = ("peer", "items", "aborted")
+    __slots__ = ("items", "aborted")
 
     def __init__(self) -> None:
-        self.peer: Any = None
+        super().__init__()
         self.items: list[tuple[str, Any, int]] = []
         self.aborted = False
 
-    def write_headers(self, headers: Any, end: bool) -> None:  # never: request headers went by
+    def write_headers(self, headers: Headers, end: bool) -> None:  # never: request headers went by
         self.items.append(("headers", (headers, end), 0))
 
     def write_data(self, data: bytes, credit: int) -> None:
         self.items.append(("data", data, credit))
 
-    def write_trailers(self, trailers: Any) -> None:
+    def write_trailers(self, trailers: Headers) -> None:
         self.items.append(("trailers", trailers, 0))
 
     def write_end(self) -> None:
@@ -326,17 +330,15 @@ class Parked:
         self.items.clear()
 
     def ack(self, credit: int) -> None:
-        if self.peer is not None:
-            self.peer.ack(credit)
+        self.give_back(credit)
 
     def release(self) -> None:
         """Refused: hand the held window back to the caller."""
         credit = sum(c for _, _, c in self.items)
         self.items.clear()
-        if credit and self.peer is not None:
-            self.peer.ack(credit)
+        self.give_back(credit)
 
-    def replay(self, into: Any) -> None:
+    def replay(self, into: Half) -> None:
         items, self.items = self.items, []
         for kind, value, credit in items:
             if kind == "data":
@@ -349,5 +351,5 @@ class Parked:
                 into.write_headers(*value)
 
 
-__all__ = ["Authz", "GRPC_PERMISSION_DENIED", "GRPC_UNAUTHENTICATED", "JWT_FLAG", "Parked",
+__all__ = ["Authz", "JWT_FLAG", "Parked",
            "PolicyState", "RBAC_FLAG", "enforceable", "jwt_denied", "rbac_denied"]

@@ -88,9 +88,6 @@ class ControlMetrics:
                                        "because they did not validate", ("kind",), registry=r)
         self.lkg_write_failures = Counter("isthmus_config_lkg_write_failures",
                                           "Failed writes of the last-known-good file", registry=r)
-        self.rejected = Counter("isthmus_config_rejected",
-                                "Snapshots the gateway could not build (the previous one stays)",
-                                registry=r)
 
 
 _METRICS: weakref.WeakKeyDictionary[Any, ControlMetrics] = weakref.WeakKeyDictionary()
@@ -185,10 +182,9 @@ def initial_config(gw: Gateway) -> None:
         return  # already applied by Gateway.__init__
     snap = load_lkg(lkg_path(gw), gw.cluster, federation_pins(gw))
     if snap is not None and (gw.snapshot is None or snap.revision >= gw.snapshot.revision):
-        try:
-            gw.apply_snapshot(snap, source="last-known-good")
-        except Exception as exc:  # a file we cannot build must not stop the start
-            log.error("config.lkg_rejected", path=str(lkg_path(gw)), revision=snap.revision, error=str(exc)[:300])
+        if not gw.apply_snapshot(snap, source="last-known-good"):  # never fatal: logged, counted
+            log.error("config.lkg_rejected", path=str(lkg_path(gw)), revision=snap.revision,
+                      reason=gw.last_rejected.reason[:300] if gw.last_rejected else "")
 
 
 def gateway_instance_id(gw: Gateway) -> str:
@@ -225,21 +221,19 @@ class Control:
 
         The hook for :class:`gateway.Gateway` (``on_rejected``); call it on the trio loop.
         """
-        self.metrics.rejected.inc()
-        log.error("config.rejected", revision=revision, reason=reason[:300])
         self.report.rejected_revision, self.report.rejected_reason = revision, reason[:500]
         self._report_due.set()
 
-    def apply(self, snap: Snapshot) -> None:
-        try:
-            self.gw.apply_snapshot(snap, source="federation")
-        except Exception as exc:  # a snapshot we cannot build is rejected, never fatal
-            self.rejected(snap.revision, f"{type(exc).__name__}: {exc}")
-            return
+    async def apply(self, snap: Snapshot) -> bool:
+        """Build ``snap`` off the loop and swap it in; False when the gateway rejected it
+        (it then called :meth:`rejected` and kept the previous config)."""
+        if not await self.gw.update(snap, source="federation"):
+            return False
         current = self.gw.snapshot.revision if self.gw.snapshot is not None else 0
         if current >= self.report.rejected_revision:
             self.report.rejected_revision, self.report.rejected_reason = 0, ""
         self._report_due.set()
+        return True
 
     async def write_lkg(self, snap: Snapshot | None) -> None:
         """Save (or, for ``None``, touch) the last-known-good file; a failure is logged and counted."""
@@ -308,6 +302,7 @@ async def follow_federation(
                               key_file=fed.key_file or cfg.tls.key_file,
                               bundle_file=fed.bundle_file or cfg.tls.bundle_file)
     control = Control(gw, client, save=save)
+    previous_hook, gw.on_rejected = gw.on_rejected, control.rejected
     control.metrics.connected_within = 3 * progress_interval + 1.0
     # None: a progress message (nothing changed, the stream is alive).
     send, receive = trio.open_memory_channel[Snapshot | None](64)
@@ -364,11 +359,11 @@ async def follow_federation(
                         gw.confirm_current()
                         await control.write_lkg(None)
                         continue
-                    control.apply(snap)
-                    if gw.snapshot is snap:
+                    if await control.apply(snap):
                         await control.write_lkg(snap)
             nursery.cancel_scope.cancel()
     finally:
+        gw.on_rejected = previous_hook
         stop.set()
         client.close()
 
@@ -396,10 +391,7 @@ async def follow_file(gw: Gateway, interval: float = 0.5) -> None:
             stamp = cur
             snap = await trio.to_thread.run_sync(load_lkg, path, gw.cluster, pins)
             if snap is not None and (gw.snapshot is None or snap.revision != gw.snapshot.revision):
-                try:
-                    gw.apply_snapshot(snap, source="last-known-good")
-                except Exception as exc:  # the supervisor's control process reports it
-                    log.error("config.rejected", revision=snap.revision, reason=str(exc)[:300])
+                await gw.update(snap, source="last-known-good")  # a rejection: the control process reports it
             elif snap is not None:
                 gw.confirm_current()
         await trio.sleep(interval)

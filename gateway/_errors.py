@@ -14,6 +14,10 @@ class ConfigError(GatewayError, ValueError):
     """The gateway configuration is invalid; the message names the field."""
 
 
+class SnapshotRejected(GatewayError):
+    """A config snapshot the gateway cannot build; the config in force stays."""
+
+
 class UpstreamError(GatewayError):
     """An upstream (peer gateway or local service) could not be reached or failed.
 

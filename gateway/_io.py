@@ -10,19 +10,15 @@ WINDOW_UPDATEs and resets keep flowing while data waits for the peer.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
 
-import h2.config
-import h2.connection
 import h2.errors
-import h2.settings
-import hpack
-import hpack.hpack
 import structlog
 import trio
 
-from ._config import Limits
-from ._relay import H2Endpoint, H2Half, Headers
+from ._frames import FrameGuard
+from ._half import Half, Headers
+from ._relay import H2Endpoint
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -66,70 +62,12 @@ class PrefixedStream(StreamWrapper):
         return await self.stream.receive_some(max_bytes)
 
 
-class _Quiet:
-    """Stands in for hpack's module logger: its per-header debug calls cost ~3% of a hop."""
-
-    @staticmethod
-    def debug(*args: object, **kwargs: object) -> None:
-        return None
-
-
-hpack.hpack.log = _Quiet()  # type: ignore[assignment]
-# h2 formats every received frame for a trace log nobody reads (hexlifying DATA bodies):
-# shadow ``repr`` in that module only.
-h2.connection.repr = lambda obj: ""  # type: ignore[attr-defined]
-
-
-class _PlainEncoder(hpack.Encoder):
-    """HPACK without Huffman coding: the peer's pure-Python Huffman decoder is one of the
-    largest costs of a hop, and loopback/LAN links between gateways don't need the ~25%
-    smaller headers."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        return super().encode(headers, huffman=False)
-
-
-def h2_connection(client: bool, limits: Limits, trusted: bool) -> h2.connection.H2Connection:
-    """An h2 connection with our settings.
-
-    ``trusted`` (gateway-to-gateway, gateway-to-service): skip h2's per-header validation
-    and normalisation, which costs a large share of a hop's CPU and buys nothing between
-    peers that already authenticated each other and speak through the same code.
-    """
-    cfg = h2.config.H2Configuration(
-        client_side=client, header_encoding=None,
-        validate_inbound_headers=not trusted, normalize_inbound_headers=not trusted,
-        validate_outbound_headers=False, normalize_outbound_headers=False,
-        split_outbound_cookies=False)
-    conn = h2.connection.H2Connection(config=cfg)
-    conn.encoder = _PlainEncoder()
-    frame = limits.peer_max_frame_size if trusted else limits.max_frame_size
-    conn.local_settings = h2.settings.Settings(client=client, initial_values={
-        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_stream_window,
-        h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-        h2.settings.SettingCodes.MAX_FRAME_SIZE: frame,
-        h2.settings.SettingCodes.ENABLE_PUSH: 0,
-    })
-    # h2 applies settings given as initial values at once but only copies these two into
-    # its parser when the peer ACKs a *change*: set them ourselves.
-    conn.max_inbound_frame_size = frame
-    conn.decoder.max_header_list_size = limits.max_header_list_size
-    # h2 starts its inbound window manager at 65535; tell it about our larger setting.
-    conn.initiate_connection()
-    delta = limits.initial_connection_window - 65535
-    if delta > 0:
-        conn.increment_flow_control_window(delta)
-    conn._inbound_flow_control_window_manager.max_window_size = limits.initial_connection_window
-    return conn
-
-
 async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
-                  first: bytes = b"", guard: Any = None,
-                  on_abuse: Any = None) -> None:
+                  first: bytes = b"", guard: FrameGuard | None = None,
+                  on_abuse: Callable[[str, str], None] | None = None) -> None:
     """Run one HTTP/2 connection until it closes; fail its streams when it does.
 
-    ``guard`` (a :class:`gateway._abuse.FrameGuard`, downstream connections only) adds
+    ``guard`` (a :class:`gateway._frames.FrameGuard`, downstream connections only) adds
     the request-headers deadline; ``on_abuse(reason, detail)`` hears why a connection was
     closed for abuse (guard violations, output ceiling ``ep.out_limit``).
     """
@@ -199,7 +137,7 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
                             if guard is not None and guard.deadline != gd:
                                 gd = guard.deadline
                                 scope.deadline = min(period, gd)
-                    if scope.cancelled_caught and trio.current_time() >= gd:
+                    if scope.cancelled_caught and guard is not None and trio.current_time() >= gd:
                         guard.headers_timed_out()
                         ep.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                         ep.mark()
@@ -247,7 +185,7 @@ def _closed_wake() -> None:
     return None
 
 
-class TcpHalf:
+class TcpHalf(Half):
     """An opaque TCP (or TLS) byte stream as one half of a relayed exchange.
 
     Bytes read from the socket are handed to the peer with their length as credit; the
@@ -255,45 +193,43 @@ class TcpHalf:
     written by the peer are sent by a writer task, which acks them after the socket took them.
     """
 
-    def __init__(self, stream: trio.abc.Stream, buffer: int, x: Any = None,
-                 down: bool = False) -> None:
+    __slots__ = ("stream", "buffer", "in_flight", "out", "out_end", "open_ok", "failed",
+                 "_wake_writer", "_wake_reader")
+
+    answers = False  # bytes only: a failure closes the socket
+
+    def __init__(self, stream: trio.abc.Stream, buffer: int) -> None:
+        super().__init__()
         self.stream = stream
-        self.peer: Any = None
         self.buffer = buffer
         self.in_flight = 0
-        self.x = x  # Exchange, when this half is the downstream side
-        self.is_down = down
         self.out: list[tuple[bytes, int]] = []
         self.out_end = False
-        self.closed = False
         self.open_ok = trio.Event()  # peer answered 2xx (or we are the upstream)
         self.failed = False
         self._wake_writer = trio.Event()
         self._wake_reader = trio.Event()
 
-    # -- Half protocol ----------------------------------------------------------------
+    # -- Half ---------------------------------------------------------------------------
     def write_headers(self, headers: Headers, end: bool) -> None:
         status = b""
         for k, v in headers:
             if k == b":status":
                 status = v
-        if self.x is not None and status:
-            self.x.response_code = int(status)
+        ctx = self.ctx
+        if ctx is not None and status:
+            ctx.record.response_code = int(status)
         if status and not status.startswith(b"2"):
             self.failed = True
-            if self.x is not None and not self.x.response_flags:
-                self.x.response_flags = "UF" if status.startswith(b"5") else "NR"
+            if ctx is not None:
+                ctx.flag("UF" if status.startswith(b"5") else "NR")
             self._close()
             return
         self.open_ok.set()
         if end:
             self.write_end()
 
-    def write_data(self, data: bytes, credit: int) -> None:
-        if self.closed:
-            if self.peer is not None:
-                self.peer.ack(credit)
-            return
+    def send_data(self, data: bytes, credit: int) -> None:
         self.out.append((data, credit))
         self._wake_writer.set()
 
@@ -304,9 +240,7 @@ class TcpHalf:
         self.out_end = True
         self._wake_writer.set()
 
-    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
-        if self.x is not None and not self.x.response_flags:
-            self.x.response_flags = flags
+    def reset(self, code: int) -> None:
         self._close()
 
     def ack(self, credit: int) -> None:
@@ -334,11 +268,13 @@ class TcpHalf:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
                     await self.stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except _BROKEN:
                     pass
 
     async def _reader(self) -> None:
         peer = self.peer
+        assert peer is not None
+        ctx = self.ctx
         try:
             while not self.closed:
                 while self.in_flight >= self.buffer and not self.closed:
@@ -351,13 +287,14 @@ class TcpHalf:
                     peer.write_end()
                     return
                 self.in_flight += len(data)
-                if self.x is not None:
-                    self.x.bytes_received += len(data)
+                if ctx is not None:
+                    ctx.record.bytes_received += len(data)
                 peer.write_data(data, len(data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _BROKEN:
             self._fail()
 
     async def _writer(self, scope: trio.CancelScope) -> None:
+        ctx = self.ctx
         try:
             while True:
                 while not self.out and not self.out_end and not self.closed:
@@ -367,11 +304,9 @@ class TcpHalf:
                     batch, self.out = self.out, []
                     await self.stream.send_all(b"".join(d for d, _ in batch))
                     n = sum(len(d) for d, _ in batch)
-                    if self.x is not None:
-                        self.x.bytes_sent += n
-                    peer = self.peer
-                    if peer is not None:
-                        peer.ack(sum(c for _, c in batch))
+                    if ctx is not None:
+                        ctx.record.bytes_sent += n
+                    self.give_back(sum(c for _, c in batch))
                     continue
                 if self.closed:
                     scope.cancel()
@@ -382,7 +317,7 @@ class TcpHalf:
                     except (AttributeError, NotImplementedError):
                         pass  # TLS without half-close: the close at the end does it
                     return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _BROKEN:
             self._fail()
             scope.cancel()
 
@@ -391,13 +326,5 @@ class TcpHalf:
             return
         self._close()
         if self.peer is not None:
-            self.peer.abort(8, "UC", "connection reset")
+            self.peer.abort(h2.errors.ErrorCodes.CANCEL, "UC", "connection reset")
 
-
-def link(a: Any, b: Any) -> None:
-    a.peer = b
-    b.peer = a
-
-
-def new_upstream() -> H2Half:
-    return H2Half(None, down=False)

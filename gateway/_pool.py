@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 import trio
+from h2.errors import ErrorCodes
 
 from ._config import Limits
 from ._relay import H2Endpoint, H2Half
@@ -71,10 +72,10 @@ class Pool:
             half.attach(best)
             return
         if best is None and total >= self.limits.max_connections_per_peer and not e.dialling:
-            half.remote_reset(7, "UO")  # REFUSED_STREAM: overflow
+            half.remote_reset(ErrorCodes.REFUSED_STREAM, "UO")
             return
         if not e.conns and not e.dialling and e.retry_at > trio.current_time():
-            half.remote_reset(7, "UF")
+            half.remote_reset(ErrorCodes.REFUSED_STREAM, "UF")
             return
         e.waiting.append(half)
         if not e.dialling and (best is None or total < self.limits.max_connections_per_peer):
@@ -101,7 +102,7 @@ class Pool:
             waiting, e.waiting = e.waiting, []
             flags = getattr(exc, "flags", "UF")
             for h in waiting:
-                h.remote_reset(7, flags)
+                h.remote_reset(ErrorCodes.REFUSED_STREAM, flags)
             return
         e.dialling -= 1
         e.failures = 0

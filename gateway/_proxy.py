@@ -7,15 +7,18 @@ W3C trace.
 
 Inbound (peer gateway -> local service): the service must be exported to the peer's
 cluster; the caller identity the peer asserts must lie in the peer's own trust domain (a
-gateway of ``east`` cannot speak for ``west``); then the :data:`Authorizer` hook decides
-(the gateway's is :class:`gateway._authz.PolicyState`: federation AuthorizationPolicy and JWT).
+gateway of ``east`` cannot speak for ``west``); then the
+:data:`~gateway._decision.Authorizer` hook decides (the gateway's is
+:class:`gateway._authz.PolicyState`: federation AuthorizationPolicy and JWT).
+
+Both answer a :class:`Forward` (rewritten headers and the route) or a refusing
+:class:`~gateway._decision.Decision`; they fill the request's telemetry record as they go.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -23,80 +26,30 @@ from hpack import NeverIndexedHeaderTuple
 
 from trust import InvalidSpiffeId, SpiffeId
 
-from ._relay import Headers
-from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable
-from ._telemetry import Exchange
+from ._context import TRACEPARENT, RequestContext
+from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, refuse
+from ._flags import flag
+from ._half import Headers
+from ._routes import PeerCluster, RouteTable
 
 log = structlog.get_logger("isthmus.gateway")
 
 SOURCE_IDENTITY = b"isthmus-source-identity"
-TRACEPARENT = b"traceparent"
 # Never forwarded from a workload: only gateways may assert these.
 _STRIPPED_OUTBOUND = frozenset({SOURCE_IDENTITY, b"host", b"connection", b"keep-alive",
                                 b"proxy-connection", b"transfer-encoding", b"upgrade"})
 _HEX = frozenset(b"0123456789abcdef")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestAttrs:
-    """What the authorization hook sees of an inbound request."""
-
-    peer_cluster: str
-    peer_principal: str
-    source_principal: str  # asserted caller identity ("" if none)
-    namespace: str
-    service: str
-    port: int
-    method: str
-    path: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """An authorization answer.  ``reason`` goes to the log; ``message`` (else ``reason``)
-    is the body the caller sees.  ``pending``: not decided yet - the gateway parks the
-    request and runs ``pending()`` in a worker thread for the final decision (a JWKS fetch)."""
-
-    allow: bool
-    reason: str = ""
-    status: int = 403
-    flags: str = "RBAC"
-    grpc_status: int = 7  # PERMISSION_DENIED
-    message: str = ""
-    policy: str | None = None
-    audit_policy: str | None = None
-    details: str = ""  # Envoy-style response_code_details for the access log
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    pending: Callable[[], Decision] | None = None
-    # Request headers to remove before forwarding (a validated JWT not to be forwarded).
-    strip_headers: frozenset[bytes] = frozenset()
-
-
-ALLOW = Decision(True)
-Authorizer = Callable[[RequestAttrs], Decision]
-
-
-def allow_all(attrs: RequestAttrs) -> Decision:
-    return ALLOW
-
-
 @dataclass(slots=True)
 class Forward:
+    """A request that goes on: the headers to send and where (``route``: an
+    :class:`OutboundRoute` at the outbound, a :class:`LocalTarget` at the inbound)."""
+
     headers: Headers
-    route: Any  # OutboundRoute (outbound) or LocalTarget (inbound)
+    route: Any
     connect: bool = False
-    pending: Callable[[], Decision] | None = None  # see Decision.pending
-
-
-@dataclass(slots=True)
-class Reject:
-    flags: str  # Envoy response flag: NR no route, RBAC denied
-    message: str
-    status: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
-    grpc_status: int = 0  # 0: derived from flags
-    headers: tuple[tuple[bytes, bytes], ...] = ()
+    decision: Decision = ALLOW  # inbound: the allowing (or still pending) decision
 
 
 def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
@@ -115,42 +68,18 @@ def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
     return f"00-{trace}-{span}-01".encode(), trace
 
 
-def _scan(headers: Headers, x: Exchange) -> tuple[bytes | None, bytes | None, bytes | None]:
-    """Fill the exchange from request headers; return (authority, traceparent, host)."""
-    authority = tp = host = None
-    for k, v in headers:
-        if k[0] == 58:  # ':'
-            if k == b":authority":
-                authority = v
-            elif k == b":method":
-                x.method = v.decode()
-            elif k == b":path":
-                x.path = v.decode("latin-1")
-        elif k == b"content-type":
-            x.grpc = v.startswith(b"application/grpc")
-        elif k == TRACEPARENT:
-            tp = v
-        elif k == b"host":
-            host = v
-        elif k == b"x-forwarded-for":
-            x.x_forwarded_for = v.decode("latin-1")
-        elif k == b"user-agent":
-            x.user_agent = v.decode("latin-1")
-        elif k == b"x-request-id":
-            x.request_id = v.decode("latin-1")
-    return authority or host, tp, host
-
-
-def outbound(headers: Headers, table: RouteTable, caller: str, x: Exchange) -> Forward | Reject:
-    authority, tp, _ = _scan(headers, x)
-    if not authority:
-        return Reject("NR", "request has no :authority or Host header", 400)
-    x.authority = auth = authority.decode("latin-1")
+def outbound(headers: Headers, table: RouteTable, caller: str,
+             ctx: RequestContext) -> Forward | Decision:
+    x = ctx.record
+    auth = ctx.authority
+    if not auth:
+        return refuse("NR", "request has no :authority or Host header", 400)
+    x.authority = auth
     route = table.outbound_route(auth)
     if route is None:
-        return Reject("NR", f"no imported service is named {auth!r}")
+        return refuse("NR", f"no imported service is named {auth!r}")
     x.destination_service = route.destination_service
-    tpv, x.trace_id = traceparent(tp)
+    tpv, x.trace_id = traceparent(ctx.traceparent)
     new_auth = route.authority.encode()
     out: Headers = []
     for k, v in headers:
@@ -166,22 +95,23 @@ def outbound(headers: Headers, table: RouteTable, caller: str, x: Exchange) -> F
         out.append((SOURCE_IDENTITY, caller.encode()))
     # Unique per request: never indexed, so it doesn't churn the HPACK dynamic tables.
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
-    return Forward(out, route, x.method == "CONNECT")
+    return Forward(out, route, ctx.connect)
 
 
 def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_principal: str,
-            authorize: Authorizer, x: Exchange) -> Forward | Reject:
-    authority, tp, _ = _scan(headers, x)
+            authorize: Authorizer, ctx: RequestContext) -> Forward | Decision:
+    x = ctx.record
     x.source_cluster = peer.name
     x.peer_principal = peer_principal
     x.destination_cluster = table.local_cluster
-    if not authority:
-        return Reject("NR", "request has no :authority", 400)
-    x.authority = auth = authority.decode("latin-1")
+    auth = ctx.authority
+    if not auth:
+        return refuse("NR", "request has no :authority", 400)
+    x.authority = auth
     target = table.inbound_target(auth)
     if target is None or not target.visible_to(peer.name):
         # Same answer whether the service does not exist or is not exported to the peer.
-        return Reject("NR", f"no service {auth!r} is exported to cluster {peer.name!r}")
+        return refuse("NR", f"no service {auth!r} is exported to cluster {peer.name!r}")
     x.destination_service = target.destination_service
     source = ""
     for k, v in headers:
@@ -192,25 +122,25 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
             sid = SpiffeId.parse(source)
         except InvalidSpiffeId:
             log.warning("inbound.bad_source_identity", peer=peer_principal, asserted=source)
-            return Reject("RBAC", "isthmus-source-identity is not a valid SPIFFE ID", 403)
+            return refuse("RBAC", "isthmus-source-identity is not a valid SPIFFE ID", 403)
         if sid.trust_domain != peer.trust_domain:
             log.warning("inbound.impersonation_refused", peer=peer_principal,
                         peer_cluster=peer.name, asserted=source)
-            return Reject("RBAC", f"gateway of cluster {peer.name!r} may not assert "
+            return refuse("RBAC", f"gateway of cluster {peer.name!r} may not assert "
                           f"identities of trust domain {sid.trust_domain!r}", 403)
         x.source_principal = source
     decision = authorize(RequestAttrs(peer.name, peer_principal, source, target.namespace,
-                                      target.service, target.port, x.method, x.path,
+                                      target.service, target.port, ctx.method, ctx.path,
                                       tuple(headers)))
     if decision.pending is None:
-        denied = refusal(decision, x, peer_principal)
+        denied = settle(decision, ctx, peer_principal)
         if denied is not None:
             return denied
-    tpv, x.trace_id = traceparent(tp)
+    tpv, x.trace_id = traceparent(ctx.traceparent)
     out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT]
     out = strip(out, decision.strip_headers)
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
-    return Forward(out, target, x.method == "CONNECT", decision.pending)
+    return Forward(out, target, ctx.connect, decision)
 
 
 def strip(headers: Headers, names: frozenset[bytes]) -> Headers:
@@ -220,18 +150,16 @@ def strip(headers: Headers, names: frozenset[bytes]) -> Headers:
     return [(k, v) for k, v in headers if (k.lower() if isinstance(k, bytes) else k.lower().encode()) not in names]
 
 
-def refusal(decision: Decision, x: Exchange, peer_principal: str) -> Reject | None:
-    """Record a final decision on the exchange; the :class:`Reject` if it refuses."""
-    x.audit_policy = decision.audit_policy or ""
+def settle(decision: Decision, ctx: RequestContext, peer_principal: str) -> Decision | None:
+    """Record a final authorization decision on the request; the decision if it refuses."""
+    ctx.decided(decision)
     if decision.allow:
         return None
-    x.response_code_details = decision.details
-    log.info("inbound.denied", peer=peer_principal, source=x.source_principal,
-             service=x.destination_service, status=decision.status,
+    log.info("inbound.denied", peer=peer_principal, source=ctx.record.source_principal,
+             service=ctx.record.destination_service,
+             status=decision.status or flag(decision.flags).http,
              policy=decision.policy, reason=decision.reason)
-    return Reject(decision.flags, decision.message or decision.reason or "denied by policy",
-                  decision.status, grpc_status=decision.grpc_status, headers=decision.headers)
+    return decision
 
 
-__all__ = ["ALLOW", "Authorizer", "Decision", "Forward", "LocalTarget", "OutboundRoute",
-           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "refusal", "strip", "traceparent"]
+__all__ = ["Forward", "SOURCE_IDENTITY", "inbound", "outbound", "settle", "strip", "traceparent"]

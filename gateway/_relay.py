@@ -6,11 +6,11 @@ An :class:`H2Endpoint` wraps one ``h2`` connection (either side).  The shell fee
 bytes (:meth:`H2Endpoint.receive`) and, when told to through the ``wake`` callback, writes
 ``conn.data_to_send()`` to the socket.  Nothing here awaits or touches a socket.
 
-A proxied request is two *halves* linked to each other: the downstream half (a stream on
-the connection the request arrived on) and the upstream half (a stream on a pooled
-connection to the next hop, or an opaque TCP socket, or an HTTP/1.1 connection — anything
-that implements the :class:`Half` methods).  Every event a half receives from its remote is
-written into its peer half: headers, data, trailers, end of stream, reset.
+Each stream of an endpoint is an :class:`H2Half`, one of the two halves of a relayed
+exchange (:mod:`gateway._half`): its peer is a stream on another connection, an opaque
+TCP socket, an HTTP/1.1 connection — any :class:`~gateway._half.Half`.  Every event
+a stream receives from its remote is written into the peer half: headers, data,
+trailers, end of stream, reset.
 
 Flow control is end to end.  A half that receives DATA does *not* acknowledge it to its
 sender; it hands the bytes and their flow-controlled length (``credit``) to the peer half,
@@ -27,29 +27,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import h2.events as ev
 import h2.exceptions
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
-Headers = list[tuple[bytes, bytes]]
+from ._half import Half, Headers
 
 _HEADERS, _DATA, _TRAILERS, _END = 0, 1, 2, 3
-
-
-class Half(Protocol):
-    """One side of a relayed exchange; its peer calls these to write toward its remote."""
-
-    peer: Half | None
-
-    def write_headers(self, headers: Headers, end: bool) -> None: ...
-    def write_data(self, data: bytes, credit: int) -> None: ...
-    def write_trailers(self, trailers: Headers) -> None: ...
-    def write_end(self) -> None: ...
-    def abort(self, code: int, flags: str = "UR", message: str = "") -> None: ...
-    def ack(self, credit: int) -> None: ...
 
 
 def _noop() -> None:
@@ -63,7 +50,7 @@ class H2Endpoint:
                  "info", "on_idle", "draining", "out_limit", "on_overflow", "error")
 
     def __init__(self, conn: H2Connection, *,
-                 on_request: Callable[[H2Half, Headers, bool], None] | None = None,
+                 on_request: Callable[[Half, Headers, bool], None] | None = None,
                  info: Any = None) -> None:
         self.conn = conn
         self.halves: dict[int, H2Half] = {}
@@ -137,6 +124,10 @@ class H2Endpoint:
         self.dirty = False
         return self.conn.data_to_send()
 
+    def buffered_bytes(self) -> int:
+        """Bytes held for this connection: h2's output buffer and its streams' queues."""
+        return len(self.conn._data_to_send) + sum(h.queued_bytes() for h in self.halves.values())
+
     @property
     def active_streams(self) -> int:
         return len(self.halves)
@@ -161,7 +152,7 @@ class H2Endpoint:
             # h2 follows with StreamEnded; the end already rides on the headers.
             half.recv_ended = half.ended_forwarded = True
         if self.on_request is None:
-            half.respond(404, end_headers_only=True)
+            half.respond(404)
         else:
             self.on_request(half, e.headers, bool(e.stream_ended))
 
@@ -198,9 +189,9 @@ class H2Endpoint:
                 self.conn.acknowledge_received_data(credit, sid)
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        x = half.x
-        if x is not None:
-            x.bytes_received += len(data)
+        ctx = half.ctx
+        if ctx is not None:
+            ctx.record.bytes_received += len(data)
         half.peer.write_data(data, credit)
 
     def _ended(self, e: ev.StreamEnded) -> None:
@@ -252,24 +243,21 @@ _DISPATCH: dict[type, Callable[[H2Endpoint, Any], None]] = {
 }
 
 
-class H2Half:
+class H2Half(Half):
     """A stream on an :class:`H2Endpoint` (or, before :meth:`attach`, one waiting for it)."""
 
-    __slots__ = ("ep", "sid", "peer", "q", "recv_ended", "ended_forwarded", "sent_end",
-                 "closed", "x", "is_down", "headers_sent", "on_fail")
+    __slots__ = ("ep", "sid", "q", "recv_ended", "ended_forwarded", "sent_end", "is_down",
+                 "on_fail")
 
     def __init__(self, ep: H2Endpoint | None, sid: int = 0, *, down: bool = True) -> None:
+        super().__init__()
         self.ep = ep
         self.sid = sid
-        self.peer: Half | None = None
         self.q: deque[list[Any]] = deque()
         self.recv_ended = False
         self.ended_forwarded = False
         self.sent_end = False
-        self.closed = False
-        self.x: Any = None  # the Exchange (telemetry) on downstream halves
         self.is_down = down
-        self.headers_sent = False
         # Upstream halves: called when the connection fails before our headers went out,
         # so the shell may retry elsewhere; returns True if it took over.
         self.on_fail: Callable[[H2Half, str], bool] | None = None
@@ -286,25 +274,25 @@ class H2Half:
         ep.halves[self.sid] = self
         self.flush()
 
+    def queued_bytes(self) -> int:
+        """Bytes waiting in this half for the send window."""
+        return sum(len(item[1]) for item in self.q if item[0] == _DATA)
+
     # -- written by the peer ---------------------------------------------------------
     def write_headers(self, headers: Headers, end: bool) -> None:
         if self.closed:
             return
-        x = self.x
-        if x is not None:
-            x.on_response_headers(headers, end)
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.record.on_response_headers(headers, end)
         self.q.append([_HEADERS, headers, end])
         if self.ep is not None:
             self.flush()
 
-    def write_data(self, data: bytes, credit: int) -> None:
-        if self.closed:
-            if self.peer is not None:
-                self.peer.ack(credit)
-            return
-        x = self.x
-        if x is not None:
-            x.bytes_sent += len(data)
+    def send_data(self, data: bytes, credit: int) -> None:
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.record.bytes_sent += len(data)
         self.q.append([_DATA, data, credit])
         if self.ep is not None:
             self.flush()
@@ -312,9 +300,9 @@ class H2Half:
     def write_trailers(self, trailers: Headers) -> None:
         if self.closed:
             return
-        x = self.x
-        if x is not None:
-            x.on_trailers(trailers)
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.record.on_trailers(trailers)
         self.q.append([_TRAILERS, trailers])
         if self.ep is not None:
             self.flush()
@@ -333,23 +321,12 @@ class H2Half:
         ep.conn.acknowledge_received_data(credit, self.sid)
         ep.mark()
 
-    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
-        """The peer failed.  Downstream: answer with an error if we still can, else reset."""
-        if self.closed:
-            return
-        x = self.x
-        if self.is_down and not self.headers_sent and x is not None:
-            self.q.clear()
-            x.response_flags = flags
-            self.respond_error(flags, message or "upstream reset")
-            return
-        if x is not None and not x.response_flags:
-            x.response_flags = flags
-        self._reset(code)
+    def discard_output(self) -> None:
+        self.q.clear()
 
     # -- local answers ----------------------------------------------------------------
-    def respond(self, status: int, headers: Headers = (), body: bytes = b"",  # type: ignore[assignment]
-                end_headers_only: bool = False) -> None:
+    def respond(self, status: int, headers: Headers | tuple[tuple[bytes, bytes], ...] = (),
+                body: bytes = b"") -> None:
         """Answer this downstream request locally (errors, 404s)."""
         hs: Headers = [(b":status", str(status).encode())]
         hs.extend(headers)
@@ -360,22 +337,14 @@ class H2Half:
             self.write_data(body, 0)
             self.write_end()
         # Request bytes still coming are not wanted: acknowledge and drop them.
-        self.peer = _Sink(self)
-
-    def respond_error(self, flags: str, message: str) -> None:
-        x = self.x
-        status = _FLAG_STATUS.get(flags, 503)
-        if x is not None and x.grpc:
-            self.respond_grpc(_FLAG_GRPC.get(flags, 14), message)
-        else:
-            self.respond(status, [(b"content-type", b"text/plain")], message.encode() + b"\n")
+        self.swallow()
 
     def respond_grpc(self, status: int, message: str) -> None:
         """A gRPC trailers-only response."""
         self.write_headers([(b":status", b"200"), (b"content-type", b"application/grpc"),
-                            (b"grpc-status", str(status).encode()),
+                            (b"grpc-status", b"%d" % status),
                             (b"grpc-message", _grpc_message(message))], True)
-        self.peer = _Sink(self)
+        self.swallow()
 
     # -- internals ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -448,10 +417,10 @@ class H2Half:
             self.closed = True
             if self.ep is not None:
                 self.ep._forget(self)
-            if self.x is not None:
-                self.x.finish()
+            if self.ctx is not None:
+                self.ctx.finish()
 
-    def _reset(self, code: int) -> None:
+    def reset(self, code: int) -> None:
         self.closed = True
         self._release_queue()
         ep = self.ep
@@ -463,15 +432,14 @@ class H2Half:
             ep.mark()
         if ep is not None:
             ep._forget(self)
-        if self.x is not None:
-            self.x.finish()
+        if self.ctx is not None:
+            self.ctx.finish()
 
     def _release_queue(self) -> None:
         # Queued data will never be written: give its window back to the sender.
         credit = sum(item[2] for item in self.q if item[0] == _DATA)
         self.q.clear()
-        if credit and self.peer is not None:
-            self.peer.ack(credit)
+        self.give_back(credit)
 
     def remote_reset(self, code: int, flags: str = "UR") -> None:
         """Our remote reset the stream (or the connection died)."""
@@ -485,50 +453,19 @@ class H2Half:
         self._release_queue()
         if self.ep is not None:
             self.ep._forget(self)
-        x = self.x
-        if x is not None:
-            if not x.response_flags:
-                x.response_flags = flags
-            x.finish()
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.flag(flags)
+            ctx.finish()
         peer = self.peer
         if peer is not None:
             peer.abort(int(code) if int(code) else ErrorCodes.CANCEL, flags,
                        "upstream connection failed" if flags == "UC" else "upstream reset")
 
 
-class _Sink:
-    """Peer of a locally answered stream: swallows the rest of the request body."""
-
-    __slots__ = ("half", "peer")
-
-    def __init__(self, half: H2Half) -> None:
-        self.half = half
-        self.peer = half
-
-    def write_headers(self, headers: Headers, end: bool) -> None:
-        pass
-
-    def write_data(self, data: bytes, credit: int) -> None:
-        self.half.ack(credit)
-
-    def write_trailers(self, trailers: Headers) -> None:
-        pass
-
-    def write_end(self) -> None:
-        pass
-
-    def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
-        pass
-
-    def ack(self, credit: int) -> None:
-        pass
-
-
-# Envoy response flags -> HTTP status / gRPC status for locally generated errors.
-_FLAG_STATUS = {"NR": 404, "RBAC": 403, "UF": 503, "UC": 503, "UR": 503, "UH": 503, "UO": 503,
-                "UT": 504, "DT": 504, "UAEX": 403, "RL": 429}
-_FLAG_GRPC = {"NR": 12, "RBAC": 7, "UF": 14, "UC": 14, "UR": 14, "UH": 14, "UO": 14, "UT": 4, "DT": 4,
-              "UAEX": 7, "RL": 8}
+def new_upstream() -> H2Half:
+    """An upstream half, to be attached to a pooled connection once one has room."""
+    return H2Half(None, down=False)
 
 
 def _grpc_message(message: str) -> bytes:

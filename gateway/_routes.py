@@ -23,8 +23,9 @@ Naming scheme (stable API — workloads and the agent's mirror Services use thes
   front of the suffix), which is why namespaces and services are single DNS labels.
 
 :func:`build_routes` is pure: a :class:`~federation.models.Snapshot` and the local cluster
-name in, a :class:`RouteTable` out; the gateway swaps whole tables atomically, so a request
-sees one revision from start to end.
+name in, a :class:`RouteTable` out (or :class:`~gateway._errors.SnapshotRejected`); the
+gateway swaps whole tables atomically (:mod:`gateway._state`), so a request sees one
+revision from start to end.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot
 from federation.names import DNS_SUFFIX as DEFAULT_DNS_SUFFIX
 from federation.names import LOCAL_SUFFIX, mirror_hosts
+
+from ._errors import SnapshotRejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +130,13 @@ def _default_port(ports: tuple[ServicePort, ...]) -> ServicePort:
 def _target(svc: ExportedService, p: ServicePort) -> tuple[str, int]:
     if not p.target:
         return svc.hostname, p.port
-    host, _, port = p.target.rpartition(":")
-    return host.strip("[]"), int(port)
+    host, sep, port = p.target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SnapshotRejected(
+            f"service {svc.namespace}/{svc.name} of cluster {svc.cluster!r}, port {p.port}: "
+            f"target {p.target!r} is not HOST:PORT")
+    return host, int(port)
 
 
 def build_routes(

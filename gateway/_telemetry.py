@@ -10,12 +10,13 @@ names, status codes and flags — never IPs or paths.  Each gateway owns its own
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ._relay import Headers
+from ._half import Headers
 
 REQUEST_LABELS = ("reporter", "source_cluster", "destination_cluster", "source_principal",
                   "destination_principal", "destination_service", "request_protocol",
@@ -52,6 +53,9 @@ class Metrics:
         self.config_staleness = Gauge("isthmus_config_staleness_seconds",
                                       "Seconds since the config was last confirmed current",
                                       registry=r)
+        self.config_rejected = Counter("isthmus_config_rejected",
+                                       "Config snapshots the gateway could not build (the "
+                                       "config in force stayed)", registry=r)
         self.policy_revision = Gauge("isthmus_policy_revision",
                                      "Federation revision of the policies enforced", registry=r)
         self.policy_errors = Gauge("isthmus_policy_errors",
@@ -92,17 +96,21 @@ def _get(headers: Headers, name: bytes) -> bytes | None:
 
 
 class Exchange:
-    """What we know about one request, for metrics and the access log."""
+    """The record of one request, for metrics and the access log.
+
+    It records; it decides nothing.  What to answer, when to reset and when a deadline
+    passed are the request's :class:`~gateway._context.RequestContext`'s decisions.
+    """
 
     __slots__ = ("t0", "start_time", "method", "path", "authority", "protocol", "grpc",
                  "response_code", "grpc_status", "response_flags", "bytes_received",
                  "bytes_sent", "upstream_cluster", "upstream_host", "x_forwarded_for",
                  "user_agent", "request_id", "trace_id", "peer_principal", "source_principal",
                  "destination_principal", "source_cluster", "destination_cluster",
-                 "destination_service", "reporter", "done", "on_done", "deadline", "tcp",
+                 "destination_service", "reporter", "done", "on_done", "tcp",
                  "audit_policy", "response_code_details")
 
-    def __init__(self, reporter: str, protocol: str, on_done: Any) -> None:
+    def __init__(self, reporter: str, protocol: str, on_done: Callable[[Exchange], None]) -> None:
         self.t0 = time.perf_counter()
         self.start_time = time.time()
         self.reporter = reporter
@@ -120,7 +128,6 @@ class Exchange:
         self.source_cluster = self.destination_cluster = ""
         self.destination_service = "unknown"
         self.done = False
-        self.deadline = 0.0
         self.tcp = False
         self.audit_policy = ""  # an AUDIT AuthorizationPolicy matched this request
         self.response_code_details = ""

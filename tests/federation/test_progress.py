@@ -72,13 +72,14 @@ async def test_gateway_staleness_stays_small_while_nothing_changes(fed, pki: Pki
     )
     gw = Gateway(cfg)
     applied: list[int] = []
-    apply = gw.apply_snapshot
+    update = gw.update
 
-    def counting_apply(snap, source="federation"):  # type: ignore[no-untyped-def]
+    async def counting_update(snap, source="federation"):  # type: ignore[no-untyped-def]
+        ok = await update(snap, source)
         applied.append(snap.revision)
-        return apply(snap, source)
+        return ok
 
-    gw.apply_snapshot = counting_apply  # type: ignore[method-assign]
+    gw.update = counting_update  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: follow_federation(gw, progress_interval=0.25))
         with trio.fail_after(10):

@@ -14,7 +14,8 @@ from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, 
                               PriorityFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame)
 
 from gateway import GatewayConfig
-from gateway._abuse import FrameGuard, MemoryWatch, Shield
+from gateway._abuse import MemoryWatch, Shield
+from gateway._frames import FrameGuard
 from gateway._config import Limits
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

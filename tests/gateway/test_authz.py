@@ -360,7 +360,7 @@ async def test_policy_change_mid_stream_keeps_the_stream_on_its_old_set(mesh3: M
         n.start_soon(run)
         assert await trio.to_thread.run_sync(started.wait, 10)
         mesh3.apply(7, (deny_all,))
-        assert mesh3.west.policy.revision == 7
+        assert mesh3.west.state.policy.revision == 7
         applied.set()
     assert result[0] == [b"BEFORE"] + [b"AFTER%d" % i for i in range(5)]
 
@@ -385,8 +385,8 @@ async def test_policy_revision_in_config_and_metrics(mesh3: Mesh3) -> None:
     assert doc["policies"]["count"] == len(MATRIX_POLICIES)
     assert doc["policies"]["digest"].startswith("sha256:")
     assert "isthmus_policy_revision 42.0" in metrics
-    east_doc = mesh3.gws["east"].policy
-    assert east_doc.digest == mesh3.west.policy.digest  # same policies, same digest everywhere
+    east_doc = mesh3.gws["east"].state.policy
+    assert east_doc.digest == mesh3.west.state.policy.digest  # same policies, same digest everywhere
 
 
 async def test_unenforceable_policy_fails_closed(mesh3: Mesh3, logs) -> None:
@@ -399,7 +399,7 @@ async def test_unenforceable_policy_fails_closed(mesh3: Mesh3, logs) -> None:
     assert resp[b":status"] == b"403" and b"bad-pattern" in body
     resp, _ = await mesh3.call("east", wl("east", "shop", "cart"), authority=OPEN)
     assert resp[b":status"] == b"200"  # a broken AUDIT policy is dropped, not enforced
-    assert mesh3.west.policy.failed == ["bad-pattern", "bad-selector"]
+    assert mesh3.west.state.policy.failed == ["bad-pattern", "bad-selector"]
     assert mesh3.west.metrics.policy_errors._value.get() == 2
     assert {e["policy"] for e in logs if e["event"] == "authz.policy_failed_closed"} == \
         {"bad-pattern", "bad-selector"}

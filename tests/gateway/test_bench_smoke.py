@@ -1,4 +1,5 @@
-"""The gateway benchmark's --smoke mode runs end to end (h2load, nginx, real processes)."""
+"""The gateway benchmarks' --smoke modes run end to end (h2load, nginx, real processes; a
+running gateway applying config changes)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def test_benchmark_smoke_mode_completes_without_errors() -> None:
     assert r["l4_connect_MBps"] > 5
     assert r["grpc_isthmus"]["errors"] == 0 and r["grpc_isthmus"]["rps"] > 50
     assert "isthmus/nginx" in r["ratios"]["small_saturation"]
+
+
+def test_config_apply_benchmark_smoke_mode_runs() -> None:
+    """tests/bench/config_apply.py --smoke applies config changes both ways on a running gateway."""
+    out = subprocess.run([sys.executable, str(REPO / "tests/bench/config_apply.py"), "--smoke", "--json"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    for mode in ("on_loop", "off_loop", "floor"):
+        assert set(r[mode]) == {"stall_ms_median", "stall_ms_max", "apply_ms_median"}
+        assert r[mode]["apply_ms_median"] > 0
+    assert r["ratio_stall_on_loop/off_loop"] > 0 and r["ratio_stall_off_loop/floor"] > 0

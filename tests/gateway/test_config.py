@@ -122,4 +122,4 @@ async def test_config_swap_under_load_fails_no_request(mesh: Mesh, nursery: trio
     assert not failures, failures[:5]
     assert ok > 100
     assert mesh.web.requests > 0 and web2.requests > 0
-    assert mesh.east.table.revision == 31
+    assert mesh.east.state.routes.revision == 31

@@ -233,19 +233,19 @@ async def test_a_failed_last_known_good_write_does_not_stop_the_data_path(
 async def test_a_snapshot_the_gateway_cannot_build_is_reported_and_the_previous_one_stays(
     live: Live, nursery: trio.Nursery
 ) -> None:
-    from gateway._errors import ConfigError
+    from gateway._errors import SnapshotRejected
 
     await live.gateway(nursery, "west")
     east = await live.gateway(nursery, "east", follow=False)
-    apply = east.apply_snapshot
+    build = east._build
 
-    def apply_unless_broken(snap, source="federation"):  # type: ignore[no-untyped-def]
-        # Stands for any config this gateway cannot build.
+    def build_unless_broken(snap, source="federation"):  # type: ignore[no-untyped-def]
+        # Stands for any config this gateway cannot build (the builder runs in a worker thread).
         if any(s.name == "broken" for s in snap.services):
-            raise ConfigError("invalid snapshot: services.broken: cannot be routed")
-        return apply(snap, source)
+            raise SnapshotRejected("invalid snapshot: services.broken: cannot be routed")
+        return build(snap, source)
 
-    east.apply_snapshot = apply_unless_broken  # type: ignore[method-assign]
+    east._build = build_unless_broken  # type: ignore[method-assign]
     control = await nursery.start(functools.partial(follow_federation, east, progress_interval=0.25,
                                                     report_interval=0.5))
     await eventually(lambda: _is(live.call("web"), 200))
@@ -256,7 +256,7 @@ async def test_a_snapshot_the_gateway_cannot_build_is_reported_and_the_previous_
         with live.fed.client(live.pki.admin_dir) as admin:
             return next((g.state for g in admin.status().gateways if g.cluster == "east"), "")
 
-    await eventually(lambda: gateway_state().startswith(f"REJECTED rev {bad}: ConfigError: invalid snapshot"))
+    await eventually(lambda: gateway_state().startswith(f"REJECTED rev {bad}: invalid snapshot"))
     with live.fed.client(live.pki.admin_dir) as admin:
         [reported] = [g for g in admin.status().gateways if g.cluster == "east"]
     assert reported.applied_revision == good and abs(reported.confirmed_at - east.last_confirmed) < 5

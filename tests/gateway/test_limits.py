@@ -122,15 +122,15 @@ async def test_connection_guard_refuses_connections(mesh: Mesh, nursery: trio.Nu
 async def test_renewed_certificate_applies_to_new_connections_only(mesh: Mesh) -> None:
     async with httpx.AsyncClient(http2=True, http1=False) as c:
         assert (await c.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})).status_code == 200
-        old_serial = mesh.west.inbound_tls.leaf().serial_number
+        old_serial = mesh.west.tls.inbound.leaf().serial_number
         # Renew west's gateway certificate in place (what the agent does before expiry).
         files = mesh.pki.gw["west"]
         fresh = mesh.pki.cas["west"].issue(trust.gateway_id("west.isthmus.local"),
                                            mesh.tmp / "renewed", validity=3600)
         shutil.copy(fresh.cert, files.cert)
         shutil.copy(fresh.key, files.key)
-        mesh.west.inbound_tls.reload()
-        assert mesh.west.inbound_tls.leaf().serial_number != old_serial
+        mesh.west.tls.inbound.reload()
+        assert mesh.west.tls.inbound.leaf().serial_number != old_serial
         # The pooled east->west connection (old certificate) keeps serving...
         assert (await c.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})).status_code == 200
         assert mesh.web.requests == 2
@@ -171,7 +171,7 @@ async def test_renewed_client_certificate_moves_new_requests_to_new_connections(
                                            mesh.tmp / "renewed-east", validity=3600)
         shutil.copy(fresh.cert, files.cert)
         shutil.copy(fresh.key, files.key)
-        mesh.east.client_tls.reload()
+        mesh.east.tls.client.reload()
         for _ in range(3):
             r = await c.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})
             assert r.status_code == 200

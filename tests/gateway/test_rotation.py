@@ -137,8 +137,8 @@ async def _traffic(r: Rig, stop: trio.Event, reconnect_every: float) -> None:
 async def test_twenty_rotations_of_every_certificate_under_load(rig: Rig) -> None:
     rig.errors = []
     stop = trio.Event()
-    sources = (rig.east.outbound_tls, rig.east.client_tls, rig.west.inbound_tls,
-               rig.west.client_tls)
+    sources = (rig.east.tls.outbound, rig.east.tls.client, rig.west.tls.inbound,
+               rig.west.tls.client)
     gens = [s.generation for s in sources]
     rotations = 0
     t0 = time.monotonic()

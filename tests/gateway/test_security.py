@@ -68,7 +68,7 @@ async def test_revocation_by_crl_alone_is_enforced(mesh: Mesh, logs) -> None:
     snap = mesh.snapshot(revision=5)
     clusters = tuple(c.model_copy(update={"revoked": False}) for c in snap.clusters)
     mesh.west.apply_snapshot(snap.model_copy(update={"clusters": clusters}))
-    assert "rogue.isthmus.local" in mesh.west.table.trust_domains()
+    assert "rogue.isthmus.local" in mesh.west.state.routes.trust_domains()
     with pytest.raises(ConnectionRefusedByPeer):
         await h2_request(mesh.west.ports["inbound"], _req(WEB), ssl_context=_gw_ctx(mesh, "rogue"))
     rejected = [e for e in logs if e["event"] == "inbound.peer_rejected"]

@@ -222,3 +222,56 @@ async def test_workers_share_the_listeners(tmp_path: Path, nursery: trio.Nursery
     finally:
         for p in procs:
             p.stop()
+
+
+async def test_a_last_known_good_file_that_cannot_be_built_does_not_kill_the_gateway(
+        tmp_path: Path) -> None:
+    """`isthmus gateway run` starting from a last-known-good snapshot whose export has no
+    port in its target (``target: localhost``): the snapshot is rejected, the gateway runs."""
+    import json
+
+    import trust
+
+    root = trust.TrustDir(tmp_path / "root")
+    root.init("isthmus.local")
+    files = root.issue_cluster("west").issue(trust.gateway_id("west.isthmus.local"),
+                                             tmp_path / "gw-west")
+    lkg = tmp_path / "west-lkg.json"
+    lkg.write_text(json.dumps({
+        "revision": 12,
+        "clusters": [{"name": "west", "trust_domain": "west.isthmus.local"}],
+        "services": [{"cluster": "west", "namespace": "default", "name": "web",
+                      "ports": [{"port": 80, "target": "localhost"}]}],
+    }))
+    ports = {k: free_port() for k in ("inbound", "outbound", "admin")}
+    cfg = {
+        "cluster": "west",
+        **{k: {"host": "127.0.0.1", "port": ports[k]} for k in ports},
+        "tls": {"cert_file": str(files.cert), "key_file": str(files.key),
+                "bundle_file": str(files.bundle)},
+        "last_known_good": str(lkg),
+    }
+    gw = GatewayProcess("west", cfg, tmp_path).start()
+    try:
+        async with httpx.AsyncClient() as c:
+            with trio.fail_after(20):
+                while True:
+                    assert gw.proc is not None and gw.proc.poll() is None, gw.log()[-3000:]
+                    try:
+                        doc = (await c.get(f"http://127.0.0.1:{ports['admin']}/config")).json()
+                        break
+                    except httpx.HTTPError:
+                        await trio.sleep(0.1)
+            assert doc["last_rejected"]["revision"] == 12
+            assert doc["last_rejected"]["source"] == "last-known-good"
+            assert "is not HOST:PORT" in doc["last_rejected"]["reason"]
+            assert (await c.get(f"http://127.0.0.1:{ports['admin']}/readyz")).status_code == 503
+            metrics = (await c.get(f"http://127.0.0.1:{ports['admin']}/metrics")).text
+            assert "isthmus_config_rejected_total 1.0" in metrics
+        await trio.sleep(0.5)
+        assert gw.proc.poll() is None, gw.log()[-3000:]  # still running
+        assert '"event": "config.rejected"' in gw.log()
+        assert "Traceback" not in gw.log()
+    finally:
+        gw.stop()
+    assert gw.proc.returncode == 0, gw.log()[-3000:]

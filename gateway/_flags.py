@@ -1,0 +1,61 @@
+"""Response flags: the one table from an Envoy/Istio response flag to what the caller sees.
+
+Every locally generated answer (no route, denied, upstream failed, deadline passed,
+overload) carries one flag.  The flag goes to the ``response_flags`` metric label and
+access-log field; :data:`FLAGS` maps it to the HTTP status of a plain answer, the gRPC
+status of a trailers-only gRPC answer, and a default text.  Flag names and their
+meaning follow Envoy's access-log documentation (``%RESPONSE_FLAGS%``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class GrpcStatus(enum.IntEnum):
+    """gRPC status codes the gateway sends itself (grpc/doc/statuscodes.md)."""
+
+    OK = 0
+    DEADLINE_EXCEEDED = 4
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """What a response flag means to the caller."""
+
+    http: int
+    grpc: GrpcStatus
+    text: str
+
+
+# Stable API: the flags are metric label values (Kiali and dashboards filter on them).
+FLAGS: dict[str, Flag] = {
+    "NR": Flag(404, GrpcStatus.UNIMPLEMENTED, "no route"),
+    "RBAC": Flag(403, GrpcStatus.PERMISSION_DENIED, "RBAC: access denied"),
+    "UAEX": Flag(403, GrpcStatus.PERMISSION_DENIED, "unauthorized"),
+    "UF": Flag(503, GrpcStatus.UNAVAILABLE, "upstream connect failed"),
+    "UC": Flag(503, GrpcStatus.UNAVAILABLE, "upstream connection failed"),
+    "UR": Flag(503, GrpcStatus.UNAVAILABLE, "upstream reset"),
+    "UH": Flag(503, GrpcStatus.UNAVAILABLE, "no healthy upstream"),
+    "UO": Flag(503, GrpcStatus.UNAVAILABLE, "upstream overflow"),
+    "OM": Flag(503, GrpcStatus.UNAVAILABLE, "gateway overloaded"),  # overload manager
+    "DC": Flag(503, GrpcStatus.UNAVAILABLE, "downstream connection terminated"),
+    "UT": Flag(504, GrpcStatus.DEADLINE_EXCEEDED, "upstream request timeout"),
+    "DT": Flag(504, GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded"),
+    "RL": Flag(429, GrpcStatus.RESOURCE_EXHAUSTED, "rate limited"),
+}
+# An unknown flag (a hook's own) is answered like a failed upstream.
+DEFAULT_FLAG = Flag(503, GrpcStatus.UNAVAILABLE, "unavailable")
+
+
+def flag(name: str) -> Flag:
+    return FLAGS.get(name, DEFAULT_FLAG)
+
+
+__all__ = ["DEFAULT_FLAG", "FLAGS", "Flag", "GrpcStatus", "flag"]
