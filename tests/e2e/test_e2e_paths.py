@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from federation.demo.harness import LocalFederation
 
 from .conftest import logs_of
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
 def test_service_unreachable_directly_but_reachable_through_the_gateways(federation: LocalFederation) -> None:

@@ -134,6 +134,7 @@ async def _traffic(r: Rig, stop: trio.Event, reconnect_every: float) -> None:
                     r.errors.append(repr(exc))
 
 
+@pytest.mark.slow
 async def test_twenty_rotations_of_every_certificate_under_load(rig: Rig) -> None:
     rig.errors = []
     stop = trio.Event()
@@ -165,6 +166,7 @@ async def test_twenty_rotations_of_every_certificate_under_load(rig: Rig) -> Non
     assert rig.backend.connections > 1
 
 
+@pytest.mark.slow
 async def test_root_rotation_with_overlap_under_load(rig: Rig) -> None:
     """Bundle A -> A+B -> leaves (and cluster CAs) from B -> B only, traffic throughout."""
     rig.errors = []
