@@ -14,6 +14,7 @@ cluster's namespace, so a call really starts in that cluster.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from .._netns import Topology, netns_available
 CLUSTER_NAMES = ("east", "west", "central", "north", "south")
 TRUST_DOMAIN = "isthmus.local"
 HTTP_PORT, GRPC_PORT, TCP_PORT = 8080, 9090, 9000
+_FEDERATIONS = itertools.count(1)  # numbers each LocalFederation of this process
 
 
 class DemoError(FederationError):
@@ -155,7 +157,9 @@ class LocalFederation:
             raise DemoError(f"network namespaces unavailable: {why_not}")
         self.use_netns = why_not is None
         self.fallback_reason = why_not
-        self.prefix = prefix or f"isd{os.getpid() % 100000}"
+        # Unique among live federations: our pid, and which of this process' federations
+        # this is (a second one must not take the first one's namespaces for leftovers).
+        self.prefix = prefix or f"isd{os.getpid()}-{next(_FEDERATIONS)}"
         self.topology: Topology | None = None
         self.clusters: dict[str, Cluster] = {}
         self.etcd: EmbeddedEtcd | None = None

@@ -27,7 +27,7 @@ def test_marks_select_the_end_to_end_modules(pytester: pytest.Pytester) -> None:
 
     netns = collected("-m", "netns")
     assert {"test_e2e_lifecycle.py", "test_e2e_paths.py", "test_e2e_policy.py",
-            "test_e2e_static_stability.py", "test_demo.py"} <= netns, netns
+            "test_e2e_static_stability.py", "test_demo.py", "test_two_at_once.py"} <= netns, netns
     assert "test_selection.py" not in netns
     assert netns <= collected("-m", "slow")
     assert not (netns - {"test_demo.py"}) & collected("-m", "not netns")
