@@ -382,10 +382,15 @@ class LocalFederation:
                           doc.get("headers") or {})
 
     def http(self, src: str, url: str, host: str | None = None, http2: bool = False, timeout: float = 5.0,
-             method: str = "GET", data: str | None = None) -> CallResult:
+             method: str = "GET", data: str | None = None, cert_dir: Path | None = None,
+             headers: dict[str, str] | None = None) -> CallResult:
         args = ["http", url, "--timeout", str(timeout), "--method", method]
         if host:
             args += ["--host", host]
+        if cert_dir is not None:
+            args += ["--cert-dir", str(cert_dir)]
+        for k, v in (headers or {}).items():
+            args += ["--header", f"{k}:{v}"]
         if http2:
             args.append("--http2")
         if data is not None:
