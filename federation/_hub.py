@@ -288,7 +288,14 @@ class Hub:
             for pem in [body.get("ca_cert_pem") or "", *body.get("previous_ca_certs_pem", ())]:
                 if pem:
                     cas.extend(x509.load_pem_x509_certificates(pem.encode()))
-        revs = trust.Revocations.from_crl(json.loads(crl[1])["pem"].encode() if crl else None, cas)
+        bundle = self.state.get(self.keys.k("trust", "bundle"))
+        try:
+            # The CRL counts only if a root of the published bundle signed it.
+            roots = x509.load_pem_x509_certificates(json.loads(bundle[1])["pem"].encode()) if bundle else []
+            revs = trust.Revocations.from_crl(json.loads(crl[1])["pem"].encode() if crl else None, cas, roots)
+        except (trust.TrustError, ValueError) as exc:
+            log.error("hub.bad_crl", error=str(exc), revision=self.config_revision)
+            revs = cached  # refused: the last good revocations stay
         self._revocations = (self.config_revision, revs)
         return revs
 

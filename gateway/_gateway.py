@@ -167,7 +167,10 @@ class Gateway:
                 except ValueError:
                     log.warning("config.bad_cluster_ca", cluster=c.name)
         try:
-            self.revocations = trust.Revocations.from_crl(crl or None, intermediates)
+            # Only a CRL signed by a root our TLS trusts (the bundle file) counts; a bad
+            # one is refused and the last good revocations stay.
+            roots = trust.load_certs(self.cfg.tls.bundle_file, "trust bundle") if crl else None
+            self.revocations = trust.Revocations.from_crl(crl or None, intermediates, roots)
         except trust.TrustError as exc:
             log.warning("config.bad_crl", error=str(exc))
         policy = self.authz.build(snap)

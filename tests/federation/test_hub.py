@@ -211,3 +211,39 @@ def test_real_compaction_while_the_hub_is_away_relists_and_a_live_watcher_misses
                 cable.close()
 
     asyncio.run(main())
+
+
+def test_a_crl_not_signed_by_a_root_of_the_bundle_is_refused_and_logged(etcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A CRL in etcd that no root of the published bundle signed (a stranger's root with
+    our root's name, "un-revoking" east) is refused: east stays revoked, and it is logged."""
+    import structlog
+    from cryptography.hazmat.primitives import serialization
+
+    import trust
+    from federation.models import ClusterRecord
+
+    root = trust.TrustDir(tmp_path / "root")
+    root.init("isthmus.local")
+    east = root.issue_cluster("east")
+    leaf = trust.load_cert(east.issue(trust.workload_id("east.isthmus.local", "shop", "cart"), tmp_path / "leaf").cert)
+    root.revoke_cluster("east")
+    stranger = trust.TrustDir(tmp_path / "stranger")
+    stranger.init("isthmus.local")
+    forged = trust.build_crl(stranger.root_cert, stranger.root_key, []).public_bytes(serialization.Encoding.PEM)
+
+    async def body(e: Etcd, hub: Hub) -> None:
+        record = ClusterRecord(name="east", trust_domain="east.isthmus.local",
+                               ca_cert_pem=(east.path / "ca.crt").read_text())
+        await e.put(hub.keys.cluster("east"), record.model_dump_json().encode())
+        await e.put(hub.keys.k("trust", "bundle"), json.dumps({"pem": root.bundle_pem().decode()}).encode())
+        await e.put(hub.keys.k("trust", "crl"), json.dumps({"pem": root.crl_pem().decode()}).encode())
+        assert await hub.catch_up()
+        assert hub.revocations().is_revoked(leaf)  # the real CRL counts
+        await e.put(hub.keys.k("trust", "crl"), json.dumps({"pem": forged.decode()}).encode())
+        assert await hub.catch_up()
+        with structlog.testing.capture_logs() as logs:
+            assert hub.revocations().is_revoked(leaf)  # the forgery does not
+        assert [x["event"] for x in logs] == ["hub.bad_crl"], logs
+        assert "does not verify against any root" in logs[0]["error"]
+
+    asyncio.run(_with_hub(etcd.endpoint, body))

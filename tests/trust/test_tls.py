@@ -197,6 +197,36 @@ def test_expired_leaf_rejected(tmp_path: Path) -> None:
         trust.verify_peer(old)
 
 
+def test_a_ca_certificate_is_refused_as_a_leaf(east: trust.ClusterCA) -> None:
+    """A certificate with CA:true is never a workload's SVID, even one that would pass
+    every other check (valid, one SPIFFE URI SAN in an allowed trust domain)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = trust.generate_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    uri = workload("east")
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([])).issuer_name(east.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .sign(east.key, hashes.SHA256()))
+    policy = trust.PeerPolicy(trust_domains=frozenset({"east.isthmus.local"}))
+    with pytest.raises(trust.PeerRejected, match="^invalid X509-SVID: leaf certificate is a CA$"):
+        trust.verify_peer(cert, policy)
+    # the same, but CA:false, is accepted: the CA bit alone is what was refused
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([])).issuer_name(east.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .sign(east.key, hashes.SHA256()))
+    assert str(trust.verify_peer(leaf, policy)) == uri
+
+
 def test_leaf_with_two_uri_sans_rejected(east: trust.ClusterCA) -> None:
     from cryptography import x509
 
