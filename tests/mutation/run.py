@@ -51,7 +51,7 @@ class Target:
 TARGETS = (
     Target("trust-tls", "trust/_tls.py",
            ("_ski", "_aki", "Revocations.from_crl", "Revocations.is_revoked", "verify_peer"),
-           "tests/trust/test_tls.py", sync=True),
+           "tests/trust/test_tls.py tests/trust/test_ca.py", sync=True),
     Target("federation-authz", "federation/_server.py",
            ("Caller.may_write_cluster", "FederationService._caller", "FederationService._admin",
             "FederationService._cluster_writer"),
