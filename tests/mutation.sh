@@ -4,5 +4,5 @@
 # minutes. Needs the test dependencies (tests/run.sh) and cosmic-ray.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip show cosmic-ray >/dev/null 2>&1 || python3 -m pip install -q 'cosmic-ray>=8.7'
+python3 -m pip show cosmic-ray >/dev/null 2>&1 || python3 -m pip install -q -e '.[mutation]'
 exec python3 tests/mutation/run.py "$@"

@@ -108,6 +108,41 @@ def toml_config(t: Target, scratch: Path) -> str:
     ])
 
 
+def _annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where annotations are: under ``from __future__ import annotations`` they are never
+    evaluated, so a mutant there (``int | None`` -> ``int * None``) is equivalent."""
+    spans = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        anns: list[ast.expr | None] = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            anns = [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
+            anns.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            anns = [node.annotation]
+        for ann in anns:
+            if ann is not None:
+                spans.append(((ann.lineno, ann.col_offset), (ann.end_lineno, ann.end_col_offset)))
+    return spans  # type: ignore[return-value]
+
+
+def skip_annotations(session: Path, module: Path) -> int:
+    """Mark the session's pending mutants inside annotations as skipped; return how many."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    if "from __future__ import annotations" not in module.read_text():
+        return 0
+    spans = _annotation_spans(module)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        jobs = [item.job_id for item in db.pending_work_items
+                if any(a <= tuple(m.start_pos) < b for m in item.mutations for a, b in spans)]
+        if jobs:
+            db.set_multiple_results(jobs, WorkResult(output="equivalent: inside an annotation",
+                                                     worker_outcome=WorkerOutcome.SKIPPED))
+    return len(jobs)
+
+
 def scores(session: Path) -> tuple[int, int, int, list[str]]:
     """(killed, survived, not run: timed out or incompetent, survivor job ids); mutants
     outside the target's functions (skipped by the line filter) are not counted."""
@@ -131,6 +166,8 @@ def run(t: Target, scratch: Path, env: dict[str, str]) -> str:
 
     cr("cosmic-ray", "init", str(cfg), str(session))
     cr("cr-filter-lines", "--config", str(cfg), str(session))
+    print(f"   {skip_annotations(session, scratch / t.module)} mutants inside annotations skipped (equivalent)",
+          flush=True)
     cr("cosmic-ray", "baseline", str(cfg))
     cr("cosmic-ray", "exec", str(cfg), str(session))
     killed, survived, other, _ = scores(session)
