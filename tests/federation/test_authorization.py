@@ -131,3 +131,38 @@ def test_two_concurrent_joins_with_one_token_join_one_cluster(
             assert "invalid join token" in str(r), (n, r)
     with fed.client(pki.admin_dir) as admin:
         assert [c.name for c in admin.list_clusters()] == joined
+
+
+def test_a_workload_without_a_client_certificate_is_unauthenticated(fed: FederationProcess, pki: Pki) -> None:
+    """The mTLS port refuses such a caller in the handshake; the join port lets it in (for
+    Join with a token), where every other call is UNAUTHENTICATED and says which
+    certificate to bring."""
+    from federation.proto import federation_pb2 as pb
+    from federation.proto import federation_pb2_grpc as pb_grpc
+
+    creds = grpc.ssl_channel_credentials((pki.admin_dir / "bundle.pem").read_bytes())
+    with grpc.secure_channel(fed.join_address, creds) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.FederationStub(ch).ListClusters(pb.ListClustersRequest(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value  # type: ignore[attr-defined]
+    assert "no client certificate" in e.value.details()  # type: ignore[attr-defined]
+
+
+def test_a_workload_agent_and_admin_each_write_only_what_they_may(
+        fed: FederationProcess, pki: Pki, east: JoinedCluster, tmp_path: Path) -> None:
+    """east's agent writes east's records, never west's; an admin writes anyone's; the
+    cluster name must be given; only admins create tokens."""
+    west = join_cluster(fed, pki, "west", tmp_path)
+    west_svc = SVC.model_copy(update={"cluster": "west"})
+    with fed.client(east.agent_dir) as agent:
+        details = _refused(lambda: agent.publish("west", [west_svc]))
+        assert "may not write cluster 'west'" in details
+        _refused(lambda: agent.heartbeat("west"))
+        _refused(lambda: agent.publish("", [SVC]), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "admins only" in _refused(lambda: agent.create_token(600, "north"))
+        assert agent.publish("east", [SVC]).revision > 0
+    with fed.client(west.agent_dir) as w:
+        assert w.publish("west", [west_svc]).revision > 0
+    with fed.client(pki.admin_dir) as admin:
+        assert admin.withdraw("west", "shop", "cart") == 1  # an admin may write for any cluster
+        assert [(s.cluster, s.name) for s in admin.list_services()] == [("east", "cart")]
