@@ -281,6 +281,17 @@ def test_string_match_forms(pattern: str, value: str, expected: bool) -> None:
     assert m(None) is False
 
 
+@pytest.mark.parametrize("n, listed", [
+    (5, "a0, a1, a2, a3, a4"), (6, "a0, a1, a2, a3, a4, ..."), (1, "a0")])
+def test_a_default_deny_names_at_most_five_allow_policies(n: int, listed: str) -> None:
+    ps = PolicySet([AuthorizationPolicy.model_validate(
+        {"name": f"a{i}", "selector": {"namespace": "shop"},
+         "rules": [{"from": [{"principals": [f"spiffe://east.isthmus.local/ns/x{i}/*"]}]}]}) for i in range(n)])
+    d = ps.evaluate(req(EAST_WEB, "shop/cart"))
+    assert (d.allowed, d.action, d.policy) == (False, "DENY", None)
+    assert d.reason == f"no ALLOW policy matched (ALLOW policies selecting shop/cart: {listed})"
+
+
 def test_many_policies_decide_by_the_selecting_ones() -> None:
     """200 policies, 20 selecting shop/*: each request gets the decision of the policy
     that names it, whatever the other 199 say. (How long a decision takes is
