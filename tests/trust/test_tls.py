@@ -457,3 +457,20 @@ def test_an_intermediate_without_ski_is_matched_by_its_key(root: trust.TrustDir,
     root.revoke_cluster("east")
     rev = trust.Revocations.from_crl(root.crl_pem(), [bare], root.bundle())
     assert rev.is_revoked(_cert(east, [workload("east")]))
+
+
+def test_a_crl_whose_issuer_is_not_the_roots_name_is_refused(root: trust.TrustDir, east: trust.ClusterCA) -> None:
+    """Signed with the root's key but naming another issuer: RFC 5280 wants the CRL's
+    issuer to be the certificate that signed it, so this is refused too."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the root")]))
+           .last_update(now).next_update(now + dt.timedelta(days=1))
+           .sign(root.root_key, hashes.SHA256()))
+    with pytest.raises(trust.TrustError, match="^invalid CRL"):
+        trust.Revocations.from_crl(crl.public_bytes(serialization.Encoding.PEM), [east.cert], root.bundle())
