@@ -158,6 +158,7 @@ def test_a_workload_agent_and_admin_each_write_only_what_they_may(
         details = _refused(lambda: agent.publish("west", [west_svc]))
         assert "may not write cluster 'west'" in details
         _refused(lambda: agent.heartbeat("west"))
+        _refused(lambda: agent.heartbeat("central"))  # names before and after "east" alike
         _refused(lambda: agent.publish("", [SVC]), grpc.StatusCode.INVALID_ARGUMENT)
         assert "admins only" in _refused(lambda: agent.create_token(600, "north"))
         assert agent.publish("east", [SVC]).revision > 0
