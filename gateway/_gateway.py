@@ -173,7 +173,7 @@ class Gateway:
     def _build(self, snap: Snapshot, source: str) -> ConfigState:
         return build_state(snap, source, cluster=self.cluster, dns_suffix=self.cfg.dns_suffix,
                            crl_file=self.cfg.tls.crl_file, authz=self.authz,
-                           previous=self.state)
+                           previous=self.state, bundle_file=self.cfg.tls.bundle_file)
 
     def apply_snapshot(self, snap: Snapshot, source: str = "federation") -> bool:
         """Build the state of ``snap`` on this thread and swap it in; False if rejected.

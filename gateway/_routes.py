@@ -114,7 +114,8 @@ class RouteTable:
 def split_authority(authority: str) -> tuple[str, int | None]:
     """``host[:port]`` -> (lowercase host without a trailing dot, port or None)."""
     host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit() or "]" in port:
+    # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses) and "١٢"
+    if not sep or not (port.isascii() and port.isdigit()):
         host, port = authority, ""
     host = host.lower().rstrip(".")
     return host, (int(port) if port else None)

@@ -88,17 +88,18 @@ def empty_state(cluster: str, dns_suffix: str, authz: Authz) -> ConfigState:
 
 
 def build_state(snap: Snapshot, source: str, *, cluster: str, dns_suffix: str,
-                crl_file: Path | None, authz: Authz, previous: ConfigState) -> ConfigState:
+                crl_file: Path | None, authz: Authz, previous: ConfigState,
+                bundle_file: Path | None = None) -> ConfigState:
     """The state of ``snap`` for ``cluster``'s gateway (pure; safe in a worker thread).
 
     Raises :class:`~gateway._errors.SnapshotRejected` if the snapshot cannot be built.
     """
     routes = build_routes(snap, cluster, dns_suffix)
     return ConfigState(snap.revision, source, snap, routes, authz.compile(snap),
-                       _revocations(snap, crl_file, previous.revocations), time.time())
+                       _revocations(snap, crl_file, bundle_file, previous.revocations), time.time())
 
 
-def _revocations(snap: Snapshot, crl_file: Path | None,
+def _revocations(snap: Snapshot, crl_file: Path | None, bundle_file: Path | None,
                  previous: trust.Revocations) -> trust.Revocations:
     crl = snap.crl_pem.encode() if snap.crl_pem else b""
     if not crl and crl_file is not None and crl_file.exists():
@@ -114,7 +115,10 @@ def _revocations(snap: Snapshot, crl_file: Path | None,
             except ValueError:
                 log.warning("config.bad_cluster_ca", cluster=c.name)
     try:
-        return trust.Revocations.from_crl(crl or None, intermediates)
+        # Only a CRL signed by a root our TLS trusts (the bundle file) counts; a bad one
+        # is refused and the last good revocations stay.
+        roots = trust.load_certs(bundle_file, "trust bundle") if crl and bundle_file is not None else None
+        return trust.Revocations.from_crl(crl or None, intermediates, roots)
     except trust.TrustError as exc:
         log.warning("config.bad_crl", error=str(exc))
         return previous

@@ -14,28 +14,46 @@ Topology, for clusters c1..cN (stable: tests and ``isthmus demo`` rely on it)::
     through its cluster's gateway, which listens on the WAN address.
 
 198.18.0.0/15 is the RFC 2544 benchmarking range: it never collides with a real network.
-k is the first 198.18.k.0/24 free in the root namespace, so topologies can coexist.
+k is the first 198.18.k.0/24 free in the root namespace and not reserved by another live
+topology (an flock on a lock file per k, held while the topology lives and released by
+the kernel if its process dies), so topologies started at the same moment, in one process
+or several, never share a WAN or each other's links.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._errors import FederationError
 
-def _free_wan_subnet() -> int:
-    """The first k with no 198.18.k.0/24 in the root namespace, so several topologies
-    (a demo and a test run, say) can be up at once."""
+def _lock_dir() -> str:
+    return "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
+
+
+def _reserve_wan_subnet() -> tuple[int, int]:
+    """``(k, fd)``: the first k with no 198.18.k.0/24 in the root namespace whose lock
+    file we could flock, and the open lock file (closing it frees k). The lock makes the
+    choice atomic: two topologies planned at once both see k unused in ``ip addr``, but
+    only one gets its lock."""
     r = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True)
     used = {int(m) for m in re.findall(r"inet 198\.18\.(\d+)\.", r.stdout)}
     for k in range(256):
-        if k not in used:
-            return k
+        if k in used:
+            continue
+        fd = os.open(os.path.join(_lock_dir(), f"isthmus-wan-{k}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return k, fd
     raise NetnsError("every 198.18.k.0/24 is in use: remove leftover demo namespaces (ip netns list)")
 
 
@@ -84,6 +102,7 @@ class Topology:
     clusters: dict[str, ClusterNet] = field(default_factory=dict)
     up: bool = False
     wan_subnet: int = 0  # the k of 198.18.k.0/24
+    _lock_fd: int | None = field(default=None, repr=False)  # holds wan_subnet while we live
 
     @property
     def root_address(self) -> str:
@@ -98,7 +117,8 @@ class Topology:
     def plan(cls, prefix: str, names: Sequence[str], indices: Sequence[int] | None = None) -> Topology:
         """Plan clusters ``names``; cluster ``names[k]`` gets address index ``indices[k]``
         (default k+1), so a cluster keeps its addresses whichever others exist."""
-        t = cls(prefix, wan_subnet=_free_wan_subnet())
+        k, fd = _reserve_wan_subnet()
+        t = cls(prefix, wan_subnet=k, _lock_fd=fd)
         for n, i in zip(names, indices or range(1, len(names) + 1)):
             t.clusters[n] = t._net(n, i)
         return t
@@ -172,6 +192,13 @@ class Topology:
             _ip("netns", "del", c.namespace, check=False)
         _ip("netns", "del", self.wan_ns, check=False)
         self.up = False
+        self.release()
+
+    def release(self) -> None:
+        """Free the WAN subnet for other topologies (teardown does this)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def exec_argv(self, cluster: str, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside ``cluster``'s namespace."""

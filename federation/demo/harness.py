@@ -14,6 +14,7 @@ cluster's namespace, so a call really starts in that cluster.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from ._netns import Topology, netns_available
 CLUSTER_NAMES = ("east", "west", "central", "north", "south")
 TRUST_DOMAIN = "isthmus.local"
 HTTP_PORT, GRPC_PORT, TCP_PORT = 8080, 9090, 9000
+_FEDERATIONS = itertools.count(1)  # numbers each LocalFederation of this process
 
 
 class DemoError(FederationError):
@@ -156,7 +158,9 @@ class LocalFederation:
             raise DemoError(f"network namespaces unavailable: {why_not}")
         self.use_netns = why_not is None
         self.fallback_reason = why_not
-        self.prefix = prefix or f"isd{os.getpid() % 100000}"
+        # Unique among live federations: our pid, and which of this process' federations
+        # this is (a second one must not take the first one's namespaces for leftovers).
+        self.prefix = prefix or f"isd{os.getpid()}-{next(_FEDERATIONS)}"
         self.topology: Topology | None = None
         self.clusters: dict[str, Cluster] = {}
         self.etcd: EmbeddedEtcd | None = None
@@ -380,10 +384,15 @@ class LocalFederation:
                           doc.get("headers") or {})
 
     def http(self, src: str, url: str, host: str | None = None, http2: bool = False, timeout: float = 5.0,
-             method: str = "GET", data: str | None = None) -> CallResult:
+             method: str = "GET", data: str | None = None, cert_dir: Path | None = None,
+             headers: dict[str, str] | None = None) -> CallResult:
         args = ["http", url, "--timeout", str(timeout), "--method", method]
         if host:
             args += ["--host", host]
+        if cert_dir is not None:
+            args += ["--cert-dir", str(cert_dir)]
+        for k, v in (headers or {}).items():
+            args += ["--header", f"{k}:{v}"]
         if http2:
             args.append("--http2")
         if data is not None:

@@ -3,7 +3,7 @@
 The demo and the end-to-end tests run this with ``ip netns exec <ns> python -m
 federation.demo.probe ...`` so a call really originates inside a cluster.
 
-    probe http URL [--host H] [--http2] [--method M] [--data TEXT] [--header K:V ...]
+    probe http URL [--host H] [--http2] [--method M] [--data TEXT] [--header K:V ...] [--cert-dir D]
     probe grpc TARGET --authority A [--name N] [--timeout S] [--stream N]
     probe tcp HOST:PORT [--data TEXT]
 """
@@ -24,8 +24,14 @@ def _http(a: argparse.Namespace) -> dict[str, Any]:
     headers = dict(h.split(":", 1) for h in a.header)
     if a.host:
         headers["host"] = a.host
+    verify: Any = True
+    if a.cert_dir:  # an https URL, as the workload whose SVID is in cert.pem/key.pem/bundle.pem
+        import trust
+
+        d = a.cert_dir.rstrip("/")
+        verify = trust.client_context(f"{d}/bundle.pem", f"{d}/cert.pem", f"{d}/key.pem", alpn=None)
     t0 = time.perf_counter()
-    with httpx.Client(http1=not a.http2, http2=a.http2, timeout=a.timeout) as c:
+    with httpx.Client(http1=not a.http2, http2=a.http2, timeout=a.timeout, verify=verify) as c:
         r = c.request(a.method, a.url, headers=headers, content=a.data.encode() if a.data else None)
     return {
         "ok": 200 <= r.status_code < 300,
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--method", default="GET")
     h.add_argument("--data")
     h.add_argument("--header", action="append", default=[])
+    h.add_argument("--cert-dir", help="call over mTLS with the SVID in this folder")
     h.add_argument("--timeout", type=float, default=5.0)
     g = sub.add_parser("grpc")
     g.add_argument("target")

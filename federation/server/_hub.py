@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import structlog
+from cryptography import x509
 
 import trust
 
@@ -329,14 +330,17 @@ class Hub:
         if rev == self.config_revision:
             return cached
         crl = self.records.get(self.keys.k("trust", "crl"))
+        bundle = self.records.get(self.keys.k("trust", "bundle"))
         p = self.keys.family("clusters/")
         # The previous CAs of re-joined clusters too: their serials are in the CRL.
         cas = [c for k, r in self.records.items() if k.startswith(p) for c in r.certs]
         try:
-            revs = trust.Revocations.from_crl(crl.value.encode() if crl is not None else None, cas)
-        except trust.TrustError as exc:  # validated when read: cannot happen; keep the last good
-            log.error("hub.revocations_failed", error=str(exc))
-            return cached
+            # The CRL counts only if a root of the published bundle signed it.
+            roots = x509.load_pem_x509_certificates(bundle.value.encode()) if bundle is not None else []
+            revs = trust.Revocations.from_crl(crl.value.encode() if crl is not None else None, cas, roots)
+        except (trust.TrustError, ValueError) as exc:
+            log.error("hub.bad_crl", error=str(exc), revision=self.config_revision)
+            return cached  # refused: the last good revocations stay
         self._revocations = (self.config_revision, revs)
         return revs
 

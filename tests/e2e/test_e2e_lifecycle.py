@@ -13,6 +13,8 @@ from federation.demo.harness import LocalFederation
 
 from .conftest import logs_of
 
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
 
 def test_withdrawing_an_export_removes_the_route_everywhere(federation: LocalFederation) -> None:
     lf = federation

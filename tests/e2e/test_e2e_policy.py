@@ -8,9 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from federation.demo.harness import LocalFederation
 
 from .conftest import logs_of
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 POLICIES = """\
 kind: AuthorizationPolicy

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from federation.demo.harness import LocalFederation
 
 from .conftest import logs_of
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
 def test_traffic_flows_with_etcd_then_federation_down_and_a_restart_serves_last_good(fresh_federation: LocalFederation) -> None:

@@ -112,3 +112,141 @@ def test_relist_broadcasts_the_difference_as_one_delta(etcd) -> None:  # type: i
         await w.aclose()
 
     asyncio.run(_with_hub(etcd.endpoint, body))
+
+
+class _Cable:
+    """A TCP forwarder in front of etcd that the test can cut (every connection closed,
+    new ones refused) and reconnect: the hub loses etcd while the test, on its own
+    connection, keeps writing."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.cut_off = False
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            w.close()
+            return
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers |= {w, uw}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    def cut(self) -> None:
+        self.cut_off = True
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+
+    def reconnect(self) -> None:
+        self.cut_off = False
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_real_compaction_while_the_hub_is_away_relists_and_a_live_watcher_misses_nothing(etcd) -> None:  # type: ignore[no-untyped-def]
+    """The hub loses etcd; meanwhile a key is created, one changed, one deleted, and etcd
+    compacts past the hub's revision. Back, the hub's resume is refused as compacted: it
+    re-lists and sends its live watcher exactly the difference, as one delta."""
+    key = b"/isthmus/exports/east/default/%s"
+
+    async def main() -> None:
+        cable = _Cable(int(etcd.endpoint.rsplit(":", 1)[1]))
+        port = await cable.start()
+        async with Etcd(etcd.endpoint) as direct, Etcd(f"http://127.0.0.1:{port}") as via_cable:
+            hub = Hub(via_cable, Keys("/isthmus/"))
+            task = asyncio.create_task(hub.run())
+            try:
+                await asyncio.wait_for(hub.ready.wait(), 10)
+                await direct.put(key % b"a", svc_json("a"))
+                await direct.put(key % b"b", svc_json("b"))
+                w = hub.watch()
+                seen: set[str] = set()
+                while seen != {"east/default/a", "east/default/b"}:  # both reached the watcher
+                    ev = await asyncio.wait_for(w.__anext__(), 10)
+                    if ev.is_snapshot:
+                        seen = {f"east/default/{s['name']}" for s in json.loads(ev.snapshot_json)["services"]}
+                    else:
+                        seen |= {c.key for c in ev.changes}
+                before = hub.revision
+
+                cable.cut()
+                await direct.put(key % b"c", svc_json("c"))  # created while away
+                await direct.put(key % b"b", svc_json("b", 8080))  # changed
+                await direct.txn([], [Etcd.op_delete(key % b"a")], [])  # deleted
+                last = (await direct.put(b"/isthmus/meta/x", b"")).header.revision
+                await direct.compact(last)
+                assert hub.revision == before  # the hub saw none of it
+                cable.reconnect()
+
+                ev = await asyncio.wait_for(w.__anext__(), 30)
+                assert not ev.is_snapshot
+                assert sorted((c.key, c.deleted) for c in ev.changes) == [
+                    ("east/default/a", True), ("east/default/b", False), ("east/default/c", False)]
+                (b,) = [c for c in ev.changes if c.key == "east/default/b"]
+                assert json.loads(b.json)["ports"] == [{"port": 8080}]
+                assert hub.stats.relists == 1 and hub.revision >= last
+                # and the watch goes on: the next write arrives as an ordinary delta
+                await direct.put(key % b"d", svc_json("d"))
+                ev = await asyncio.wait_for(w.__anext__(), 10)
+                assert [c.key for c in ev.changes] == ["east/default/d"]
+                await w.aclose()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                cable.close()
+
+    asyncio.run(main())
+
+
+def test_a_crl_not_signed_by_a_root_of_the_bundle_is_refused_and_logged(etcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A CRL in etcd that no root of the published bundle signed (a stranger's root with
+    our root's name, "un-revoking" east) is refused: east stays revoked, and it is logged."""
+    import structlog
+    from cryptography.hazmat.primitives import serialization
+
+    import trust
+    from federation.models import ClusterRecord
+
+    root = trust.TrustDir(tmp_path / "root")
+    root.init("isthmus.local")
+    east = root.issue_cluster("east")
+    leaf = trust.load_cert(east.issue(trust.workload_id("east.isthmus.local", "shop", "cart"), tmp_path / "leaf").cert)
+    root.revoke_cluster("east")
+    stranger = trust.TrustDir(tmp_path / "stranger")
+    stranger.init("isthmus.local")
+    forged = trust.build_crl(stranger.root_cert, stranger.root_key, []).public_bytes(serialization.Encoding.PEM)
+
+    async def body(e: Etcd, hub: Hub) -> None:
+        record = ClusterRecord(name="east", trust_domain="east.isthmus.local",
+                               ca_cert_pem=(east.path / "ca.crt").read_text())
+        await e.put(hub.keys.cluster("east"), record.model_dump_json().encode())
+        await e.put(hub.keys.k("trust", "bundle"), json.dumps({"pem": root.bundle_pem().decode()}).encode())
+        await e.put(hub.keys.k("trust", "crl"), json.dumps({"pem": root.crl_pem().decode()}).encode())
+        assert await hub.catch_up()
+        assert hub.revocations().is_revoked(leaf)  # the real CRL counts
+        await e.put(hub.keys.k("trust", "crl"), json.dumps({"pem": forged.decode()}).encode())
+        assert await hub.catch_up()
+        with structlog.testing.capture_logs() as logs:
+            assert hub.revocations().is_revoked(leaf)  # the forgery does not
+        assert [x["event"] for x in logs] == ["hub.bad_crl"], logs
+        assert "does not verify against any root" in logs[0]["error"]
+
+    asyncio.run(_with_hub(etcd.endpoint, body))

@@ -425,3 +425,39 @@ async def test_extra_hook_runs_after_policies(pki: Pki, nursery: trio.Nursery, t
         for g in m.gws.values():
             g.stop()
         server.stop(0)
+
+
+# ---------------------------------------------------------------- source.cluster
+
+
+async def test_source_cluster_comes_from_the_peer_certificate_even_without_an_identity(mesh3: Mesh3) -> None:
+    """A plain-text workload's call carries no identity; its cluster is still known,
+    from the peer gateway's verified certificate."""
+    only_east = AuthorizationPolicy(name="only-east", selector=SEL_WEB,
+                                    rules=(Rule(from_=(RuleFrom(clusters=("east",)),)),))
+    mesh3.apply(2, (only_east,))
+    resp, body = await mesh3.call("east", None)
+    assert resp[b":status"] == b"200", body
+    resp, body = await mesh3.call("central", None)
+    assert resp[b":status"] == b"403", body
+
+
+def test_source_cluster_is_the_peers_not_the_asserted_identitys() -> None:
+    """The policy engine is handed the peer's cluster even when the asserted identity
+    names another one (the inbound check refuses that pairing before; this pins that
+    the decision itself never derives the cluster from the identity)."""
+    from federation.jwt import JwksStore
+    from gateway._authz import PolicyState
+    from gateway._proxy import RequestAttrs
+
+    only_east = AuthorizationPolicy(name="only-east", selector=SEL_WEB,
+                                    rules=(Rule(from_=(RuleFrom(clusters=("east",)),)),))
+    ps = PolicyState(Snapshot(revision=1, policies=(only_east,)), JwksStore())
+
+    def decide(peer: str, identity: str) -> bool:
+        return ps(RequestAttrs(peer, f"spiffe://{peer}.isthmus.local/ns/isthmus-system/sa/isthmus-gateway",
+                               identity, "default", "web", 8080, "GET", "/")).allow
+
+    assert decide("east", wl("central", "shop", "cart"))
+    assert not decide("central", wl("east", "shop", "cart"))
+    assert decide("east", "")

@@ -69,8 +69,42 @@ def test_build_routes_naming_scheme() -> None:
     assert t.trust_domains() == {"west.isthmus.local", "north.isthmus.local"}
 
 
-def test_build_routes_is_pure_and_deterministic() -> None:
-    assert build_routes(_snap(), "east") == build_routes(_snap(), "east")
+def _names(*forms: str, ports: tuple[int | None, ...]) -> set[tuple[str, int | None]]:
+    return {(f, p) for f in forms for p in ports}
+
+
+def _mirrors(m: str) -> tuple[str, ...]:
+    return (f"{m}.shop.svc.cluster.local", f"{m}.shop.svc", f"{m}.shop")
+
+
+def test_build_routes_answers_exactly_the_exported_names_and_where_they_lead() -> None:
+    t = build_routes(_snap(), "east")
+    assert set(t.outbound) == (
+        _names("cart.shop.west.isthmus.local", *_mirrors("cart--west"), ports=(80, 9090, None))
+        | _names("cart.shop.north.isthmus.local", *_mirrors("cart--north"), ports=(80, None))
+        | _names("cart.shop.isthmus.local", *_mirrors("cart--isthmus"), ports=(80, 9090, None))
+    )  # nothing of the revoked cluster, nothing not exported to east, nothing of east's own
+    for (host, port), r in t.outbound.items():
+        want_port = 80 if port is None else port
+        assert (r.namespace, r.service, r.port) == ("shop", "cart", want_port), (host, port)
+        assert r.authority == f"cart.shop.svc.cluster.local:{want_port}"
+        assert r.protocol == ("GRPC" if want_port == 9090 else "HTTP")
+        source = next((c for c in ("west", "north") if host.startswith((f"cart.shop.{c}.", f"cart--{c}."))), "isthmus")
+        want = {"west": ["west"], "north": ["north"], "isthmus": ["north", "west"] if want_port == 80 else ["west"]}
+        assert [c.name for c in r.clusters] == want[source], (host, port)
+    assert {c.name: c.addresses for c in t.outbound[("cart.shop.isthmus.local", None)].clusters} == {
+        "north": ("10.0.0.3:15443",), "west": ("10.0.0.2:15443",)}
+    assert set(t.inbound) == {("pay.shop.svc.cluster.local", 8443), ("pay.shop.svc.cluster.local", None)}
+    assert {td: p.name for td, p in t.peers_by_td.items()} == {"west.isthmus.local": "west", "north.isthmus.local": "north"}
+
+
+def test_build_routes_does_not_depend_on_snapshot_order() -> None:
+    """The same records in another order give the same table, spread order included."""
+    snap = _snap()
+    shuffled = snap.model_copy(update={"clusters": snap.clusters[::-1], "services": snap.services[::-1]})
+    a, b = build_routes(snap, "east"), build_routes(shuffled, "east")
+    assert a == b
+    assert [c.name for c in b.outbound_route("cart.shop.isthmus.local").clusters] == ["north", "west"]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -7,6 +7,7 @@ import shutil
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import httpx
 import pytest
@@ -52,17 +53,43 @@ async def test_max_concurrent_streams_is_advertised_and_enforced(mesh: Mesh, nur
     gw.apply_snapshot(mesh.snapshot())
     stream, conn = await _h2_open(gw.ports["outbound"])
     # A client that ignores the limit: three streams before reading the server's SETTINGS.
-    hdrs = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/echo"), (b":authority", WEB.encode())]
+    hdrs = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/echo"), (b":authority", WEB.encode())]
+    ids = []
     for _ in range(3):
-        conn.send_headers(conn.get_next_available_stream_id(), hdrs)
+        ids.append(conn.get_next_available_stream_id())
+        conn.send_headers(ids[-1], hdrs, end_stream=True)
     await stream.send_all(conn.data_to_send())
-    resets = []
-    with trio.fail_after(3):
-        while not resets:
-            events = conn.receive_data(await stream.receive_some(65536))
-            resets = [e for e in events if isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated))]
+    resets: dict[int, h2.errors.ErrorCodes] = {}
+    statuses: dict[int, bytes] = {}
+    ended: set[int] = set()
+    with trio.fail_after(10):
+        while len(resets) + len(ended) < 3:
+            data = await stream.receive_some(65536)
+            assert data, "the gateway closed the connection"
+            for e in conn.receive_data(data):
+                assert not isinstance(e, h2.events.ConnectionTerminated), e  # only the stream is refused
+                if isinstance(e, h2.events.StreamReset):
+                    resets[e.stream_id] = e.error_code
+                elif isinstance(e, h2.events.ResponseReceived):
+                    statuses[e.stream_id] = dict(e.headers)[b":status"]
+                elif isinstance(e, h2.events.StreamEnded):
+                    ended.add(e.stream_id)
+            await stream.send_all(conn.data_to_send())
     assert conn.remote_settings.max_concurrent_streams == 2
-    assert resets[0].error_code in (h2.errors.ErrorCodes.REFUSED_STREAM, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    # the stream over the limit is refused (safe to retry), the others are served
+    assert resets == {ids[2]: h2.errors.ErrorCodes.REFUSED_STREAM}, resets
+    assert ended == set(ids[:2]) and statuses == {ids[0]: b"200", ids[1]: b"200"}, (ended, statuses)
+    # and the connection still carries a new stream
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, hdrs, end_stream=True)
+    await stream.send_all(conn.data_to_send())
+    with trio.fail_after(10):
+        while sid not in ended:
+            for e in conn.receive_data(await stream.receive_some(65536)):
+                assert not isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset)), e
+                if isinstance(e, h2.events.StreamEnded):
+                    ended.add(e.stream_id)
+            await stream.send_all(conn.data_to_send())
     await stream.aclose()
     gw.stop()
 

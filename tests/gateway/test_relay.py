@@ -7,7 +7,7 @@ import h2.config
 import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import gateway
@@ -185,8 +185,16 @@ def test_traceparent_always_yields_a_valid_header(incoming: bytes) -> None:
     assert parts[1].decode() == trace and trace != "0" * 32
 
 
-@given(st.text(max_size=60))
-def test_split_authority_never_raises(value: str) -> None:
+@given(st.text(max_size=60) | st.from_regex(r"\A[A-Za-z.\[\]:]{0,20}:[0-9²١]{0,6}\Z"))
+@example("a:²")
+@example("a:١٢")
+@example("[::1]:8080")
+@example("Host.:80")
+@example("host:")
+def test_split_authority_never_raises_and_splits_at_a_decimal_port(value: str) -> None:
     host, port = gateway.split_authority(value)
-    assert port is None or 0 <= port
-    assert host == host.lower()
+    head, sep, tail = value.rpartition(":")
+    if sep and tail and tail.isascii() and tail.isdigit():
+        assert port == int(tail) and host == head.lower().rstrip(".")
+    else:  # no port: the whole value is the host
+        assert port is None and host == value.lower().rstrip(".")

@@ -141,8 +141,9 @@ async def test_gateway_processes_follow_federation_and_serve_last_good_config_wh
                     break
                 await trio.sleep(0.2)
 
-        # Federation (and etcd) down, east restarted: it serves the last good config.
+        # Federation and etcd down, east restarted: it serves the last good config.
         fed.stop()
+        etcd.stop()
         east.stop()
         east.start()
         await east.wait_ready()

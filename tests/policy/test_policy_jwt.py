@@ -91,6 +91,16 @@ def test_small_clock_skew_is_tolerated(clock: Clock, ec_key: ECKey) -> None:
     assert not v.validate(bearer(sign(ec_key, claims(exp=int(NOW) - 30)))).ok
 
 
+def test_default_leeway_is_sixty_seconds(clock: Clock, ec_key: ECKey) -> None:
+    """The README's 60 s, with no leeway passed (what the gateway's validators use)."""
+    v = inline_validator(clock, ec_key)
+    assert v.leeway == 60
+    assert v.validate(bearer(sign(ec_key, claims(exp=int(NOW) - 59)))).ok
+    assert not v.validate(bearer(sign(ec_key, claims(exp=int(NOW) - 61)))).ok
+    assert v.validate(bearer(sign(ec_key, claims(nbf=int(NOW) + 59)))).ok
+    assert not v.validate(bearer(sign(ec_key, claims(nbf=int(NOW) + 61)))).ok
+
+
 def test_audience_list_and_unset_audiences(clock: Clock, ec_key: ECKey) -> None:
     v = inline_validator(clock, ec_key)
     assert v.validate(bearer(sign(ec_key, claims(aud=["x", "shop-api"])))).ok

@@ -6,10 +6,10 @@ import fnmatch
 import random
 
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from federation.models import AuthorizationPolicy, JwtClaimMatch, Rule, RuleFrom, RuleTo, Selector
+from federation.models import AuthorizationPolicy, JwtClaimMatch, RequestAuthentication, Rule, RuleFrom, RuleTo, Selector
 from federation.policy import PolicyFileError, PolicySet, RequestAttributes, StringMatcher, load_policies
 
 from ._helpers import CLUSTERS, spiffe
@@ -187,11 +187,23 @@ def test_loader_never_crashes_on_structured_yaml(docs: list[object]) -> None:
 
 
 @given(st.text(max_size=200))
-def test_loader_never_crashes_on_random_text(text: str) -> None:
+@example("kind: [")
+@example("just words")
+@example("kind: AuthorizationPolicy\nname: p1")
+@example("")
+def test_loader_on_random_text_returns_policies_or_a_located_error(text: str) -> None:
+    """Any text: either a list of policies (that round-trips through the writer) or a
+    PolicyFileError naming the source and what is wrong; never another exception."""
     try:
-        load_policies(text + "\n")
-    except PolicyFileError:
-        pass
+        got = load_policies(text + "\n")
+    except PolicyFileError as exc:
+        msg = str(exc)
+        assert msg.startswith("invalid policy file: <text>"), msg
+        assert msg.rstrip(":") != "invalid policy file: <text>"  # it says what is wrong
+    else:
+        assert all(isinstance(p, (AuthorizationPolicy, RequestAuthentication)) for p in got), got
+        assert load_policies(yaml.safe_dump_all([p.model_dump(mode="json", by_alias=True) for p in got])
+                             + "\n") == got
 
 
 @given(st.lists(policies(), max_size=4, unique_by=lambda p: p.name))

@@ -127,7 +127,9 @@ def test_cluster_ca_profile(root: trust.TrustDir, east: trust.ClusterCA) -> None
 
 
 def test_leaf_is_an_x509_svid(root: trust.TrustDir, east: trust.ClusterCA, tmp_path: Path) -> None:
+    before = dt.datetime.now(dt.timezone.utc)
     files = east.issue(workload("east"), tmp_path / "o", dns_names=["web.default.svc"], validity=3600)
+    after = dt.datetime.now(dt.timezone.utc)
     assert _mode(files.key) == 0o600
     chain = trust.load_certs(files.cert)
     leaf = chain[0]
@@ -138,8 +140,10 @@ def test_leaf_is_an_x509_svid(root: trust.TrustDir, east: trust.ClusterCA, tmp_p
     assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
-    now = dt.datetime.now(dt.timezone.utc)
-    assert leaf.not_valid_before_utc < now - dt.timedelta(minutes=1)  # back-dated for skew
+    # back-dated 5 minutes for clock skew, as the README promises (X.509 keeps whole seconds)
+    skew = dt.timedelta(minutes=5)
+    assert (before - skew).replace(microsecond=0) <= leaf.not_valid_before_utc <= after - skew
+    assert (before + dt.timedelta(hours=1)).replace(microsecond=0) <= leaf.not_valid_after_utc <= after + dt.timedelta(hours=1)
     # Independent parser
     svid = X509Svid.parse(files.cert.read_bytes(), files.key.read_bytes())
     assert str(svid.spiffe_id) == workload("east")

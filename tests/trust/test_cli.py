@@ -120,10 +120,15 @@ def test_show_garbage_file(tmp_path: Path) -> None:
 
 
 def test_console_script_runs(tmp_path: Path) -> None:
-    """The installed `isthmus` entry point, as a real process."""
-    p = subprocess.run([sys.executable, "-m", "federation.cli", "trust", "init", "--dir", str(tmp_path / "r"),
+    """The installed `isthmus` entry point (the console script pip wrote into this
+    environment's scripts folder), as a real process."""
+    import sysconfig
+
+    exe = Path(sysconfig.get_path("scripts")) / "isthmus"
+    assert exe.is_file(), f"{exe}: the isthmus console script is not installed (pip install -e .)"
+    p = subprocess.run([str(exe), "trust", "init", "--dir", str(tmp_path / "r"),
                         "--trust-domain", "isthmus.local"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "federation.cli", "trust", "issue-cluster", "Bad_Name", "--dir", str(tmp_path / "r")],
+    p = subprocess.run([str(exe), "trust", "issue-cluster", "Bad_Name", "--dir", str(tmp_path / "r")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "lowercase RFC 1123 label" in p.stderr

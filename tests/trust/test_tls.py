@@ -137,6 +137,9 @@ def refused(srv: Server, ctx: ssl.SSLContext) -> object:
     return srv.results[0]
 
 
+X509_V_ERR_PERMITTED_VIOLATION = 47  # OpenSSL's x509_vfy.h
+
+
 def test_name_constraint_bites_in_handshake(root: trust.TrustDir, east: trust.ClusterCA, west: trust.ClusterCA, tmp_path: Path) -> None:
     """east's CA key signs a west identity: OpenSSL fails the handshake."""
     s = files(west, workload("west", "a", "server"), tmp_path / "s")
@@ -150,8 +153,10 @@ def test_name_constraint_bites_in_handshake(root: trust.TrustDir, east: trust.Cl
     srv = Server(server_ctx(s), trust.PeerPolicy())
     try:
         result = refused(srv, ctx)
-        assert isinstance(result, ssl.SSLError)
-        assert "permitted subtree violation" in str(result) or "certificate verify failed" in str(result)
+        # the reason is the name constraint, not any other verification failure
+        assert isinstance(result, ssl.SSLCertVerificationError), result
+        assert result.verify_code == X509_V_ERR_PERMITTED_VIOLATION, (result.verify_code, result.verify_message)
+        assert result.verify_message == "permitted subtree violation"
     finally:
         srv.close()
 
@@ -190,6 +195,36 @@ def test_expired_leaf_rejected(tmp_path: Path) -> None:
         srv.close()
     with pytest.raises(trust.PeerRejected, match="expired"):
         trust.verify_peer(old)
+
+
+def test_a_ca_certificate_is_refused_as_a_leaf(east: trust.ClusterCA) -> None:
+    """A certificate with CA:true is never a workload's SVID, even one that would pass
+    every other check (valid, one SPIFFE URI SAN in an allowed trust domain)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = trust.generate_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    uri = workload("east")
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([])).issuer_name(east.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .sign(east.key, hashes.SHA256()))
+    policy = trust.PeerPolicy(trust_domains=frozenset({"east.isthmus.local"}))
+    with pytest.raises(trust.PeerRejected, match="^invalid X509-SVID: leaf certificate is a CA$"):
+        trust.verify_peer(cert, policy)
+    # the same, but CA:false, is accepted: the CA bit alone is what was refused
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([])).issuer_name(east.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .sign(east.key, hashes.SHA256()))
+    assert str(trust.verify_peer(leaf, policy)) == uri
 
 
 def test_leaf_with_two_uri_sans_rejected(east: trust.ClusterCA) -> None:
@@ -298,3 +333,144 @@ def test_bad_bundle_and_mismatched_key(east: trust.ClusterCA, west: trust.Cluste
         trust.client_context(garbage)
     with pytest.raises(trust.BadFile, match="not found"):
         trust.client_context(tmp_path / "missing.pem")
+
+
+# -- verify_peer and Revocations on their own (no handshake): every branch pinned ------------
+
+def _cert(issuer: trust.ClusterCA, uris: list[str], *, ca: bool = False, ski: bool = True, aki: bool = True,
+          not_after: dt.datetime | None = None):  # type: ignore[no-untyped-def]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = trust.generate_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(issuer.cert.subject)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=1))
+         .not_valid_after(not_after or now + dt.timedelta(hours=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if uris:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=True)
+    if ski:
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    if aki:
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.cert.public_key()),  # type: ignore[arg-type]
+                            critical=False)
+    return b.sign(issuer.key, hashes.SHA256())
+
+
+def test_verify_peer_takes_der_a_certificate_or_nothing(east: trust.ClusterCA) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = _cert(east, [workload("east")])
+    assert str(trust.verify_peer(leaf)) == workload("east")
+    assert str(trust.verify_peer(leaf.public_bytes(serialization.Encoding.DER))) == workload("east")
+    with pytest.raises(trust.PeerRejected, match="^invalid X509-SVID: the peer presented no certificate$"):
+        trust.verify_peer(None)
+
+
+def test_verify_peer_expiry_is_exclusive_at_not_after(east: trust.ClusterCA) -> None:
+    leaf = _cert(east, [workload("east")])
+    end = leaf.not_valid_after_utc
+    assert trust.verify_peer(leaf, now=end - dt.timedelta(seconds=1))
+    with pytest.raises(trust.PeerRejected, match="^invalid X509-SVID: expired at "):
+        trust.verify_peer(leaf, now=end)
+
+
+@pytest.mark.parametrize("uris, found", [([], 0), (["spiffe://east.isthmus.local/ns/a/sa/b", "spiffe://east.isthmus.local/ns/c/sa/d"], 2)])
+def test_verify_peer_wants_exactly_one_uri_san(east: trust.ClusterCA, uris: list[str], found: int) -> None:
+    with pytest.raises(trust.PeerRejected, match=f"^invalid X509-SVID: expected exactly one URI SAN, found {found}$"):
+        trust.verify_peer(_cert(east, uris))
+
+
+def test_verify_peer_refuses_a_uri_that_is_no_spiffe_id(east: trust.ClusterCA) -> None:
+    with pytest.raises(trust.PeerRejected, match="^invalid X509-SVID: "):
+        trust.verify_peer(_cert(east, ["https://east.isthmus.local/x"]))
+
+
+def test_verify_peer_policy_trust_domains_revocations_and_ids(root: trust.TrustDir, east: trust.ClusterCA) -> None:
+    leaf = _cert(east, [workload("east")])
+    ok = trust.PeerPolicy(trust_domains=frozenset({"east.isthmus.local"}), ids=lambda sid: sid.path.startswith("/ns/"))
+    assert str(trust.verify_peer(leaf, ok)) == workload("east")
+    with pytest.raises(trust.PeerRejected, match="trust domain 'east.isthmus.local' is not allowed here"):
+        trust.verify_peer(leaf, trust.PeerPolicy(trust_domains=frozenset({"west.isthmus.local"})))
+    with pytest.raises(trust.PeerRejected, match="identity not allowed on this listener"):
+        trust.verify_peer(leaf, trust.PeerPolicy(ids=lambda sid: False))
+    root.revoke_cluster("east")
+    revoked = trust.PeerPolicy(revocations=root.revocations())
+    with pytest.raises(trust.PeerRejected, match="its issuing cluster CA has been revoked"):
+        trust.verify_peer(leaf, revoked)
+
+
+def test_revocations_map_the_crl_onto_the_known_intermediates(root: trust.TrustDir, east: trust.ClusterCA,
+                                                              west: trust.ClusterCA) -> None:
+    root.revoke_cluster("east")
+    rev = trust.Revocations.from_crl(root.crl_pem(), [east.cert, west.cert], root.bundle())
+    assert rev.is_revoked(_cert(east, [workload("east")]))
+    assert not rev.is_revoked(_cert(west, [workload("west")]))
+    assert not rev.is_revoked(_cert(east, [workload("east")], aki=False))  # no AKI: cannot be matched
+    # an empty or absent CRL revokes nothing; a malformed one is a clear error
+    for empty in (None, b""):
+        assert trust.Revocations.from_crl(empty, [east.cert], root.bundle()).revoked_key_ids == frozenset()
+    with pytest.raises(trust.BadFile, match="malformed CRL"):
+        trust.Revocations.from_crl(b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n", [east.cert])
+
+
+def test_a_crl_must_be_signed_by_a_root_when_roots_are_given(root: trust.TrustDir, east: trust.ClusterCA,
+                                                             tmp_path: Path) -> None:
+    root.revoke_cluster("east")
+    stranger = trust.TrustDir(tmp_path / "stranger")
+    stranger.init(TD)
+    assert stranger.root_cert.subject == root.root_cert.subject  # same name, another key
+    from cryptography.hazmat.primitives import serialization
+
+    forged = trust.build_crl(stranger.root_cert, stranger.root_key, [(east.cert.serial_number, east.cert.not_valid_before_utc)]
+                             ).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(trust.TrustError, match="^invalid CRL: its signature does not verify against any root"):
+        trust.Revocations.from_crl(forged, [east.cert], root.bundle())
+    with pytest.raises(trust.TrustError, match="^invalid CRL"):
+        trust.Revocations.from_crl(root.crl_pem(), [east.cert], [])  # no roots: nothing can vouch for it
+    # signed by one of several roots (a rotation's A+B bundle): accepted
+    rev = trust.Revocations.from_crl(root.crl_pem(), [east.cert], [stranger.root_cert, *root.bundle()])
+    assert rev.is_revoked(_cert(east, [workload("east")]))
+    # without roots the caller vouches for the CRL itself (the trust folder's own file)
+    assert trust.Revocations.from_crl(forged, [east.cert]).is_revoked(_cert(east, [workload("east")]))
+
+
+def test_an_intermediate_without_ski_is_matched_by_its_key(root: trust.TrustDir, tmp_path: Path) -> None:
+    """A CA certificate without a SubjectKeyIdentifier (another issuer's) is matched by the
+    SKI computed from its public key, as leaves' AKIs name it."""
+    from cryptography import x509
+
+    from cryptography.hazmat.primitives import hashes
+
+    east = root.issue_cluster("east")
+    # the same CA certificate without the extension (same key, same serial)
+
+    b = (x509.CertificateBuilder().subject_name(east.cert.subject).issuer_name(east.cert.issuer)
+         .public_key(east.cert.public_key()).serial_number(east.cert.serial_number)
+         .not_valid_before(east.cert.not_valid_before_utc).not_valid_after(east.cert.not_valid_after_utc))
+    for ext in east.cert.extensions:
+        if not isinstance(ext.value, x509.SubjectKeyIdentifier):
+            b = b.add_extension(ext.value, ext.critical)
+    bare = b.sign(root.root_key, hashes.SHA256())
+    root.revoke_cluster("east")
+    rev = trust.Revocations.from_crl(root.crl_pem(), [bare], root.bundle())
+    assert rev.is_revoked(_cert(east, [workload("east")]))
+
+
+def test_a_crl_whose_issuer_is_not_the_roots_name_is_refused(root: trust.TrustDir, east: trust.ClusterCA) -> None:
+    """Signed with the root's key but naming another issuer: RFC 5280 wants the CRL's
+    issuer to be the certificate that signed it, so this is refused too."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the root")]))
+           .last_update(now).next_update(now + dt.timedelta(days=1))
+           .sign(root.root_key, hashes.SHA256()))
+    with pytest.raises(trust.TrustError, match="^invalid CRL"):
+        trust.Revocations.from_crl(crl.public_bytes(serialization.Encoding.PEM), [east.cert], root.bundle())
