@@ -66,6 +66,15 @@ from .._errors import GatewayError
 from . import _ffi
 from ._ffi import Library
 
+try:  # cffi's C module: calling it directly skips a Python wrapper on every header
+    from _cffi_backend import cast as _cast, from_buffer as _from_buffer, unpack as _unpack
+except ImportError:  # pragma: no cover - other cffi backends
+    _cast = _from_buffer = _unpack = None
+
+
+def _ffi_from_buffer(ffi: Any) -> Any:
+    return lambda ctype, buf, writable: ffi.from_buffer(ctype, buf, writable)
+
 Headers = list[tuple[bytes, bytes]]
 
 _NEW = object.__new__
@@ -116,7 +125,7 @@ class _State:
 
     __slots__ = ("events", "hdrs", "hsize", "hlimit", "cat", "client", "open", "ended",
                  "local_reset", "reported", "expect_final", "out", "goaway_recv",
-                 "remote", "pending_local", "frame_max", "fail", "error", "frames")
+                 "remote", "pending_local", "frame_max", "fail", "error", "frames", "held")
 
     def __init__(self, client: bool, hlimit: int) -> None:
         self.events: list[Any] = []
@@ -139,6 +148,7 @@ class _State:
         self.fail: SessionFlooded | None = None  # set by a callback that failed on purpose
         self.error: BaseException | None = None  # a callback's unexpected exception
         self.frames = [0] * 10  # frames received by type (abuse counters)
+        self.held = 0  # DATA bytes given to send_data and not yet serialised
 
 
 class SettingsView:
@@ -177,13 +187,13 @@ class NgHttp2Connection:
 
     __slots__ = ("_L", "_lib", "_ffi", "_s", "_st", "_cbs", "_prd", "_pp", "_dirty",
                  "_out_len", "_closing", "_terminated", "client_side", "_settings",
-                 "local_settings", "remote_settings", "_nv_pad", "_buf", "_window",
+                 "local_settings", "remote_settings", "_nv_pad", "_buf", "_window", "_fast",
                  "__weakref__")
 
     def __init__(self, client: bool, *, settings: dict[int, int] | None = None,
                  connection_window: int | None = None,
                  max_header_list_size: int | None = None, validate: bool = True,
-                 large_frames: bool = True,
+                 large_frames: bool = False,
                  reset_rate_limit: tuple[int, int] | None = None,
                  max_continuations: int | None = None,
                  max_outbound_ack: int | None = None, max_settings: int | None = None,
@@ -204,6 +214,9 @@ class NgHttp2Connection:
         self._closing = False
         self._terminated: SessionTerminated | None = None
         self._nv_pad = ffi.sizeof("nghttp2_nv") - struct.calcsize("PPNNB")
+        self._fast = (_from_buffer or _ffi_from_buffer(ffi), _cast or ffi.cast,
+                      ffi.typeof("char[]"), ffi.typeof("uintptr_t"),
+                      ffi.typeof("nghttp2_nv[]"))
         self._cbs = _make_callbacks(L, st)
 
         cbs_pp = ffi.new("nghttp2_session_callbacks **")
@@ -341,22 +354,28 @@ class NgHttp2Connection:
             raise h2.exceptions.StreamClosedError(stream_id)
         if end_stream:
             st.ended.add(stream_id)
+        n = len(data)
+        st.held += n
         pending = st.out.get(stream_id)
-        if pending is not None:  # still held by flow control: queue behind it
-            if data:
+        if pending is not None:  # not serialised yet, or held by flow control
+            if n:
                 pending[0].append(data)
             pending[1] = pending[1] or end_stream
             return
-        if not data and not end_stream:
+        if not n and not end_stream:
             return
-        if self._dirty:  # a new stream exists in nghttp2 once its HEADERS are out
+        st.out[stream_id] = [[data] if n else [], end_stream, None]
+        submit = self._lib.nghttp2_submit_data
+        rv = submit(self._s, 1, stream_id, self._prd)
+        if rv == _ffi.NGHTTP2_ERR_STREAM_CLOSED and self._dirty:
+            # A client stream exists in nghttp2 once its HEADERS are serialised.
             self._flush()
-        st.out[stream_id] = [[data] if data else [], end_stream, None]
-        rv = self._lib.nghttp2_submit_data(self._s, 1, stream_id, self._prd)
+            rv = submit(self._s, 1, stream_id, self._prd)
         if rv != 0:
             st.out.pop(stream_id, None)
+            st.held -= n
             raise h2.exceptions.StreamClosedError(stream_id)
-        self._flush()
+        self._dirty = True
 
     def end_stream(self, stream_id: int) -> None:
         self.send_data(stream_id, b"", end_stream=True)
@@ -366,7 +385,7 @@ class NgHttp2Connection:
         if stream_id not in st.open:
             raise h2.exceptions.StreamClosedError(stream_id)
         st.local_reset.add(stream_id)
-        st.out.pop(stream_id, None)
+        _drop_out(st, stream_id)
         self._lib.nghttp2_submit_rst_stream(self._s, 0, stream_id, int(error_code))
         self._dirty = True
 
@@ -383,9 +402,9 @@ class NgHttp2Connection:
         except TypeError:
             hs = [(_b(k), _b(v)) for k, v in hs]
             blob = b"".join(chain.from_iterable(hs))
-        ffi = self._ffi
-        keep = ffi.from_buffer(blob)
-        off = int(ffi.cast("uintptr_t", keep))
+        from_buffer, cast, char_arr, uintptr, nv_arr = self._fast
+        keep = from_buffer(char_arr, blob, False)
+        off = int(cast(uintptr, keep))
         fields: list[int] = []
         add = fields.extend
         for h in hs:
@@ -395,9 +414,11 @@ class NgHttp2Connection:
             add((off, off + kl, kl, vl, 1 if type(h) is NeverIndexedHeaderTuple else 0))
             off += kl + vl
         n = len(hs)
-        fmt = _nv_format(n, self._nv_pad)
-        packed = struct.pack(fmt, *fields)
-        return ffi.from_buffer("nghttp2_nv[]", packed), n, (keep, packed)
+        packer = _NV_STRUCTS.get(n)
+        if packer is None:
+            packer = _NV_STRUCTS[n] = struct.Struct(("PPNNB" + "x" * self._nv_pad) * n)
+        packed = packer.pack(*fields)
+        return from_buffer(nv_arr, packed, False), n, (keep, packed)
 
     # -- flow control -------------------------------------------------------------------
     def local_flow_control_window(self, stream_id: int) -> int:
@@ -579,11 +600,18 @@ class NgHttp2Connection:
 
     @property
     def bytes_to_send(self) -> int:
-        """Bytes serialised and not yet taken by :meth:`data_to_send`."""
-        return self._out_len
+        """Bytes queued for the peer: serialised and not yet taken by
+        :meth:`data_to_send`, plus DATA handed to :meth:`send_data` and not serialised."""
+        return self._out_len + self._st.held
 
     def _strerror(self, rv: int) -> str:
         return self._ffi.string(self._lib.nghttp2_strerror(rv)).decode("ascii", "replace")
+
+
+def _drop_out(st: _State, sid: int) -> None:
+    item = st.out.pop(sid, None)
+    if item is not None:
+        st.held -= sum(len(c) for c in item[0])
 
 
 def _b(s: bytes | str) -> bytes:
@@ -595,21 +623,14 @@ def _check(rv: int, what: str) -> None:
         raise GatewayError(f"nghttp2 {what} failed: error {rv}")
 
 
-_NV_FORMATS: dict[tuple[int, int], str] = {}
-
-
-def _nv_format(n: int, pad: int) -> str:
-    fmt = _NV_FORMATS.get((n, pad))
-    if fmt is None:
-        fmt = _NV_FORMATS[(n, pad)] = ("PPNNB" + "x" * pad) * n
-    return fmt
+_NV_STRUCTS: dict[int, struct.Struct] = {}
 
 
 # -- callbacks ------------------------------------------------------------------------------
 def _make_callbacks(L: Library, st: _State) -> dict[str, Any]:
     """The C callbacks of one connection, as closures over its :class:`_State`."""
     ffi, lib = L.ffi, L.lib
-    unpack = ffi.unpack
+    unpack = _unpack or ffi.unpack
     memmove = ffi.memmove
     FAIL = _ffi.NGHTTP2_ERR_CALLBACK_FAILURE
 
@@ -750,7 +771,7 @@ def _make_callbacks(L: Library, st: _State) -> dict[str, Any]:
     def on_close(session: Any, sid: int, code: int, ud: Any) -> int:
         st.open.discard(sid)
         st.ended.discard(sid)
-        st.out.pop(sid, None)
+        _drop_out(st, sid)
         st.expect_final.discard(sid)
         if sid in st.reported:
             st.reported.discard(sid)
@@ -786,6 +807,7 @@ def _make_callbacks(L: Library, st: _State) -> dict[str, Any]:
                 memmove(buf + n, view[:room], room)
                 chunks[0] = view[room:]
                 n = length
+        st.held -= n
         if not chunks:
             del st.out[sid]
             trailers = item[2]
