@@ -718,6 +718,8 @@ def _make_callbacks(L: Library, st: _State) -> dict[str, Any]:
             return 0
         if t == 3:  # RST_STREAM
             sid = hd.stream_id
+            if sid not in st.open:
+                return 0  # already closed: nothing to tell (h2 is silent too)
             e = _NEW(StreamReset)
             e.stream_id = sid
             e.error_code = _error_code(frame.rst_stream.error_code)

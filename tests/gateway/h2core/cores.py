@@ -120,6 +120,7 @@ class FrameReader:
         self.preface = expect_preface
         self.decoder = hpack.Decoder()
         self.decoder.max_header_list_size = 1 << 24
+        self.decoder.max_allowed_table_size = 1 << 24  # whatever the client allowed
         self.block: tuple[int, bytes, bool] | None = None
         self.credit: dict[int, int] = {}
 

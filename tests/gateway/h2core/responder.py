@@ -46,7 +46,12 @@ class Responder:
                 if e.flow_controlled_length:
                     conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
             elif t is ev.StreamEnded and not self.closed:
-                self._answer(e.stream_id)
+                try:
+                    self._answer(e.stream_id)
+                except h2.exceptions.ProtocolError:
+                    # Reset later in the same read (both cores closed it already),
+                    # as the relay's flush treats it.
+                    self.pending.pop(e.stream_id, None)
             elif t is ev.ConnectionTerminated:
                 self.closed = True
                 self.pending.clear()
@@ -90,5 +95,5 @@ class Responder:
                     del self.pending[sid]
                     if trailers is not None:
                         conn.send_headers(sid, trailers, end_stream=True)
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:
                 self.pending.pop(sid, None)
