@@ -569,7 +569,7 @@ class NgHttp2Connection:
         if code == ErrorCodes.NO_ERROR:
             return
         if code == ErrorCodes.ENHANCE_YOUR_CALM:
-            self._terminated = SessionFlooded("flood", detail)
+            self._terminated = SessionFlooded("control_frame_flood", detail)
         elif (code == ErrorCodes.INTERNAL_ERROR and detail == "no detail"
               and not self.client_side):
             # The only GOAWAY nghttp2 sends bare with INTERNAL_ERROR on a server is its
