@@ -131,3 +131,18 @@ def test_never_indexed_headers_keep_their_flag_across_the_core() -> None:
 def test_server_cannot_open_streams() -> None:
     with pytest.raises(h2.exceptions.ProtocolError):
         NgHttp2Connection(False).get_next_available_stream_id()
+
+
+def test_a_failing_callback_ends_only_that_connection_with_internal_error(capfd) -> None:
+    from gateway.h2core import CoreInternalError
+    server, f = ng_core(False), FrameFactory()
+    server._st.frames = None  # break the frame counter the frame callback updates
+    with pytest.raises(CoreInternalError) as info:
+        server.receive_data(f.preface())
+    assert info.value.error_code == ErrorCodes.INTERNAL_ERROR
+    assert isinstance(info.value.__cause__, TypeError)
+    frames = FrameReader().feed(server.data_to_send())
+    assert frames[-1][0] == "GOAWAY" and frames[-1][2] == ErrorCodes.INTERNAL_ERROR
+    assert "Traceback" not in capfd.readouterr().err
+    other = ng_core(False)  # other connections are unaffected
+    assert other.receive_data(f.preface())
