@@ -9,6 +9,7 @@ from ._conn import (
     CoreInternalError as CoreInternalError,
     NgHttp2Connection as NgHttp2Connection,
     SessionFlooded as SessionFlooded,
+    SessionInitError as SessionInitError,
     SessionTerminated as SessionTerminated,
 )
 from ._ffi import CoreLoadError as CoreLoadError, Library as Library, load as load_library
@@ -16,5 +17,5 @@ from ._select import CORES as CORES, CoreInfo as CoreInfo, select_core as select
 
 __all__ = [
     "CORES", "CoreInfo", "CoreInternalError", "CoreLoadError", "Library", "NgHttp2Connection",
-    "SessionFlooded", "SessionTerminated", "load_library", "select_core",
+    "SessionFlooded", "SessionInitError", "SessionTerminated", "load_library", "select_core",
 ]

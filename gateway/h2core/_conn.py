@@ -109,6 +109,11 @@ class SessionFlooded(SessionTerminated, h2.exceptions.DenialOfServiceError):
         self.reason = reason
 
 
+class SessionInitError(GatewayError):
+    """nghttp2 refused to create or configure a session (a library that loads but
+    misbehaves): the connection is refused; enough of these should mean falling back."""
+
+
 class CoreInternalError(SessionTerminated):
     """A callback of ours failed (a bug): the session is ended with INTERNAL_ERROR."""
 
@@ -198,6 +203,9 @@ class NgHttp2Connection:
                  max_continuations: int | None = None,
                  max_outbound_ack: int | None = None, max_settings: int | None = None,
                  library: Library | None = None) -> None:
+        if connection_window is not None and not 65535 <= connection_window <= 2**31 - 1:
+            raise ValueError(f"invalid connection_window {connection_window}: it must be "
+                             "between 65535 and 2^31-1")
         L = library or _ffi.load()
         self._L = L
         ffi, lib = L.ffi, L.lib
@@ -276,9 +284,13 @@ class NgHttp2Connection:
 
     def _submit_settings(self, values: dict[int, int]) -> None:
         iv = self._ffi.new("nghttp2_settings_entry[]", len(values))
-        for i, (k, v) in enumerate(values.items()):
-            iv[i].settings_id = int(k)
-            iv[i].value = int(v)
+        try:
+            for i, (k, v) in enumerate(values.items()):
+                iv[i].settings_id = int(k)
+                iv[i].value = int(v)
+        except OverflowError:
+            raise ValueError(f"invalid HTTP/2 settings {values}: a value does not fit "
+                             "32 bits") from None
         rv = self._lib.nghttp2_submit_settings(self._s, 0, iv, len(values))
         if rv != 0:
             raise ValueError(f"invalid HTTP/2 settings {values}: "
@@ -462,6 +474,9 @@ class NgHttp2Connection:
                                       stream_id: int | None = None) -> None:
         """Grant the peer ``increment`` more bytes (WINDOW_UPDATE); with manual flow
         control nghttp2 first counts it against data received and not yet acknowledged."""
+        if not 1 <= increment <= 2**31 - 1:
+            raise ValueError(f"invalid flow control increment {increment}: it must be "
+                             "between 1 and 2^31-1")
         _check(self._lib.nghttp2_submit_window_update(self._s, 0, stream_id or 0,
                                                       increment), "window_update")
         self._dirty = True
@@ -620,7 +635,7 @@ def _b(s: bytes | str) -> bytes:
 
 def _check(rv: int, what: str) -> None:
     if rv != 0:
-        raise GatewayError(f"nghttp2 {what} failed: error {rv}")
+        raise SessionInitError(f"nghttp2 {what} failed: error {rv}")
 
 
 _NV_STRUCTS: dict[int, struct.Struct] = {}

@@ -10,8 +10,9 @@ HEADERS + DATA (END_STREAM), acknowledging nothing it does not have to.  Timed p
 ``receive_data`` of the batch, the answers, ``data_to_send``.  The request bytes are
 built before timing by one client-side HPACK encoder, so both cores see the same
 compressed blocks.  The h2 baseline is configured as the gateway configures it between
-trusted peers (validation off, no Huffman on output).  Reported: µs per request (best
-round and median), and nghttp2's cost as a ratio of h2's, measured in the same run.
+trusted peers (validation off, no Huffman on output).  Reported: CPU µs per request
+(best batch and median), and nghttp2's cost as a ratio of h2's, measured in the same run
+with the rounds of the two cores interleaved.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def measure(factory: Any, batches: list[bytes]) -> list[float]:
     """µs per request for each batch on one connection."""
     conn = factory()
     per: list[float] = []
-    clock = time.perf_counter
+    # CPU time of this process: on a shared machine, time spent descheduled is not ours.
+    clock = time.process_time
     for data in batches:
         t0 = clock()
         n = run_batch(conn, data)
@@ -150,9 +152,11 @@ def main() -> None:
         summary[name] = {"best_us": round(min(warm), 2),
                          "median_us": round(statistics.median(warm), 2)}
     ratio = summary["nghttp2"]["median_us"] / summary["h2"]["median_us"]
+    best = summary["nghttp2"]["best_us"] / summary["h2"]["best_us"]
     report = {"core": info.as_dict(), "batch": BATCH, "batches": args.batches,
               "rounds": args.rounds, "us_per_request": summary,
-              "nghttp2/h2": round(ratio, 3), "speedup": round(1 / ratio, 1)}
+              "nghttp2/h2": round(ratio, 3), "nghttp2/h2_best": round(best, 3),
+              "speedup": round(1 / ratio, 1)}
     if args.json:
         print(json.dumps(report))
         return
@@ -161,7 +165,7 @@ def main() -> None:
           "µs per request (parse + HEADERS + DATA):")
     for name, s in summary.items():
         print(f"  {name:8s} best {s['best_us']:8.2f}   median {s['median_us']:8.2f}")
-    print(f"  nghttp2/h2 = {ratio:.3f}  ({1 / ratio:.1f}x faster)")
+    print(f"  nghttp2/h2 = {ratio:.3f} median, {best:.3f} best  ({1 / ratio:.1f}x faster)")
 
 
 if __name__ == "__main__":

@@ -146,3 +146,22 @@ def test_a_failing_callback_ends_only_that_connection_with_internal_error(capfd)
     assert "Traceback" not in capfd.readouterr().err
     other = ng_core(False)  # other connections are unaffected
     assert other.receive_data(f.preface())
+
+
+def test_a_dropped_connection_is_freed_at_once_and_counts_frames() -> None:
+    import weakref
+    server, f = ng_core(False), FrameFactory()
+    server.receive_data(f.preface() + f.ping() + f.ping() + f.headers(1, request(), end=True))
+    assert server.frames_received[6] == 2 and server.frames_received[1] == 1
+    ref = weakref.ref(server)
+    del server  # no reference cycle through the C callbacks: freed without the GC
+    assert ref() is None
+
+
+def test_invalid_configuration_is_refused_with_the_field_named() -> None:
+    with pytest.raises(ValueError, match="invalid connection_window"):
+        NgHttp2Connection(False, connection_window=2**31)
+    with pytest.raises(ValueError, match="invalid HTTP/2 settings"):
+        NgHttp2Connection(False, settings={4: 2**31}).initiate_connection()
+    with pytest.raises(ValueError, match="invalid flow control increment"):
+        ng_core(False).increment_flow_control_window(0)
