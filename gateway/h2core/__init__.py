@@ -5,17 +5,19 @@
 methods and events the relay uses (see :mod:`gateway.h2core._conn`).
 """
 
-from ._conn import (
+from ._conn import NgHttp2Connection as NgHttp2Connection, from_limits as from_limits
+from ._errors import (
     CoreInternalError as CoreInternalError,
-    NgHttp2Connection as NgHttp2Connection,
+    CoreLoadError as CoreLoadError,
     SessionFlooded as SessionFlooded,
     SessionInitError as SessionInitError,
     SessionTerminated as SessionTerminated,
 )
-from ._ffi import CoreLoadError as CoreLoadError, Library as Library, load as load_library
+from ._ffi import Library as Library, load as load_library
 from ._select import CORES as CORES, CoreInfo as CoreInfo, select_core as select_core
 
 __all__ = [
     "CORES", "CoreInfo", "CoreInternalError", "CoreLoadError", "Library", "NgHttp2Connection",
-    "SessionFlooded", "SessionInitError", "SessionTerminated", "load_library", "select_core",
+    "SessionFlooded", "SessionInitError", "SessionTerminated", "from_limits", "load_library",
+    "select_core",
 ]

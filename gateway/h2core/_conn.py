@@ -15,11 +15,12 @@ fallback core and the test oracle).  Where the cores differ, nghttp2 is the refe
   DATA returns only when :meth:`acknowledge_received_data` is called.  nghttp2 consumes
   padding itself, so ``DataReceived.flow_controlled_length`` is the data length.  DATA
   is reported as nghttp2 parses it: a frame split across reads yields several events.
-* Outbound DATA is copied into nghttp2 by one data provider per connection; each
-  :meth:`send_data` submits its chunk and serialises it at once, so the send windows
-  read by :meth:`local_flow_control_window` are exact between calls (h2's are too).
-  Data beyond the window is not an error here: nghttp2 holds it until the peer opens
-  the window (trailers then wait behind it).
+* Outbound DATA is copied into nghttp2 by one data provider per connection, which
+  reads the chunks :meth:`send_data` queued for each stream.  Sends are queued in
+  nghttp2 and serialised together (one ``mem_send`` drain for a whole batch of
+  answers); :meth:`local_flow_control_window` serialises what is queued first, so the
+  windows it reports are exact, as h2's are.  Data beyond the window is not an error
+  here: nghttp2 holds it until the peer opens the window (trailers wait behind it).
 * Frame-level errors end the session inside nghttp2, which queues GOAWAY with the error
   code RFC 9113 names; :meth:`receive_data` then raises :class:`SessionTerminated` (an
   ``h2.exceptions.ProtocolError``) carrying that code, as h2 raises after queueing its
@@ -29,9 +30,11 @@ fallback core and the test oracle).  Where the cores differ, nghttp2 is the refe
   request or response resets that stream (``StreamReset`` with ``remote_reset=False``)
   instead of failing the connection.
 
-Output is serialised eagerly after every receive and every send of headers or data
-(lazily after acknowledgements, resets and pings), so :attr:`bytes_to_send` is what the
-relay's output ceiling should look at, and nghttp2's own GOAWAYs are seen as they leave.
+Output is serialised at the end of every :meth:`receive_data` (so nghttp2's own
+GOAWAYs are seen as they leave), when a window is asked for, and by
+:meth:`data_to_send`.  nghttp2's ``max_outbound_ack`` therefore bounds the PING/SETTINGS
+acknowledgements one read can queue; across reads the relay's output ceiling does.  :attr:`bytes_to_send` counts what is
+serialised plus DATA still held: that is what the relay's output ceiling should watch.
 """
 
 from __future__ import annotations
@@ -43,117 +46,24 @@ from typing import Any
 
 import h2.exceptions
 from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    InformationalResponseReceived,
-    PingAckReceived,
-    PingReceived,
-    PriorityUpdated,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    SettingsAcknowledged,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.settings import ChangedSetting, SettingCodes
+from h2.settings import SettingCodes
 from hpack import NeverIndexedHeaderTuple
 
-from .._errors import GatewayError
 from . import _ffi
+from ._callbacks import CallbackState, drop_out, make_callbacks
+from ._errors import CoreInternalError, SessionFlooded, SessionInitError, SessionTerminated
 from ._ffi import Library
 
-try:  # cffi's C module: calling it directly skips a Python wrapper on every header
-    from _cffi_backend import cast as _cast, from_buffer as _from_buffer, unpack as _unpack
+try:  # cffi's C module: calling it directly skips a Python wrapper per call
+    from _cffi_backend import cast as _cast, from_buffer as _from_buffer
 except ImportError:  # pragma: no cover - other cffi backends
-    _cast = _from_buffer = _unpack = None
+    _cast = _from_buffer = None
+
+_GOAWAY = 7
 
 
 def _ffi_from_buffer(ffi: Any) -> Any:
     return lambda ctype, buf, writable: ffi.from_buffer(ctype, buf, writable)
-
-Headers = list[tuple[bytes, bytes]]
-
-_NEW = object.__new__
-_GOAWAY = 7
-# RFC 9113 §6.5.2 initial values, for RemoteSettingsChanged.original_value.
-_SETTING_DEFAULTS = {
-    SettingCodes.HEADER_TABLE_SIZE: 4096,
-    SettingCodes.ENABLE_PUSH: 1,
-    SettingCodes.MAX_CONCURRENT_STREAMS: None,
-    SettingCodes.INITIAL_WINDOW_SIZE: 65535,
-    SettingCodes.MAX_FRAME_SIZE: 16384,
-    SettingCodes.MAX_HEADER_LIST_SIZE: None,
-    SettingCodes.ENABLE_CONNECT_PROTOCOL: 0,
-}
-
-
-class SessionTerminated(GatewayError, h2.exceptions.ProtocolError):
-    """nghttp2 ended the session (GOAWAY queued); ``error_code`` is the GOAWAY's code."""
-
-    def __init__(self, error_code: int, detail: str) -> None:
-        super().__init__(f"nghttp2 GOAWAY({_code_name(error_code)}): {detail}")
-        self.error_code = error_code
-        self.detail = detail
-
-
-class SessionFlooded(SessionTerminated, h2.exceptions.DenialOfServiceError):
-    """The peer broke a flood limit; ``reason`` uses the abuse reasons of the gateway."""
-
-    def __init__(self, reason: str, detail: str,
-                 error_code: int = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
-        super().__init__(error_code, f"{reason}: {detail}")
-        self.reason = reason
-
-
-class SessionInitError(GatewayError):
-    """nghttp2 refused to create or configure a session (a library that loads but
-    misbehaves): the connection is refused; enough of these should mean falling back."""
-
-
-class CoreInternalError(SessionTerminated):
-    """A callback of ours failed (a bug): the session is ended with INTERNAL_ERROR."""
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return f"0x{code:x}"
-
-
-class _State:
-    """What the C callbacks share with the connection (kept apart to avoid a cycle)."""
-
-    __slots__ = ("events", "hdrs", "hsize", "hlimit", "cat", "client", "open", "ended",
-                 "local_reset", "reported", "expect_final", "out", "goaway_recv",
-                 "remote", "pending_local", "frame_max", "fail", "error", "frames", "held")
-
-    def __init__(self, client: bool, hlimit: int) -> None:
-        self.events: list[Any] = []
-        self.hdrs: Headers = []
-        self.hsize = 0
-        self.hlimit = hlimit
-        self.cat = 0
-        self.client = client
-        self.open: set[int] = set()  # streams nghttp2 has not closed yet
-        self.ended: set[int] = set()  # streams we sent END_STREAM on
-        self.local_reset: set[int] = set()
-        self.reported: set[int] = set()  # StreamReset already emitted
-        self.expect_final: set[int] = set()  # client streams that got a 1xx only
-        # stream id -> [chunks, end_stream, trailers nva or None] for the data provider
-        self.out: dict[int, list[Any]] = {}
-        self.goaway_recv = False
-        self.remote: dict[int, int | None] = dict(_SETTING_DEFAULTS)
-        self.pending_local: list[dict[int, int]] = []
-        self.frame_max = 16384
-        self.fail: SessionFlooded | None = None  # set by a callback that failed on purpose
-        self.error: BaseException | None = None  # a callback's unexpected exception
-        self.frames = [0] * 10  # frames received by type (abuse counters)
-        self.held = 0  # DATA bytes given to send_data and not yet serialised
 
 
 class SettingsView:
@@ -214,7 +124,7 @@ class NgHttp2Connection:
         self._settings = dict(settings or {})
         hlimit = max_header_list_size or self._settings.get(
             SettingCodes.MAX_HEADER_LIST_SIZE, 0) or (1 << 62)
-        st = self._st = _State(client, hlimit)
+        st = self._st = CallbackState(client, hlimit)
         self._dirty = False
         self._out_len = 0
         self._buf: list[bytes] = []
@@ -225,7 +135,7 @@ class NgHttp2Connection:
         self._fast = (_from_buffer or _ffi_from_buffer(ffi), _cast or ffi.cast,
                       ffi.typeof("char[]"), ffi.typeof("uintptr_t"),
                       ffi.typeof("nghttp2_nv[]"))
-        self._cbs = _make_callbacks(L, st)
+        self._cbs = make_callbacks(L, st)
 
         cbs_pp = ffi.new("nghttp2_session_callbacks **")
         _check(lib.nghttp2_session_callbacks_new(cbs_pp), "callbacks_new")
@@ -397,7 +307,7 @@ class NgHttp2Connection:
         if stream_id not in st.open:
             raise h2.exceptions.StreamClosedError(stream_id)
         st.local_reset.add(stream_id)
-        _drop_out(st, stream_id)
+        drop_out(st, stream_id)
         self._lib.nghttp2_submit_rst_stream(self._s, 0, stream_id, int(error_code))
         self._dirty = True
 
@@ -623,10 +533,34 @@ class NgHttp2Connection:
         return self._ffi.string(self._lib.nghttp2_strerror(rv)).decode("ascii", "replace")
 
 
-def _drop_out(st: _State, sid: int) -> None:
-    item = st.out.pop(sid, None)
-    if item is not None:
-        st.held -= sum(len(c) for c in item[0])
+# Resets per second nghttp2 allows from a peer gateway: its resets are many workloads'
+# relayed over one shared connection (the calling gateway limits each workload's).
+_UNLIMITED_RESETS = (2**62, 2**62)
+
+
+def from_limits(client: bool, limits: Any, trusted: bool,
+                library: Library | None = None) -> NgHttp2Connection:
+    """A connection configured as the gateway configures its h2 ones.
+
+    ``limits`` is a :class:`gateway.Limits`; ``trusted`` (gateway-to-gateway and
+    gateway-to-service) lets peers send frames of ``peer_max_frame_size`` and send
+    DATA frames as large as the peer allows, and lifts the reset rate limit.
+    """
+    frame = limits.peer_max_frame_size if trusted else limits.max_frame_size
+    conn = NgHttp2Connection(
+        client,
+        settings={SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                  SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_stream_window,
+                  SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+                  SettingCodes.MAX_FRAME_SIZE: frame,
+                  SettingCodes.ENABLE_PUSH: 0},
+        connection_window=limits.initial_connection_window,
+        max_header_list_size=limits.max_header_list_size,
+        large_frames=trusted,
+        reset_rate_limit=_UNLIMITED_RESETS if trusted else None,
+        library=library)
+    conn.initiate_connection()
+    return conn
 
 
 def _b(s: bytes | str) -> bytes:
@@ -641,244 +575,3 @@ def _check(rv: int, what: str) -> None:
 _NV_STRUCTS: dict[int, struct.Struct] = {}
 
 
-# -- callbacks ------------------------------------------------------------------------------
-def _make_callbacks(L: Library, st: _State) -> dict[str, Any]:
-    """The C callbacks of one connection, as closures over its :class:`_State`."""
-    ffi, lib = L.ffi, L.lib
-    unpack = _unpack or ffi.unpack
-    memmove = ffi.memmove
-    FAIL = _ffi.NGHTTP2_ERR_CALLBACK_FAILURE
-
-    def onerror(exc_type: Any, exc: BaseException, tb: Any) -> None:
-        if st.error is None:
-            st.error = exc
-
-    def cb(ctype: str, fn: Any) -> Any:
-        return ffi.callback(ctype, fn, error=FAIL, onerror=onerror)
-
-    def on_begin_headers(session: Any, frame: Any, ud: Any) -> int:
-        st.hdrs = []
-        st.hsize = 0
-        cat = st.cat = frame.headers.cat
-        if cat == 0:  # a request opens the stream
-            st.open.add(frame.hd.stream_id)
-        return 0
-
-    def on_header(session: Any, frame: Any, name: Any, nlen: int, value: Any, vlen: int,
-                  flags: int, ud: Any) -> int:
-        if flags & 1:
-            st.hdrs.append(NeverIndexedHeaderTuple(unpack(name, nlen), unpack(value, vlen)))
-        else:
-            st.hdrs.append((unpack(name, nlen), unpack(value, vlen)))
-        size = st.hsize = st.hsize + nlen + vlen + 32
-        if size > st.hlimit:
-            st.fail = SessionFlooded("header_block_too_large",
-                                     f"header list larger than {st.hlimit} bytes")
-            return FAIL
-        return 0
-
-    def on_chunk(session: Any, flags: int, sid: int, data: Any, n: int, ud: Any) -> int:
-        e = _NEW(DataReceived)
-        e.stream_id = sid
-        e.data = unpack(data, n)
-        e.flow_controlled_length = n
-        e.stream_ended = None
-        st.events.append(e)
-        return 0
-
-    def on_frame(session: Any, frame: Any, ud: Any) -> int:
-        hd = frame.hd
-        t = hd.type
-        if t < 10:
-            st.frames[t] += 1
-        events = st.events
-        if t == 1:  # HEADERS
-            sid = hd.stream_id
-            cat = st.cat
-            hdrs = st.hdrs
-            if cat == 0:
-                e = _NEW(RequestReceived)
-            elif cat == 3 and not (st.client and sid in st.expect_final):
-                e = _NEW(TrailersReceived)
-            elif _informational(hdrs):
-                e = _NEW(InformationalResponseReceived)
-                st.expect_final.add(sid)
-            else:
-                e = _NEW(ResponseReceived)
-                st.expect_final.discard(sid)
-            e.stream_id = sid
-            e.headers = hdrs
-            e.priority_updated = None
-            if hd.flags & 0x20:
-                e.priority_updated = _priority(sid, frame.headers.pri_spec)
-            events.append(e)
-            if hd.flags & 1:
-                end = _NEW(StreamEnded)
-                end.stream_id = sid
-                e.stream_ended = end
-                events.append(end)
-            elif type(e) is not InformationalResponseReceived:
-                e.stream_ended = None
-            return 0
-        if t == 0:  # DATA: chunks were reported already
-            if hd.flags & 1:
-                sid = hd.stream_id
-                end = _NEW(StreamEnded)
-                end.stream_id = sid
-                if events:
-                    last = events[-1]
-                    if type(last) is DataReceived and last.stream_id == sid:
-                        last.stream_ended = end
-                events.append(end)
-            return 0
-        if t == 3:  # RST_STREAM
-            sid = hd.stream_id
-            if sid not in st.open:
-                return 0  # already closed: nothing to tell (h2 is silent too)
-            e = _NEW(StreamReset)
-            e.stream_id = sid
-            e.error_code = _error_code(frame.rst_stream.error_code)
-            e.remote_reset = True
-            st.reported.add(sid)
-            events.append(e)
-        elif t == 8:  # WINDOW_UPDATE
-            e = _NEW(WindowUpdated)
-            e.stream_id = hd.stream_id
-            e.delta = frame.window_update.window_size_increment
-            events.append(e)
-        elif t == 4:  # SETTINGS
-            if hd.flags & 1:
-                e = SettingsAcknowledged()
-                acked = st.pending_local.pop(0) if st.pending_local else {}
-                for k, v in acked.items():
-                    code = _setting_code(k)
-                    e.changed_settings[code] = ChangedSetting(code, None, v)
-            else:
-                e = RemoteSettingsChanged()
-                iv = frame.settings.iv
-                for i in range(frame.settings.niv):
-                    code = _setting_code(iv[i].settings_id)
-                    new = int(iv[i].value)
-                    e.changed_settings[code] = ChangedSetting(code, st.remote.get(code), new)
-                    st.remote[code] = new
-                st.frame_max = int(lib.nghttp2_session_get_remote_settings(
-                    session, SettingCodes.MAX_FRAME_SIZE))
-            events.append(e)
-        elif t == 6:  # PING
-            data = bytes(ffi.buffer(frame.ping.opaque_data, 8))
-            if hd.flags & 1:
-                e = _NEW(PingAckReceived)
-            else:
-                e = _NEW(PingReceived)
-            e.ping_data = data
-            events.append(e)
-        elif t == 7:  # GOAWAY
-            g = frame.goaway
-            e = ConnectionTerminated()
-            e.error_code = _error_code(g.error_code)
-            e.last_stream_id = g.last_stream_id
-            e.additional_data = (unpack(ffi.cast("char *", g.opaque_data),
-                                        g.opaque_data_len) if g.opaque_data_len else None)
-            st.goaway_recv = True
-            events.append(e)
-        elif t == 2:  # PRIORITY
-            events.append(_priority(hd.stream_id, frame.priority.pri_spec))
-        return 0
-
-    def on_close(session: Any, sid: int, code: int, ud: Any) -> int:
-        st.open.discard(sid)
-        st.ended.discard(sid)
-        _drop_out(st, sid)
-        st.expect_final.discard(sid)
-        if sid in st.reported:
-            st.reported.discard(sid)
-        elif sid in st.local_reset:
-            st.local_reset.discard(sid)
-        elif code and not st.goaway_recv:
-            # nghttp2 reset the stream itself (malformed message, flow control).
-            e = _NEW(StreamReset)
-            e.stream_id = sid
-            e.error_code = _error_code(code)
-            e.remote_reset = False
-            st.events.append(e)
-        return 0
-
-    def on_read(session: Any, sid: int, buf: Any, length: int, flags: Any, src: Any,
-                ud: Any) -> int:
-        item = st.out.get(sid)
-        if item is None:
-            flags[0] = 3  # EOF | NO_END_STREAM
-            return 0
-        chunks = item[0]
-        n = 0
-        while chunks and n < length:
-            c = chunks[0]
-            cl = len(c)
-            room = length - n
-            if cl <= room:
-                memmove(buf + n, c, cl)
-                n += cl
-                chunks.pop(0)
-            else:
-                view = c if type(c) is memoryview else memoryview(c)
-                memmove(buf + n, view[:room], room)
-                chunks[0] = view[room:]
-                n = length
-        st.held -= n
-        if not chunks:
-            del st.out[sid]
-            trailers = item[2]
-            if trailers is not None:
-                flags[0] = 3
-                nva, count, _keep = trailers
-                lib.nghttp2_submit_headers(session, 1, sid, ffi.NULL, nva, count, ffi.NULL)
-            elif item[1]:
-                flags[0] = 1  # EOF: END_STREAM goes on this frame
-            else:
-                flags[0] = 3
-        return n
-
-    def on_length(session: Any, ftype: int, sid: int, conn_win: int, stream_win: int,
-                  frame_max: int, ud: Any) -> int:
-        n = frame_max if frame_max < conn_win else conn_win
-        return n if n < stream_win else stream_win
-
-    return {
-        "begin": cb("nghttp2_on_begin_headers_callback", on_begin_headers),
-        "header": cb("nghttp2_on_header_callback", on_header),
-        "chunk": cb("nghttp2_on_data_chunk_recv_callback", on_chunk),
-        "frame": cb("nghttp2_on_frame_recv_callback", on_frame),
-        "close": cb("nghttp2_on_stream_close_callback", on_close),
-        "read": cb("nghttp2_data_source_read_callback", on_read),
-        "length": cb("nghttp2_data_source_read_length_callback", on_length),
-    }
-
-
-def _informational(hdrs: Headers) -> bool:
-    for k, v in hdrs:
-        if k == b":status":
-            return v[:1] == b"1"
-    return False
-
-
-def _priority(sid: int, spec: Any) -> PriorityUpdated:
-    e = PriorityUpdated()
-    e.stream_id = sid
-    e.weight = int(spec.weight)
-    e.depends_on = int(spec.stream_id)
-    e.exclusive = bool(spec.exclusive)
-    return e
-
-
-def _error_code(code: int) -> ErrorCodes | int:
-    try:
-        return ErrorCodes(code)
-    except ValueError:
-        return code
-
-
-def _setting_code(code: int) -> SettingCodes | int:
-    try:
-        return SettingCodes(code)
-    except ValueError:
-        return code

@@ -22,7 +22,7 @@ from typing import Any
 
 import cffi
 
-from .._errors import GatewayError
+from ._errors import CoreLoadError
 
 # The soname the Debian/Ubuntu package libnghttp2-14 installs (curl depends on it).
 SONAME = "libnghttp2.so.14"
@@ -273,14 +273,6 @@ BASE_SETTERS = {
     "max_deflate_dynamic_table_size": "nghttp2_option_set_max_deflate_dynamic_table_size",
     "peer_max_concurrent_streams": "nghttp2_option_set_peer_max_concurrent_streams",
 }
-
-
-class CoreLoadError(GatewayError):
-    """libnghttp2 could not be loaded or is not usable; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"nghttp2 unavailable: {reason}")
-        self.reason = reason
 
 
 @dataclass(frozen=True)

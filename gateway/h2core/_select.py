@@ -18,6 +18,7 @@ import h2
 
 from .._errors import GatewayError
 from . import _ffi
+from ._errors import CoreLoadError
 from ._conn import NgHttp2Connection
 
 CORES = ("nghttp2", "h2")
@@ -66,8 +67,8 @@ def select_core(prefer: str | None = None, path: str | None = None) -> CoreInfo:
     try:
         lib = _ffi.load(path)
         _self_test(lib)
-    except (_ffi.CoreLoadError, GatewayError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, _ffi.CoreLoadError) else str(exc)
+    except (CoreLoadError, GatewayError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, CoreLoadError) else str(exc)
         if prefer == "nghttp2":
             raise GatewayError(f"HTTP/2 core nghttp2 was required but {reason}") from None
         return _h2(f"fallback: {reason}")

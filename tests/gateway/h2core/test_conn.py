@@ -165,3 +165,30 @@ def test_invalid_configuration_is_refused_with_the_field_named() -> None:
         NgHttp2Connection(False, settings={4: 2**31}).initiate_connection()
     with pytest.raises(ValueError, match="invalid flow control increment"):
         ng_core(False).increment_flow_control_window(0)
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_from_limits_configures_a_connection_as_the_gateway_does(trusted: bool) -> None:
+    from gateway import Limits
+    from gateway.h2core import from_limits
+    limits = Limits()
+    server = from_limits(False, limits, trusted)
+    first = server.data_to_send()
+    frames = FrameReader().feed(first)
+    assert frames[0] == ("SETTINGS", {3: limits.max_concurrent_streams,
+                                      4: limits.initial_stream_window,
+                                      6: limits.max_header_list_size, 2: 0,
+                                      **({5: limits.peer_max_frame_size} if trusted else {})})
+    assert server.inbound_flow_control_window == limits.initial_connection_window
+    client = from_limits(True, limits, trusted)
+    client.receive_data(first)
+    pump(client, server)
+    assert server.remote_settings.max_frame_size == (limits.peer_max_frame_size if trusted
+                                                     else 16384)
+    # Large DATA frames to a peer that allows them (trusted links only).
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, request(b"/", b"POST"))
+    client.send_data(sid, b"d" * 100_000, end_stream=True)
+    sizes = [len(fr[2]) for fr in FrameReader(expect_preface=False).feed(client.data_to_send())
+             if fr[0] == "DATA"]
+    assert max(sizes) == (100_000 if trusted else 16384)

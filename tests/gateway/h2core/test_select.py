@@ -61,6 +61,6 @@ def test_the_environment_can_force_either_core(monkeypatch) -> None:
 def test_public_surface() -> None:
     assert sorted(h2core.__all__) == [
         "CORES", "CoreInfo", "CoreInternalError", "CoreLoadError", "Library",
-        "NgHttp2Connection", "SessionFlooded", "SessionInitError", "SessionTerminated", "load_library",
-        "select_core"]
+        "NgHttp2Connection", "SessionFlooded", "SessionInitError", "SessionTerminated", "from_limits",
+        "load_library", "select_core"]
     assert issubclass(h2core.SessionTerminated, GatewayError)
