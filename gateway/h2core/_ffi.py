@@ -20,8 +20,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import cffi
-
 from ._errors import CoreLoadError
 
 # The soname the Debian/Ubuntu package libnghttp2-14 installs (curl depends on it).
@@ -327,6 +325,10 @@ def load(path: str | None = None) -> Library:
 
 
 def _load(name: str) -> Library:
+    try:
+        import cffi
+    except ImportError:
+        raise CoreLoadError("the Python package cffi is not installed") from None
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
     try:
