@@ -21,7 +21,7 @@ retry() {  # a registry hiccup should not fail the run
 if command -v apt-get >/dev/null; then
     retry $SUDO apt-get update -qq
     retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        iproute2 curl openssl nghttp2-client nginx-light shellcheck >/dev/null
+        iproute2 curl openssl libnghttp2-14 nghttp2-client nginx-light shellcheck >/dev/null
 fi
 
 retry python3 -m pip install -q --upgrade pip
