@@ -245,6 +245,17 @@ class _JoinOnly(pb_grpc.FederationServicer):
         self.Join = service.Join  # type: ignore[method-assign]
 
 
+def _add_port(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials, what: str) -> int:
+    # grpcio returns 0 or, in newer releases, raises RuntimeError when the bind fails.
+    try:
+        port = server.add_secure_port(address, creds)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise FederationError(f"cannot listen on {address} ({what}): address in use or not local")
+    return port
+
+
 def _serve_metrics(listen: str) -> object:
     from prometheus_client import start_http_server
 
@@ -354,11 +365,8 @@ async def serve(cfg: ServeConfig) -> None:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         mtls = grpc.dynamic_ssl_server_credentials(certs.config, certs.fetch, require_client_authentication=True)
         server_auth = grpc.dynamic_ssl_server_credentials(certs.config, certs.fetch, require_client_authentication=False)
-        if server.add_secure_port(cfg.listen, mtls) == 0:
-            raise FederationError(f"cannot listen on {cfg.listen} (mtls): address in use or not local")
-        join_port = join_server.add_secure_port("127.0.0.1:0", server_auth)
-        if join_port == 0:
-            raise FederationError("cannot listen on 127.0.0.1 (join server, behind the join port)")
+        _add_port(server, cfg.listen, mtls, "mtls")
+        join_port = _add_port(join_server, "127.0.0.1:0", server_auth, "join server, behind the join port")
         await server.start()
         await join_server.start()
         join_front = await JoinFront(join_port).start(*split_hostport(cfg.join_address(), "--join-listen address"))

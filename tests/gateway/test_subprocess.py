@@ -95,7 +95,7 @@ async def _get(port: int, host: str) -> httpx.Response:
 async def test_gateway_processes_follow_federation_and_serve_last_good_config_when_it_is_down(
         tmp_path: Path, nursery: trio.Nursery) -> None:
     web = await nursery.start(H2Backend().serve)
-    etcd = await trio.to_thread.run_sync(start_etcd, tmp_path)
+    etcd = start_etcd(tmp_path)  # on this thread: etcd dies with the thread that started it
     procs: list[GatewayProcess] = []
     fed = None
     try:
