@@ -63,17 +63,20 @@ ADMINS_ONLY = AuthorizationPolicy(name="admins-only", selector=SEL_WEB, rules=(
          when=(JwtClaimMatch(claim="groups", values=("admins",)),)),))
 
 
-@pytest.mark.parametrize("case, tok, status, body", [
-    ("valid", token(), 200, None),
+# Tokens are made when the test runs, not when it is collected: a suite that runs for
+# half an hour on a loaded machine would otherwise hand "valid" an expired token.
+@pytest.mark.parametrize("case, make, status, body", [
+    ("valid", lambda: token(), 200, None),
     ("none", None, 403, "RBAC: access denied (no ALLOW policy matched)"),
-    ("expired", token(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200), 401,
+    ("expired", lambda: token(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200), 401,
      "Jwt is expired"),
-    ("wrong-audience", token(aud="billing"), 401, "Audiences in Jwt are not allowed"),
-    ("unknown-key", token(K2), 401, "Jwt verification fails"),
-    ("wrong-issuer", token(iss="https://evil.test"), 401, "Jwt issuer is not configured"),
-    ("garbage", "not.a.jwt", 401, "Jwt is not in the form of Header.Payload.Signature"),
+    ("wrong-audience", lambda: token(aud="billing"), 401, "Audiences in Jwt are not allowed"),
+    ("unknown-key", lambda: token(K2), 401, "Jwt verification fails"),
+    ("wrong-issuer", lambda: token(iss="https://evil.test"), 401, "Jwt issuer is not configured"),
+    ("garbage", lambda: "not.a.jwt", 401, "Jwt is not in the form of Header.Payload.Signature"),
 ])
-async def test_jwt_cases_with_inline_jwks(mesh3: Mesh3, logs, case, tok, status, body) -> None:
+async def test_jwt_cases_with_inline_jwks(mesh3: Mesh3, logs, case, make, status, body) -> None:
+    tok = make() if make else None
     mesh3.apply(2, (authn(), REQUIRE_JWT))
     resp, got = await mesh3.call("east", CART, extra=bearer(tok) if tok else ())
     assert resp[b":status"] == str(status).encode(), got
