@@ -18,10 +18,9 @@ from federation.agent._rotate import renew, rotate_once
 
 from .kube_emulator import KubeEmulator
 
-NOW = dt.datetime.now(dt.timezone.utc)
-
-
 def cluster_files(tmp_path: Path) -> tuple[dict[str, bytes], dict[str, dict[str, bytes]]]:
+    """A cluster CA and its gateway and agent leaves (1 h), issued now: each test takes
+    its clock after this, never at import (a long suite would age the leaves)."""
     root = trust.TrustDir(tmp_path / "root")
     root.init("isthmus.local")
     ca = root.issue_cluster("east")
@@ -38,12 +37,13 @@ def cluster_files(tmp_path: Path) -> tuple[dict[str, bytes], dict[str, dict[str,
 
 def test_nothing_renewed_before_half_life(tmp_path: Path) -> None:
     ca, leaves = cluster_files(tmp_path)
-    assert renew(ca, leaves, NOW + dt.timedelta(minutes=10)) == {}
+    now = dt.datetime.now(dt.timezone.utc)
+    assert renew(ca, leaves, now + dt.timedelta(minutes=10)) == {}
 
 
 def test_due_leaves_renewed_same_identity_lifetime_and_names(tmp_path: Path) -> None:
     ca, leaves = cluster_files(tmp_path)
-    later = NOW + dt.timedelta(minutes=40)
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=40)
     out = renew(ca, leaves, later)
     assert set(out) == {m.SECRET_GATEWAY, m.SECRET_AGENT}
     for name in out:
@@ -60,6 +60,7 @@ def test_due_leaves_renewed_same_identity_lifetime_and_names(tmp_path: Path) -> 
 
 def test_rotate_once_rewrites_the_secrets(tmp_path: Path) -> None:
     ca, leaves = cluster_files(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
     with_kube = KubeEmulator().start()
     try:
         api = with_kube.api_client()
@@ -73,8 +74,8 @@ def test_rotate_once_rewrites_the_secrets(tmp_path: Path) -> None:
         for name, data in leaves.items():
             put(name, data)
         kube = Kube(api)
-        assert rotate_once(kube, NOW) == []
-        assert rotate_once(kube, NOW + dt.timedelta(minutes=45)) == [m.SECRET_AGENT, m.SECRET_GATEWAY]
+        assert rotate_once(kube, now) == []
+        assert rotate_once(kube, now + dt.timedelta(minutes=45)) == [m.SECRET_AGENT, m.SECRET_GATEWAY]
         stored = json.loads(core.read_namespaced_secret(m.SECRET_GATEWAY, m.NAMESPACE, _preload_content=False).data)["data"]
         assert base64.b64decode(stored["cert.pem"]) != leaves[m.SECRET_GATEWAY]["cert.pem"]
         ca_after = json.loads(core.read_namespaced_secret(m.SECRET_CA, m.NAMESPACE, _preload_content=False).data)["data"]

@@ -172,3 +172,23 @@ def test_a_workload_agent_and_admin_each_write_only_what_they_may(
     with fed.client(pki.admin_dir) as admin:
         assert admin.withdraw("west", "shop", "cart") == 1  # an admin may write for any cluster
         assert [(s.cluster, s.name) for s in admin.list_services()] == [("east", "cart")]
+
+
+def test_an_agent_writes_its_cluster_under_a_federation_domain_of_any_length(etcd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The cluster is read off the caller's trust domain by cutting the federation's
+    domain off its end; with an even-length domain (16 characters here; the other tests'
+    isthmus.local has 13) an off-by-one there would misname it."""
+    from .fixtures import start_federation
+
+    root = trust.TrustDir(tmp_path / "trust")
+    root.init("fed.example.test")
+    root.issue_admin("ops", tmp_path / "admin-ops")
+    pki = Pki(root.path, tmp_path / "admin-ops")
+    fed = start_federation(pki, etcd.endpoint, tmp_path)
+    try:
+        east = join_cluster(fed, pki, "east", tmp_path)
+        with fed.client(east.agent_dir) as agent:
+            assert agent.publish("east", [SVC]).revision > 0
+            _refused(lambda: agent.publish("west", [SVC.model_copy(update={"cluster": "west"})]))
+    finally:
+        fed.stop()

@@ -151,9 +151,12 @@ async def test_config_swap_under_load_fails_no_request(mesh: Mesh, nursery: trio
                 snap = snap.model_copy(update={"services": services})
             mesh.west.apply_snapshot(snap)
             mesh.east.apply_snapshot(snap)
-            await trio.sleep(0.05)
+            # event-driven: requests keep completing across every swap, however slow the machine
+            seen = ok
+            with trio.fail_after(30):
+                while ok < seen + 2:
+                    await trio.sleep(0.01)
         done = True
     assert not failures, failures[:5]
-    assert ok > 100
     assert mesh.web.requests > 0 and web2.requests > 0
     assert mesh.east.state.routes.revision == 31
