@@ -64,7 +64,7 @@ def test_a_last_known_good_file_of_another_cluster_or_federation_is_refused_at_s
                   lambda: path.write_text(_snapshot(pki, ("east", "west"), ours).model_dump_json())):
         write()
         gw = _start(pki, tmp_path)
-        assert gw.snapshot is not None and gw.snapshot.revision == 7 and gw.config_source == "last-known-good"
+        assert gw.snapshot is not None and gw.snapshot.revision == 7 and gw.state.source == "last-known-good"
 
 
 def _refusal(pki: Pki, tmp_path: Path, path: Path, logs: list[dict], write) -> str:  # type: ignore[no-untyped-def]
@@ -107,6 +107,6 @@ def test_a_record_the_gateway_cannot_route_in_an_old_file_is_skipped_at_start(pk
     (tmp_path / "east-lkg.json").write_text(json.dumps(snap))
     gw = _start(pki, tmp_path)
     assert gw.snapshot is not None and [s.name for s in gw.snapshot.services] == ["web"]
-    assert {(t.service, t.host, t.target_port) for t in gw.table.inbound.values()} == {("web", "localhost", 8080)}
+    assert {(t.service, t.host, t.target_port) for t in gw.state.routes.inbound.values()} == {("web", "localhost", 8080)}
     [skipped] = [e for e in logs if e["event"] == "config.lkg_record_skipped"]
     assert "ports[0].target" in skipped["error"] and "HOST:PORT" in skipped["error"]

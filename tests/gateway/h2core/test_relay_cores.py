@@ -11,6 +11,7 @@ import h2.events as ev
 import pytest
 from h2.errors import ErrorCodes
 
+from gateway._context import RequestContext
 from gateway._relay import H2Endpoint, H2Half
 from gateway._telemetry import Exchange
 
@@ -41,9 +42,9 @@ class Rig:
         self.pump()
 
     def on_request(self, half: H2Half, headers, end: bool) -> None:
-        x = half.x = Exchange("source", "HTTP/2", lambda x: None)
-        x.grpc = any(k == b"content-type" and v.startswith(b"application/grpc")
-                     for k, v in headers)
+        ctx = half.ctx = RequestContext(Exchange("source", "HTTP/2", lambda x: None))
+        ctx.grpc = any(k == b"content-type" and v.startswith(b"application/grpc")
+                       for k, v in headers)
         up = H2Half(None, down=False)
         half.peer, up.peer = up, half
         up.write_headers(headers, end)
