@@ -40,6 +40,7 @@ from ._deadlines import Deadlines, parse_grpc_timeout
 from ._errors import ConfigError, GatewayError, UpstreamError
 from ._h1 import H1Connection, H1Half, H1Pool, H1Upstream
 from ._io import PrefixedStream, TcpHalf, h2_connection, link, new_upstream, pump_h2
+from ._normalize import PathOptions
 from ._pool import Pool
 from ._authz import Authz, Parked, PolicyState
 from ._proxy import Authorizer, Forward, Reject, allow_all, inbound, outbound, refusal, strip
@@ -143,6 +144,8 @@ class Gateway:
         self._tls_generation = self.client_tls.generation
         self.endpoints: set[H2Endpoint] = set()
         self.h1_pool = H1Pool()  # every live HTTP/2 connection (introspection)
+        pn = cfg.path_normalization
+        self.path_options = PathOptions(pn.merge_slashes, pn.escaped_slashes)
         # Federation AuthorizationPolicy + JWT; ``authorize`` runs after it (see _authz).
         self.authz = Authz(authorize, jwks_store, cluster=self.cluster)
         self.policy: PolicyState = self.authz.build(None)
@@ -380,7 +383,8 @@ class Gateway:
             x.response_flags = "RBAC"
             half.respond(403, [(b"content-type", b"text/plain")], b"peer cluster not joined\n")
             return
-        d = inbound(headers, table, peer, str(sid), self.policy, x)
+        d = inbound(headers, table, peer, str(sid), self.policy, x, self.path_options,
+                    self.limits.max_header_list_size, str(self.identity))
         if isinstance(d, Reject):
             self._reject(half, x, d)
             return
@@ -562,7 +566,7 @@ class Gateway:
         half.x = x
         x.source_principal = caller
         x.source_cluster = self.cluster
-        d = outbound(headers, self.table, caller, x)
+        d = outbound(headers, self.table, caller, x, self.limits.max_header_list_size)
         if isinstance(d, Reject):
             self._reject(half, x, d)
             return

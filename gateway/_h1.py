@@ -15,7 +15,9 @@ from typing import Any
 import h11
 import trio
 
+from ._normalize import split_target
 from ._relay import _FLAG_STATUS, Headers
+from ._sanitize import BodyFraming, Refused
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
@@ -32,6 +34,7 @@ class H1Half:
         self.headers_sent = False
         self.closed = False
         self.complete = trio.Event()  # response fully written (or failed)
+        self.framing: BodyFraming | None = None
 
     def write_headers(self, headers: Headers, end: bool) -> None:
         if self.closed:
@@ -50,12 +53,14 @@ class H1Half:
                 self.c.send(h11.InformationalResponse(status_code=status, headers=out))
             return
         self.headers_sent = True
+        self.framing = BodyFraming(headers, self.x.method if self.x is not None else "")
         self.c.send(h11.Response(status_code=status, headers=out))
         if end:
             self.write_end()
 
     def write_data(self, data: bytes, credit: int) -> None:
-        if self.closed:
+        if self.closed or (self.framing is not None and self.framing.no_body):
+            # HEAD, 204, 304: no body, whatever the upstream sends.
             if self.peer is not None:
                 self.peer.ack(credit)
             return
@@ -206,20 +211,37 @@ class H1Connection:
                 continue
             return h11.ConnectionClosed()
 
+    async def _bad_request(self, status: int = 400) -> None:
+        """Answer ``status`` and close, if no response has begun (else just close)."""
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.send(h11.Response(status_code=status, headers=[(b"content-length", b"0"),
+                                                                (b"connection", b"close")]))
+            self.send(h11.EndOfMessage())
+            await self._flush()
+
     async def _serve(self) -> None:
         while True:
             try:
                 event = await self._next_event()
             except h11.RemoteProtocolError:
-                if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    self.send(h11.Response(status_code=400, headers=[(b"content-length", b"0"),
-                                                                     (b"connection", b"close")]))
-                    self.send(h11.EndOfMessage())
-                    await self._flush()
+                await self._bad_request()
                 return
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return
             if not isinstance(event, h11.Request):
+                return
+            te = cl = False
+            for k, _ in event.headers:
+                te = te or k == b"transfer-encoding"
+                cl = cl or k == b"content-length"
+            if te and cl:
+                # Both framings (RFC 9112 §6.1): a smuggling attempt or a broken client.
+                await self._bad_request()
+                return
+            try:
+                authority, target = split_target(event.target)
+            except Refused:
+                await self._bad_request()
                 return
             half = self.half = H1Half(self, self.new_exchange())
             headers: Headers = [(b":method", event.method), (b":scheme", self.scheme)]
@@ -243,8 +265,9 @@ class H1Connection:
             if event.method == b"CONNECT":
                 headers = [(b":method", b"CONNECT"), (b":authority", event.target)]
             else:
-                headers.append((b":authority", host))
-                headers.append((b":path", event.target))
+                # Absolute-form (a proxy request): its authority wins over Host (RFC 9112 §3.2.2).
+                headers.append((b":authority", authority or host))
+                headers.append((b":path", target))
             headers.extend(rest)
             end = not chunked and not length
             self.in_flight = 0
@@ -254,7 +277,19 @@ class H1Connection:
                 while self.in_flight >= self.buffer and not half.closed:
                     self._reader_ev = trio.Event()
                     await self._reader_ev.wait()
-                ev = await self._next_event()
+                try:
+                    ev = await self._next_event()
+                except h11.RemoteProtocolError:
+                    # A broken body (bad chunk, short read): fail this exchange, upstream too.
+                    if half.peer is not None:
+                        half.peer.abort(8, "DPE", "malformed request body")
+                    if not half.headers_sent:
+                        half.closed = True
+                        if half.x is not None:
+                            half.x.response_code, half.x.response_flags = 400, "DPE"
+                            half.x.finish()
+                        await self._bad_request()
+                    return
                 if isinstance(ev, h11.Data):
                     self.in_flight += len(ev.data)
                     if half.x is not None:
@@ -410,22 +445,28 @@ class H1Upstream:
             if self.peer is not None:
                 self.peer.abort(8, "UF", f"upstream connect failed: {exc}")
             return
-        keep = False
+        keep = pooled = False
         try:
-            async with trio.open_nursery() as n:
-                n.start_soon(self._send, stream, conn, n.cancel_scope)
-                keep = await self._receive(stream, conn)
-                n.cancel_scope.cancel()
-        except (*_BROKEN, h11.ProtocolError) as exc:
-            if not self.closed and self.peer is not None:
-                self.peer.abort(8, "UC" if self.headers_sent else "UF", f"upstream failed: {exc}")
-            self.closed = True
-        if keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            if pool.put(key, stream, conn):
-                return
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(stream)
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._send, stream, conn, n.cancel_scope)
+                    keep = await self._receive(stream, conn)
+                    n.cancel_scope.cancel()
+            except* (*_BROKEN, h11.ProtocolError) as group:
+                # The service closed or broke the exchange (before answering, or mid-body).
+                exc = group.exceptions[0]
+                if not self.closed and self.peer is not None:
+                    self.peer.abort(8, "UC" if self.headers_sent else "UF",
+                                    f"upstream failed: {exc}")
+                self.closed = True
+            if keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                pooled = pool.put(key, stream, conn)
+        finally:
+            # Always, whatever escaped above: a socket not closed here sits in CLOSE-WAIT.
+            if not pooled:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
 
     async def _send(self, stream: trio.abc.Stream, conn: h11.Connection,
                     scope: trio.CancelScope) -> None:

@@ -23,17 +23,24 @@ from hpack import NeverIndexedHeaderTuple
 
 from trust import InvalidSpiffeId, SpiffeId
 
+from ._normalize import DEFAULT as DEFAULT_PATHS, PathOptions, normalize_target
 from ._relay import Headers
 from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable
+from ._sanitize import (
+    XFCC,
+    Refused,
+    check_request,
+    check_size,
+    outbound_request,
+    source_identity,
+)
 from ._telemetry import Exchange
 
 log = structlog.get_logger("isthmus.gateway")
 
 SOURCE_IDENTITY = b"isthmus-source-identity"
 TRACEPARENT = b"traceparent"
-# Never forwarded from a workload: only gateways may assert these.
-_STRIPPED_OUTBOUND = frozenset({SOURCE_IDENTITY, b"host", b"connection", b"keep-alive",
-                                b"proxy-connection", b"transfer-encoding", b"upgrade"})
+DEFAULT_HEADER_LIMIT = 60 * 1024  # Limits.max_header_list_size's default
 _HEX = frozenset(b"0123456789abcdef")
 
 
@@ -123,7 +130,7 @@ def _scan(headers: Headers, x: Exchange) -> tuple[bytes | None, bytes | None, by
             if k == b":authority":
                 authority = v
             elif k == b":method":
-                x.method = v.decode()
+                x.method = v.decode("latin-1")
             elif k == b":path":
                 x.path = v.decode("latin-1")
         elif k == b"content-type":
@@ -141,36 +148,53 @@ def _scan(headers: Headers, x: Exchange) -> tuple[bytes | None, bytes | None, by
     return authority or host, tp, host
 
 
-def outbound(headers: Headers, table: RouteTable, caller: str, x: Exchange) -> Forward | Reject:
+def outbound(headers: Headers, table: RouteTable, caller: str, x: Exchange,
+             header_limit: int = DEFAULT_HEADER_LIMIT) -> Forward | Reject:
     authority, tp, _ = _scan(headers, x)
     if not authority:
         return Reject("NR", "request has no :authority or Host header", 400)
     x.authority = auth = authority.decode("latin-1")
+    # Identity headers in any letter case, hop-by-hop fields: never from a workload.
+    out = outbound_request(headers)
+    try:
+        check_request(out)
+    except Refused as exc:
+        return _refused(exc)
     route = table.outbound_route(auth)
     if route is None:
         return Reject("NR", f"no imported service is named {auth!r}")
     x.destination_service = route.destination_service
+    if x.method == "CONNECT" and route.protocol != "TCP":
+        return _connect_refused(auth, route.protocol)
     tpv, x.trace_id = traceparent(tp)
     new_auth = route.authority.encode()
-    out: Headers = []
-    for k, v in headers:
-        if k == b":authority":
-            out.append((k, new_auth))
-        elif k in _STRIPPED_OUTBOUND or k == TRACEPARENT or k.startswith(b"isthmus-"):
-            continue
-        else:
-            out.append((k, v))
+    out = [(k, new_auth) if k == b":authority" else (k, v) for k, v in out if k != TRACEPARENT]
     if not any(k == b":authority" for k, _ in out):
         out.insert(1, (b":authority", new_auth))
     if caller:
         out.append((SOURCE_IDENTITY, caller.encode()))
     # Unique per request: never indexed, so it doesn't churn the HPACK dynamic tables.
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
+    try:
+        check_size(out, header_limit)  # counted as the peer will: what we added included
+    except Refused as exc:
+        return _refused(exc)
     return Forward(out, route, x.method == "CONNECT")
 
 
+def _refused(exc: Refused) -> Reject:
+    # Envoy's flag for a downstream protocol error; gRPC INTERNAL, as Envoy maps 400/431.
+    return Reject("DPE", str(exc), exc.status, grpc_status=13)
+
+
+def _connect_refused(authority: str, protocol: str) -> Reject:
+    return Reject("NR", f"CONNECT is allowed to TCP ports only: {authority} is exported as "
+                  f"{protocol}; send HTTP requests to it instead", 405)
+
+
 def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_principal: str,
-            authorize: Authorizer, x: Exchange) -> Forward | Reject:
+            authorize: Authorizer, x: Exchange, paths: PathOptions = DEFAULT_PATHS,
+            header_limit: int = DEFAULT_HEADER_LIMIT, local_id: str = "") -> Forward | Reject:
     authority, tp, _ = _scan(headers, x)
     x.source_cluster = peer.name
     x.peer_principal = peer_principal
@@ -178,15 +202,30 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
     if not authority:
         return Reject("NR", "request has no :authority", 400)
     x.authority = auth = authority.decode("latin-1")
+    connect = x.method == "CONNECT"
+    try:
+        # The connection from a peer gateway skips h2's header validation: this is it.
+        check_request(headers)
+        asserted = source_identity(headers)
+        if not connect:
+            # Normalized before authorization, and forwarded as normalized (see _normalize).
+            path = normalize_target(next(v for k, v in headers if k == b":path"),
+                                    x.method.encode("latin-1"), paths)
+            x.path = path.decode("latin-1")
+            headers = [(k, path) if k == b":path" else (k, v) for k, v in headers]
+    except Refused as exc:
+        if exc.status == 403:
+            log.warning("inbound.identity_refused", peer=peer_principal, error=str(exc))
+            return Reject("RBAC", str(exc), 403)
+        return _refused(exc)
     target = table.inbound_target(auth)
     if target is None or not target.visible_to(peer.name):
         # Same answer whether the service does not exist or is not exported to the peer.
         return Reject("NR", f"no service {auth!r} is exported to cluster {peer.name!r}")
     x.destination_service = target.destination_service
-    source = ""
-    for k, v in headers:
-        if k == SOURCE_IDENTITY:
-            source = v.decode("latin-1")
+    if connect and target.protocol != "TCP":
+        return _connect_refused(auth, target.protocol)
+    source = asserted.decode("latin-1") if asserted else ""
     if source:
         try:
             sid = SpiffeId.parse(source)
@@ -207,10 +246,17 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
         if denied is not None:
             return denied
     tpv, x.trace_id = traceparent(tp)
-    out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT]
+    out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT and k != XFCC]
     out = strip(out, decision.strip_headers)
+    if source and local_id and not connect:
+        # Envoy's SANITIZE_SET: the service learns the verified caller, never a forwarded one.
+        out.append((XFCC, f"By={local_id};URI={source}".encode()))
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
-    return Forward(out, target, x.method == "CONNECT", decision.pending)
+    try:
+        check_size(out, header_limit)
+    except Refused as exc:
+        return _refused(exc)
+    return Forward(out, target, connect, decision.pending)
 
 
 def strip(headers: Headers, names: frozenset[bytes]) -> Headers:
@@ -234,4 +280,5 @@ def refusal(decision: Decision, x: Exchange, peer_principal: str) -> Reject | No
 
 
 __all__ = ["ALLOW", "Authorizer", "Decision", "Forward", "LocalTarget", "OutboundRoute",
-           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "refusal", "strip", "traceparent"]
+           "Reject", "RequestAttrs", "allow_all", "inbound", "outbound", "refusal", "strip",
+           "traceparent"]

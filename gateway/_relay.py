@@ -31,8 +31,13 @@ from typing import Any, Protocol
 
 import h2.events as ev
 import h2.exceptions
+import structlog
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+
+from ._sanitize import BodyFraming, request_trailers
+
+log = structlog.get_logger("isthmus.gateway")
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -104,17 +109,41 @@ class H2Endpoint:
                     credit += event.flow_controlled_length
                     continue
                 if pend is not None:
-                    self._data_merged(pend.stream_id, chunks, credit)
+                    self._safe_data(pend.stream_id, chunks, credit)
                 pend, chunks, credit = event, [event.data], event.flow_controlled_length
                 continue
             if pend is not None:
-                self._data_merged(pend.stream_id, chunks, credit)
+                self._safe_data(pend.stream_id, chunks, credit)
                 pend = None
             handler = handlers.get(type(event))
             if handler is not None:
-                handler(self, event)
+                try:
+                    handler(self, event)
+                except Exception as exc:  # noqa: BLE001 - one stream's fault stays in it
+                    self._stream_failed(getattr(event, "stream_id", 0), exc)
         if pend is not None:
-            self._data_merged(pend.stream_id, chunks, credit)
+            self._safe_data(pend.stream_id, chunks, credit)
+
+    def _safe_data(self, sid: int, chunks: list[bytes], credit: int) -> None:
+        try:
+            self._data_merged(sid, chunks, credit)
+        except Exception as exc:  # noqa: BLE001 - as in receive
+            self._stream_failed(sid, exc)
+
+    def _stream_failed(self, sid: int, exc: Exception) -> None:
+        """Handling one stream's event raised: that stream is reset, the connection lives."""
+        if not sid:
+            raise exc  # a connection-level event: the shell closes the connection
+        log.error("stream.crashed", stream_id=sid, error=repr(exc), exc_info=exc)
+        half = self.halves.get(sid)
+        if half is not None:
+            half.fail(500, "internal error")
+            return
+        try:
+            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.mark()
         self.mark()
 
     def terminate(self, code: int = ErrorCodes.CANCEL, flags: str = "UC") -> None:
@@ -187,7 +216,8 @@ class H2Endpoint:
             return
         half.recv_ended = half.ended_forwarded = True
         if half.peer is not None:
-            half.peer.write_trailers(e.headers)
+            # Request trailers never carry identity (nor fields HTTP/2 forbids onward).
+            half.peer.write_trailers(request_trailers(e.headers) if half.is_down else e.headers)
         half._maybe_done()
 
     def _data_merged(self, sid: int, chunks: list[bytes], credit: int) -> None:
@@ -256,7 +286,7 @@ class H2Half:
     """A stream on an :class:`H2Endpoint` (or, before :meth:`attach`, one waiting for it)."""
 
     __slots__ = ("ep", "sid", "peer", "q", "recv_ended", "ended_forwarded", "sent_end",
-                 "closed", "x", "is_down", "headers_sent", "on_fail")
+                 "closed", "x", "is_down", "headers_sent", "on_fail", "framing")
 
     def __init__(self, ep: H2Endpoint | None, sid: int = 0, *, down: bool = True) -> None:
         self.ep = ep
@@ -273,6 +303,8 @@ class H2Half:
         # Upstream halves: called when the connection fails before our headers went out,
         # so the shell may retry elsewhere; returns True if it took over.
         self.on_fail: Callable[[H2Half, str], bool] | None = None
+        # The body our headers allow (none after HEAD/204/304; content-length): see _sanitize.
+        self.framing: BodyFraming | None = None
 
     def __repr__(self) -> str:
         return f"<H2Half sid={self.sid} down={self.is_down} closed={self.closed}>"
@@ -293,14 +325,24 @@ class H2Half:
         x = self.x
         if x is not None:
             x.on_response_headers(headers, end)
+        if not _informational(headers):
+            fr = self.framing = BodyFraming(headers, x.method if x is not None else "")
+            if end and not fr.end_ok():
+                self._malformed()
+                return
         self.q.append([_HEADERS, headers, end])
         if self.ep is not None:
             self.flush()
 
     def write_data(self, data: bytes, credit: int) -> None:
-        if self.closed:
+        fr = self.framing
+        ok = True if fr is None else fr.data(len(data))
+        if self.closed or ok is None:  # closed, or a body where none is allowed: drop it
             if self.peer is not None:
                 self.peer.ack(credit)
+            return
+        if ok is False:
+            self._malformed()
             return
         x = self.x
         if x is not None:
@@ -312,6 +354,9 @@ class H2Half:
     def write_trailers(self, trailers: Headers) -> None:
         if self.closed:
             return
+        if self.framing is not None and not self.framing.end_ok():
+            self._malformed()
+            return
         x = self.x
         if x is not None:
             x.on_trailers(trailers)
@@ -321,6 +366,9 @@ class H2Half:
 
     def write_end(self) -> None:
         if self.closed:
+            return
+        if self.framing is not None and not self.framing.end_ok():
+            self._malformed()
             return
         self.q.append([_END])
         if self.ep is not None:
@@ -346,6 +394,34 @@ class H2Half:
         if x is not None and not x.response_flags:
             x.response_flags = flags
         self._reset(code)
+
+    def _malformed(self) -> None:
+        """The body does not fit the headers we sent (content-length): an h2 receiver would
+        fail the whole connection on it, so reset this stream instead."""
+        self.fail(502 if self.is_down else 400, "body length does not match content-length",
+                  ErrorCodes.PROTOCOL_ERROR, "UPE" if self.is_down else "DPE")
+
+    def fail(self, status: int, message: str, code: int = ErrorCodes.INTERNAL_ERROR,
+             flags: str = "DPE") -> None:
+        """This stream failed here (a bug, a malformed body): answer ``status`` if nothing
+        was sent yet, else reset; the peer half is aborted either way."""
+        if self.closed:
+            return
+        peer = self.peer
+        x = self.x
+        if x is not None and not x.response_flags:
+            x.response_flags = flags
+        if self.is_down and not self.headers_sent and self.ep is not None:
+            self._release_queue()
+            self.framing = None
+            if x is not None and x.grpc:
+                self.respond_grpc(13, message)  # INTERNAL
+            else:
+                self.respond(status, [(b"content-type", b"text/plain")], message.encode() + b"\n")
+        else:
+            self._reset(code)
+        if peer is not None and not isinstance(peer, _Sink):
+            peer.abort(code, flags, message)
 
     # -- local answers ----------------------------------------------------------------
     def respond(self, status: int, headers: Headers = (), body: bytes = b"",  # type: ignore[assignment]
@@ -525,10 +601,17 @@ class _Sink:
 
 
 # Envoy response flags -> HTTP status / gRPC status for locally generated errors.
-_FLAG_STATUS = {"NR": 404, "RBAC": 403, "UF": 503, "UC": 503, "UR": 503, "UH": 503, "UO": 503,
+_FLAG_STATUS = {"DPE": 400, "UPE": 502, "NR": 404, "RBAC": 403, "UF": 503, "UC": 503, "UR": 503, "UH": 503, "UO": 503,
                 "UT": 504, "DT": 504, "UAEX": 403, "RL": 429}
-_FLAG_GRPC = {"NR": 12, "RBAC": 7, "UF": 14, "UC": 14, "UR": 14, "UH": 14, "UO": 14, "UT": 4, "DT": 4,
+_FLAG_GRPC = {"DPE": 13, "UPE": 13, "NR": 12, "RBAC": 7, "UF": 14, "UC": 14, "UR": 14, "UH": 14, "UO": 14, "UT": 4, "DT": 4,
               "UAEX": 7, "RL": 8}
+
+
+def _informational(headers: Headers) -> bool:
+    for k, v in headers:
+        if k == b":status":
+            return v[:1] == b"1"
+    return False
 
 
 def _grpc_message(message: str) -> bytes:
