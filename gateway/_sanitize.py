@@ -30,6 +30,7 @@ on that stream only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from ._errors import GatewayError
@@ -42,10 +43,6 @@ XFCC = b"x-forwarded-client-cert"
 CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                  b"transfer-encoding", b"upgrade"})
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-# RFC 9110 §5.6.2 tchar, lower-case only (HTTP/2 field names are lower-case).
-_NAME_OK = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
-_METHOD_OK = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_VALUE_BAD = frozenset(b"\r\n\x00")
 FIELD_OVERHEAD = 32  # RFC 9113 §6.5.2
 NO_BODY_STATUS = frozenset({204, 304})
 
@@ -60,7 +57,16 @@ class Refused(GatewayError):
 
 def _is_identity(name: bytes) -> bool:
     n = name.lower()
-    return n.startswith(b"isthmus-") or n == XFCC
+    return n[:8] == b"isthmus-" or n == XFCC
+
+
+_bad_name = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9a-z]").search
+_bad_value = re.compile(rb"[\r\n\x00]").search
+_ctl = re.compile(rb"[\x00-\x20\x7f]").search
+_bad_method = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Z]").search
+# Names already found valid (they repeat across requests): skips the regex. Bounded.
+_good_names: set[bytes] = set()
+_GOOD_NAMES_MAX = 4096
 
 
 def check_request(headers: Iterable[tuple[bytes, bytes]]) -> None:
@@ -68,6 +74,7 @@ def check_request(headers: Iterable[tuple[bytes, bytes]]) -> None:
     method = path = length = None
     regular = False
     seen: set[bytes] = set()
+    values: list[bytes] = []
     for k, v in headers:
         if k[:1] == b":":
             if regular:
@@ -83,45 +90,53 @@ def check_request(headers: Iterable[tuple[bytes, bytes]]) -> None:
                 path = v
             continue
         regular = True
-        if not k or not _NAME_OK.issuperset(k):
-            raise Refused(f"bad request: header name {k.decode('latin-1')!r} is not a "
-                          "lower-case token")
-        if k in CONNECTION_SPECIFIC:
-            raise Refused(f"bad request: connection-specific header {k.decode()!r}")
-        if k == b"te" and v.strip().lower() != b"trailers":
-            raise Refused("bad request: te other than 'trailers'")
-        if not _VALUE_BAD.isdisjoint(v):
-            raise Refused(f"bad request: header {k.decode()!r} carries CR, LF or NUL")
-        if k == b"content-length":
+        values.append(v)
+        if k not in _good_names:
+            if not k or _bad_name(k):
+                raise Refused(f"bad request: header name {k.decode('latin-1')!r} is not a "
+                              "lower-case token")
+            if k in CONNECTION_SPECIFIC:
+                raise Refused(f"bad request: connection-specific header {k.decode()!r}")
+            if k != b"te" and k != b"content-length" and len(_good_names) < _GOOD_NAMES_MAX:
+                _good_names.add(k)
+        if k == b"te":
+            if v.strip().lower() != b"trailers":
+                raise Refused("bad request: te other than 'trailers'")
+        elif k == b"content-length":
             # h2 treats a bad or conflicting one as a connection error where it arrives.
             if not v.isdigit() or (length is not None and v != length):
                 raise Refused("bad request: invalid or conflicting content-length")
             length = v
-    if method is None or not method or not _METHOD_OK.issuperset(method):
+    if values and _bad_value(b"".join(values)):
+        raise Refused("bad request: a header value carries CR, LF or NUL")
+    if not method or _bad_method(method):
         raise Refused("bad request: :method must be an upper-case token")
     if method == b"CONNECT":
         return
     if not path:
         raise Refused("bad request: no :path")
-    for b in path:
-        if b <= 0x20 or b == 0x7F:
-            raise Refused("bad request: :path contains a space or control character")
+    if _ctl(path):
+        raise Refused("bad request: :path contains a space or control character")
+
+
+_DROP_OUTBOUND = CONNECTION_SPECIFIC | {b"host", XFCC}
 
 
 def outbound_request(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """A workload's request headers as the outbound may forward them (no identity)."""
+    out: Headers = []
     named: set[bytes] = set()
     for k, v in headers:
-        if k.lower() == b"connection":
-            named.update(t.strip().lower() for t in v.split(b","))
-    out: Headers = []
-    for k, v in headers:
         lk = k.lower()
-        if _is_identity(lk) or lk in CONNECTION_SPECIFIC or lk == b"host" or lk in named:
+        if lk in _DROP_OUTBOUND or lk[:8] == b"isthmus-":
+            if lk == b"connection":
+                named.update(t.strip().lower() for t in v.split(b","))
             continue
         if lk == b"te" and v.strip().lower() != b"trailers":
             continue
         out.append((k, v))
+    if named:  # fields the connection header names are hop-by-hop too (RFC 9110 §7.6.1)
+        out = [(k, v) for k, v in out if k.lower() not in named]
     return out
 
 
@@ -142,11 +157,14 @@ def request_trailers(trailers: Iterable[tuple[bytes, bytes]]) -> Headers:
             if k[:1] != b":" and not _is_identity(k) and k.lower() not in CONNECTION_SPECIFIC]
 
 
-def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
-    return sum(len(k) + len(v) + FIELD_OVERHEAD for k, v in headers)
+def header_list_size(headers: Headers) -> int:
+    n = 0
+    for k, v in headers:
+        n += len(k) + len(v)
+    return n + FIELD_OVERHEAD * len(headers)
 
 
-def check_size(headers: Iterable[tuple[bytes, bytes]], limit: int) -> None:
+def check_size(headers: Headers, limit: int) -> None:
     """431 if the final header list (what the gateway added included) exceeds ``limit``."""
     size = header_list_size(headers)
     if size > limit:
