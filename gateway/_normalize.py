@@ -38,6 +38,7 @@ Methods that are not an upper-case token are refused by :func:`gateway._sanitize
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ._sanitize import Refused
@@ -68,10 +69,12 @@ class PathOptions:
 DEFAULT = PathOptions()
 
 
+_ctl = re.compile(rb"[\x00-\x20\x7f]").search
+
+
 def _no_ctl(data: bytes, what: str) -> None:
-    for b in data:
-        if b <= 0x20 or b == 0x7F:
-            raise BadRequest(f"bad request: {what} contains a space or control character")
+    if _ctl(data):
+        raise BadRequest(f"bad request: {what} contains a space or control character")
 
 
 def split_target(target: bytes) -> tuple[bytes | None, bytes]:
@@ -115,8 +118,16 @@ def normalize_target(target: bytes, method: bytes = b"GET",
     return normalize_path(path, options) + q + query
 
 
+# Nothing to do for most paths: only allowed bytes, no escapes or backslashes, no dot
+# segment (every segment follows a "/", the path starting with one).
+_plain = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z").match
+_dot_segment = re.compile(rb"/\.\.?(?:/|\Z)").search
+
+
 def normalize_path(path: bytes, options: PathOptions = DEFAULT) -> bytes:
     """Steps 1-4 of the module docstring on a path (no query)."""
+    if _plain(path) and not _dot_segment(path) and not (options.merge_slashes and b"//" in path):
+        return path
     decoded = _decode(path, options.escaped_slashes)
     if options.merge_slashes:
         decoded = _merge(decoded)
