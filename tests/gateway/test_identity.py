@@ -14,6 +14,7 @@ import h2.events
 import trio
 
 import trust
+from gateway._context import RequestContext
 from gateway._proxy import Forward, outbound
 from gateway._telemetry import Exchange
 
@@ -152,10 +153,11 @@ async def test_outbound_strips_identity_in_workload_h2_headers_and_trailers(mesh
 
 async def test_outbound_decision_never_forwards_xfcc_or_identity(mesh: Mesh) -> None:
     """What east sends to its peer, checked on the pure decision itself."""
-    x = Exchange("source", "HTTP/2", mesh.east.recorder)
-    d = outbound([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-                  (b":authority", WEB_OUT), (b"x-forwarded-client-cert", b"By=evil"),
-                  (b"isthmus-source-identity", WEST_ADMIN)], mesh.east.table, EAST_WL, x)
+    headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+               (b":authority", WEB_OUT), (b"x-forwarded-client-cert", b"By=evil"),
+               (b"isthmus-source-identity", WEST_ADMIN)]
+    ctx = RequestContext.parse(headers, Exchange("source", "HTTP/2", mesh.east.recorder))
+    d = outbound(headers, mesh.east.state.routes, EAST_WL, ctx)
     assert isinstance(d, Forward)
     names = [k for k, _ in d.headers]
     assert b"x-forwarded-client-cert" not in names

@@ -192,5 +192,5 @@ async def test_merge_slashes_option(mesh: Mesh, nginx: int) -> None:
     assert (await _inbound(mesh, b"//api/x"))[0] == 403
     cfg = mesh.west.cfg.path_normalization.model_copy(update={"merge_slashes": True})
     from gateway._normalize import PathOptions
-    mesh.west.path_options = PathOptions(cfg.merge_slashes, cfg.escaped_slashes)
+    mesh.west.handlers.paths = PathOptions(cfg.merge_slashes, cfg.escaped_slashes)
     assert await _inbound(mesh, b"//api//x") == (200, b"api uri=/api/x\n")

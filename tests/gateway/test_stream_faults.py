@@ -308,7 +308,7 @@ async def test_victim_keeps_working_while_attackers_send_each_trigger(stage: Mes
     echoed = await victim.finish()
     assert echoed["body_len"] == victim.sent
     assert peer_connections(mesh) == peers
-    assert mesh.west.downstream["inbound"] == 1
+    assert mesh.west.listeners.downstream["inbound"] == 1
 
 
 def _gw_ctx(mesh: Mesh):

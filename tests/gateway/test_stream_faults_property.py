@@ -138,4 +138,4 @@ async def test_malformed_requests_never_close_the_shared_connection(stage: Mesh,
     assert count["n"] >= 600
     await victim.still_works(1)
     check()
-    assert mesh.west.downstream["inbound"] == 1
+    assert mesh.west.listeners.downstream["inbound"] == 1
