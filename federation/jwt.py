@@ -7,7 +7,8 @@ request headers and returns a :class:`JwtResult`:
 - no token: ``ok`` with ``request_principal=None`` (authentication passes; an
   AuthorizationPolicy asking for ``request_principals`` is what refuses it);
 - a valid token: ``ok`` with the claims and ``request_principal = "<iss>/<sub>"``;
-- anything else: not ``ok`` with a ``reason`` (the gateway answers 401).
+- anything else: not ``ok`` with a ``reason`` for the log and a :class:`JwtFailure`
+  (the gateway answers 401 with the category's public wording).
 
 Signatures, algorithms and claims are checked by joserfc; we never parse a JWT by hand.
 Only asymmetric algorithms are accepted (no ``none``, no ``HS*``: a JWKS is public, so an
@@ -27,6 +28,7 @@ then the issuer fails closed with a reason that says so.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 import threading
@@ -61,6 +63,7 @@ __all__ = [
     "JwksStore",
     "JwksUnavailable",
     "JwtError",
+    "JwtFailure",
     "JwtResult",
     "JwtValidator",
     "default_fetch",
@@ -329,20 +332,36 @@ class JwksStore:
 # ---------------------------------------------------------------- validation
 
 
+class JwtFailure(enum.Enum):
+    """What kind of failure a refused token is: chosen where the failure is detected (by
+    exception type or check), never from the text of ``reason``, which quotes the
+    token's own ``iss``, ``kid``, ``alg`` and ``aud``."""
+
+    MALFORMED = "malformed"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    AUDIENCE = "audience"
+    ISSUER = "issuer"
+    JWKS_FETCH = "jwks_fetch"
+    VERIFICATION = "verification"
+
+
 @dataclass(frozen=True, slots=True)
 class JwtResult:
     ok: bool
     request_principal: str | None = None
     claims: Mapping[str, Any] | None = None
-    reason: str = ""
+    reason: str = ""  # for logs: may quote attacker-chosen token fields
     refresh_wanted: bool = False  # call JwtValidator.refresh() (in a thread), then retry once
+    failure: JwtFailure | None = None  # set when not ``ok``
 
 
 _NO_TOKEN = JwtResult(ok=True, reason="no token")
 
 
-def _reject(reason: str, *, refresh: bool = False) -> JwtResult:
-    return JwtResult(ok=False, reason=f"invalid JWT: {reason}", refresh_wanted=refresh)
+def _reject(failure: JwtFailure, reason: str, *, refresh: bool = False) -> JwtResult:
+    return JwtResult(ok=False, reason=f"invalid JWT: {reason}", refresh_wanted=refresh,
+                     failure=failure)
 
 
 def _text(v: str | bytes) -> str:
@@ -453,27 +472,29 @@ class JwtValidator:
         if not tokens:
             return _NO_TOKEN
         if len(tokens) > 1:
-            return _reject("the request carries more than one token")
+            return _reject(JwtFailure.MALFORMED, "the request carries more than one token")
         token = tokens.pop()
         if len(token) > self.max_token_bytes:
-            return _reject(f"token longer than {self.max_token_bytes} bytes")
+            return _reject(JwtFailure.MALFORMED, f"token longer than {self.max_token_bytes} bytes")
         try:
             compact = extract_compact(token.encode("ascii"))
             header = compact.headers()
             peek = json.loads(compact.payload or b"")
         except (JoseError, ValueError, UnicodeError, TypeError) as exc:
-            return _reject(f"malformed token ({exc})")
+            return _reject(JwtFailure.MALFORMED, f"malformed token ({exc})")
         alg = header.get("alg")
         if alg == "none":
-            return _reject("unsigned token (alg none) is not accepted")
+            return _reject(JwtFailure.VERIFICATION, "unsigned token (alg none) is not accepted")
         if alg not in self.algorithms:
-            return _reject(f"algorithm {alg!r} is not allowed (allowed: {', '.join(self.algorithms)})")
+            return _reject(JwtFailure.VERIFICATION, f"algorithm {alg!r} is not allowed "
+                           f"(allowed: {', '.join(self.algorithms)})")
         if not isinstance(peek, dict):
-            return _reject("payload is not a JSON object")
+            return _reject(JwtFailure.VERIFICATION, "payload is not a JSON object")
         issuer = peek.get("iss")
         candidates = self._issuers.get(issuer) if isinstance(issuer, str) else None
         if not candidates:
             return _reject(
+                JwtFailure.ISSUER,
                 f"issuer {issuer!r} is not accepted here (accepted: {', '.join(self._issuers)})"
             )
         first: JwtResult | None = None
@@ -491,12 +512,14 @@ class JwtValidator:
         try:
             keyset = cand.source.keyset(now)
         except JwksUnavailable as exc:
-            return _reject(f"issuer {issuer!r}: {exc}", refresh=cand.source.refresh_due(now))
+            return _reject(JwtFailure.JWKS_FETCH, f"issuer {issuer!r}: {exc}",
+                           refresh=cand.source.refresh_due(now))
         kid = header.get("kid")
         if kid is not None:
             keys = [k for k in keyset.keys if k.kid == kid]
             if not keys:
                 return _reject(
+                    JwtFailure.VERIFICATION,
                     f"no key with kid {kid!r} in the JWKS of issuer {issuer!r}",
                     refresh=cand.source.request_refresh(now),
                 )
@@ -513,10 +536,10 @@ class JwtValidator:
             except JoseError as exc:
                 last_error = exc.description or type(exc).__name__
         if token_obj is None:
-            return _reject(f"issuer {issuer!r}: {last_error}")
+            return _reject(JwtFailure.VERIFICATION, f"issuer {issuer!r}: {last_error}")
         claims = token_obj.claims
         if not isinstance(claims, dict):
-            return _reject("payload is not a JSON object")
+            return _reject(JwtFailure.VERIFICATION, "payload is not a JSON object")
         options: dict[str, Any] = {"iss": {"essential": True, "value": issuer}}
         if cand.rule.audiences:
             options["aud"] = {"essential": True, "values": list(cand.rule.audiences)}
@@ -524,19 +547,24 @@ class JwtValidator:
         try:
             registry.validate(claims)
         except ExpiredTokenError:
-            return _reject(f"token expired at {_when(claims.get('exp'))} (now {_when(now)})")
+            return _reject(JwtFailure.EXPIRED,
+                           f"token expired at {_when(claims.get('exp'))} (now {_when(now)})")
         except MissingClaimError as exc:
-            return _reject(f"missing claim {exc.claim!r}")
+            return _reject(JwtFailure.VERIFICATION, f"missing claim {exc.claim!r}")
         except InvalidClaimError as exc:
             if exc.claim == "nbf":
-                return _reject(f"token not valid before {_when(claims.get('nbf'))} (now {_when(now)})")
+                return _reject(JwtFailure.NOT_YET_VALID, f"token not valid before "
+                               f"{_when(claims.get('nbf'))} (now {_when(now)})")
             if exc.claim == "aud":
                 return _reject(
+                    JwtFailure.AUDIENCE,
                     f"audience {claims.get('aud')!r} is not accepted "
                     f"(expected one of: {', '.join(cand.rule.audiences)})"
                 )
-            return _reject(f"claim {exc.claim!r}: {exc.description or 'invalid'}")
+            return _reject(JwtFailure.VERIFICATION,
+                           f"claim {exc.claim!r}: {exc.description or 'invalid'}")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
-            return _reject("missing claim 'sub' (the request principal is <iss>/<sub>)")
+            return _reject(JwtFailure.VERIFICATION,
+                           "missing claim 'sub' (the request principal is <iss>/<sub>)")
         return JwtResult(ok=True, request_principal=f"{issuer}/{sub}", claims=claims)

@@ -56,7 +56,7 @@ from typing import Any
 
 import structlog
 
-from federation.jwt import JwksStore, JwtResult, JwtValidator
+from federation.jwt import JwksStore, JwtFailure, JwtResult, JwtValidator
 from federation.models import AuthorizationPolicy, RequestAuthentication, Rule, Selector, Snapshot
 from federation.policy import PolicyError, PolicySet, RequestAttributes, validate_policy
 
@@ -80,27 +80,22 @@ def _noop() -> None:
 # ---------------------------------------------------------------- denials (what callers see)
 
 
-def _jwt_public_reason(reason: str) -> str:
-    """Envoy's jwt_authn wording: says what kind of failure, never which issuers or keys
-    we accept (the detailed reason goes to the log only)."""
-    r = reason.lower()
-    if "jwks" in r and ("not fetched" in r or "max-stale" in r or "unusable" in r):
-        return "Jwks remote fetch is failed"
-    if "expired" in r:
-        return "Jwt is expired"
-    if "not valid before" in r:
-        return "Jwt not yet valid"
-    if "audience" in r:
-        return "Audiences in Jwt are not allowed"
-    if "is not accepted here" in r:
-        return "Jwt issuer is not configured"
-    if "malformed" in r or "more than one token" in r or "longer than" in r:
-        return "Jwt is not in the form of Header.Payload.Signature"
-    return "Jwt verification fails"
+# Envoy's jwt_authn wording per failure kind: says what kind of failure, never which
+# issuers or keys we accept (the detailed reason goes to the log only).
+_JWT_PUBLIC = {
+    JwtFailure.JWKS_FETCH: "Jwks remote fetch is failed",
+    JwtFailure.EXPIRED: "Jwt is expired",
+    JwtFailure.NOT_YET_VALID: "Jwt not yet valid",
+    JwtFailure.AUDIENCE: "Audiences in Jwt are not allowed",
+    JwtFailure.ISSUER: "Jwt issuer is not configured",
+    JwtFailure.MALFORMED: "Jwt is not in the form of Header.Payload.Signature",
+    JwtFailure.VERIFICATION: "Jwt verification fails",
+}
 
 
 def jwt_denied(result: JwtResult) -> Decision:
-    public = _jwt_public_reason(result.reason)
+    # By the failure's kind, never by its text (which quotes the token's iss, kid, alg).
+    public = _JWT_PUBLIC.get(result.failure, "Jwt verification fails")  # type: ignore[arg-type]
     return Decision(
         False, result.reason, status=401, flags=JWT_FLAG, grpc_status=GrpcStatus.UNAUTHENTICATED,
         message=public, headers=_WWW_AUTHENTICATE,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -120,6 +120,15 @@ class FederationSource(_Model):
     bundle_file: Path | None = None
 
 
+class PathNormalization(_Model):
+    """How the inbound normalizes paths before authorization (see ``_normalize``)."""
+
+    # Istio's MERGE_SLASHES: off by default, as in Istio.
+    merge_slashes: bool = False
+    # %2F and %5C: reject (400), keep (Envoy KEEP_UNCHANGED) or decode to "/".
+    escaped_slashes: Literal["reject", "keep", "decode"] = "reject"
+
+
 class GatewayConfig(_Model):
     # Our cluster's name; empty = taken from the certificate's trust domain (first label).
     cluster: str = ""
@@ -137,6 +146,7 @@ class GatewayConfig(_Model):
     # A static federation snapshot (clusters + services) for file-only operation.
     static: Snapshot | None = None
     access_log: bool = True
+    path_normalization: PathNormalization = PathNormalization()
 
     @field_validator("dns_suffix")
     @classmethod

@@ -64,7 +64,7 @@ class RequestContext:
                 if k == b":authority":
                     authority = v
                 elif k == b":method":
-                    ctx.method = v.decode()
+                    ctx.method = v.decode("latin-1")
                 elif k == b":path":
                     ctx.path = v.decode("latin-1")
             elif k == b"content-type":

@@ -21,6 +21,7 @@ class GrpcStatus(enum.IntEnum):
     PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
     UNIMPLEMENTED = 12
+    INTERNAL = 13
     UNAVAILABLE = 14
     UNAUTHENTICATED = 16
 
@@ -36,6 +37,9 @@ class Flag:
 
 # Stable API: the flags are metric label values (Kiali and dashboards filter on them).
 FLAGS: dict[str, Flag] = {
+    # Envoy maps a protocol error's 400/431/502 to gRPC INTERNAL.
+    "DPE": Flag(400, GrpcStatus.INTERNAL, "downstream protocol error"),
+    "UPE": Flag(502, GrpcStatus.INTERNAL, "upstream protocol error"),
     "NR": Flag(404, GrpcStatus.UNIMPLEMENTED, "no route"),
     "RBAC": Flag(403, GrpcStatus.PERMISSION_DENIED, "RBAC: access denied"),
     "UAEX": Flag(403, GrpcStatus.PERMISSION_DENIED, "unauthorized"),

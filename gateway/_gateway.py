@@ -44,6 +44,7 @@ from ._dialer import Dialer
 from ._errors import ConfigError, SnapshotRejected
 from ._handlers import Handlers
 from ._listeners import ConnectionGuard, Listeners, listen
+from ._normalize import PathOptions
 from ._relay import H2Endpoint
 from ._state import ConfigState, Rejected, build_state, empty_state
 from ._telemetry import Metrics, Recorder
@@ -149,7 +150,9 @@ class Gateway:
             cluster=self.cluster, identity=str(self.identity), limits=self.limits,
             recorder=self.recorder, state=self._current, upstreams=self.dialer,
             clock=trio.current_time, spawn=self._spawn, in_thread=_decide_in_thread,
-            add_deadline=self.deadlines.add)
+            add_deadline=self.deadlines.add,
+            paths=PathOptions(cfg.path_normalization.merge_slashes,
+                              cfg.path_normalization.escaped_slashes))
         self.listeners = Listeners(cfg, self.tls, self._current, self.handlers, self.shield,
                                    self.metrics, guard, self.endpoints)
         if cfg.static is not None:

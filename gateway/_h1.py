@@ -26,6 +26,8 @@ import h11
 
 from ._flags import flag
 from ._half import Half, Headers
+from ._normalize import split_target
+from ._sanitize import BodyFraming, Refused
 
 _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                   b"upgrade", b"te", b"host"})
@@ -57,7 +59,10 @@ class H1Server(Protocol):
 
 
 def request_headers(event: h11.Request, scheme: bytes) -> tuple[Headers, bool]:
-    """An HTTP/1.1 request head as h2-style headers, and whether it has no body."""
+    """An HTTP/1.1 request head as h2-style headers, and whether it has no body.
+
+    Raises :class:`~gateway._sanitize.Refused` (answer 400) for a request with both
+    content-length and transfer-encoding or a target that is not a valid request-target."""
     headers: Headers = [(b":method", event.method), (b":scheme", scheme)]
     host = b""
     rest: Headers = []
@@ -79,9 +84,14 @@ def request_headers(event: h11.Request, scheme: bytes) -> tuple[Headers, bool]:
     if event.method == b"CONNECT":
         headers = [(b":method", b"CONNECT"), (b":authority", event.target)]
     else:
-        headers.append((b":authority", host))
-        headers.append((b":path", event.target))
+        authority, target = split_target(event.target)
+        # Absolute-form (a proxy request): its authority wins over Host (RFC 9112 §3.2.2).
+        headers.append((b":authority", authority or host))
+        headers.append((b":path", target))
     headers.extend(rest)
+    if chunked and length is not None:
+        # Both framings (RFC 9112 §6.1): a smuggling attempt or a broken client.
+        raise Refused("request has both content-length and transfer-encoding")
     return headers, not chunked and not length
 
 
@@ -95,11 +105,12 @@ def response_headers(event: h11.Response) -> Headers:
 class H1Half(Half):
     """Downstream half for one HTTP/1.1 request at a time."""
 
-    __slots__ = ("c",)
+    __slots__ = ("c", "framing")
 
     def __init__(self, conn: H1Server) -> None:
         super().__init__()
         self.c = conn
+        self.framing: BodyFraming | None = None
 
     def write_headers(self, headers: Headers, end: bool) -> None:
         if self.closed:
@@ -119,11 +130,16 @@ class H1Half(Half):
                 self.c.send(h11.InformationalResponse(status_code=status, headers=out))
             return
         self.headers_sent = True
+        self.framing = BodyFraming(headers, ctx.method if ctx is not None else "")
         self.c.send(h11.Response(status_code=status, headers=out))
         if end:
             self.write_end()
 
     def send_data(self, data: bytes, credit: int) -> None:
+        if self.framing is not None and self.framing.no_body:
+            # HEAD, 204, 304: no body, whatever the upstream sends.
+            self.give_back(credit)
+            return
         ctx = self.ctx
         if ctx is not None:
             ctx.record.bytes_sent += len(data)

@@ -18,6 +18,7 @@ from h2.errors import ErrorCodes
 
 from ._h1 import H1Half, H1Upstream, request_headers, response_headers
 from ._half import Half, Headers
+from ._sanitize import Refused
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -125,24 +126,32 @@ class H1Connection:
                 continue
             return h11.ConnectionClosed()
 
+    async def _bad_request(self, status: int = 400) -> None:
+        """Answer ``status`` and close, if no response has begun (else just close)."""
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.send(h11.Response(status_code=status, headers=[(b"content-length", b"0"),
+                                                                (b"connection", b"close")]))
+            self.send(h11.EndOfMessage())
+            await self._flush()
+
     async def _serve(self) -> None:
         while True:
             try:
                 event = await self._next_event()
             except h11.RemoteProtocolError:
-                if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    self.send(h11.Response(status_code=400, headers=[(b"content-length", b"0"),
-                                                                     (b"connection", b"close")]))
-                    self.send(h11.EndOfMessage())
-                    await self._flush()
+                await self._bad_request()
                 return
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return
             if not isinstance(event, h11.Request):
                 return
+            try:
+                headers, end = request_headers(event, self.scheme)
+            except Refused:
+                await self._bad_request()
+                return
             self._done = trio.Event()
             half = self.half = H1Half(self)
-            headers, end = request_headers(event, self.scheme)
             self.in_flight = 0
             self.on_request(half, headers, end)
             # Request body, paced by the upstream's acks.
@@ -150,7 +159,20 @@ class H1Connection:
                 while self.in_flight >= self.buffer and not half.closed:
                     self._reader_ev = trio.Event()
                     await self._reader_ev.wait()
-                ev = await self._next_event()
+                try:
+                    ev = await self._next_event()
+                except h11.RemoteProtocolError:
+                    # A broken body (bad chunk, short read): fail this exchange, upstream too.
+                    if half.peer is not None:
+                        half.peer.abort(ErrorCodes.PROTOCOL_ERROR, "DPE", "malformed request body")
+                    if not half.headers_sent:
+                        half.closed = True
+                        if half.ctx is not None:
+                            half.ctx.record.response_code = 400
+                            half.ctx.flag("DPE")
+                            half.ctx.finish()
+                        await self._bad_request()
+                    return
                 if isinstance(ev, h11.Data):
                     self.in_flight += len(ev.data)
                     if half.ctx is not None:
@@ -294,23 +316,28 @@ async def run_h1_upstream(up: H1Upstream, key: Any, pool: H1Pool,
             else:
                 return False
 
-    keep = False
+    keep = pooled = False
     try:
-        async with trio.open_nursery() as n:
-            n.start_soon(send, n.cancel_scope)
-            keep = await receive()
-            n.cancel_scope.cancel()
-    except (*_BROKEN, h11.ProtocolError) as exc:
-        if not up.closed and up.peer is not None:
-            up.peer.abort(ErrorCodes.CANCEL, "UC" if up.headers_sent else "UF",
-                          f"upstream failed: {exc}")
-        up.closed = True
-    if keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-        conn.start_next_cycle()
-        if pool.put(key, stream, conn):
-            return
-    with trio.CancelScope(shield=True):
-        await trio.aclose_forcefully(stream)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(send, n.cancel_scope)
+                keep = await receive()
+                n.cancel_scope.cancel()
+        except* (*_BROKEN, h11.ProtocolError) as group:
+            # The service closed or broke the exchange (before answering, or mid-body).
+            exc = group.exceptions[0]
+            if not up.closed and up.peer is not None:
+                up.peer.abort(ErrorCodes.CANCEL, "UC" if up.headers_sent else "UF",
+                              f"upstream failed: {exc}")
+            up.closed = True
+        if keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            pooled = pool.put(key, stream, conn)
+    finally:
+        # Always, whatever escaped above: a socket not closed here sits in CLOSE-WAIT.
+        if not pooled:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
 
 
 __all__ = ["H1Connection", "H1Pool", "run_h1_upstream"]

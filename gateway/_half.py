@@ -43,6 +43,8 @@ class Context(Protocol):
     @property
     def record(self) -> Record: ...
 
+    method: str  # the request's method (a response to HEAD has no body)
+
     def peer_failed(self, half: Half, code: int, flags: str, message: str) -> None:
         """The other side failed: answer on ``half`` or reset it."""
 

@@ -34,6 +34,7 @@ from ._context import RequestContext
 from ._decision import Decision, refuse
 from ._h1 import H1Half, H1Upstream
 from ._half import Half, Headers, link
+from ._normalize import PathOptions
 from ._proxy import Forward, inbound, outbound, settle, strip, traceparent
 from ._relay import H2Half, new_upstream
 from ._routes import LocalTarget, OutboundRoute, PeerCluster
@@ -62,7 +63,8 @@ class Handlers:
                  clock: Callable[[], float],
                  spawn: Callable[..., None],
                  in_thread: Callable[[Callable[[], Decision]], Awaitable[Decision]],
-                 add_deadline: Callable[[float, Callable[[], None]], None]) -> None:
+                 add_deadline: Callable[[float, Callable[[], None]], None],
+                 paths: PathOptions | None = None) -> None:
         self.cluster = cluster
         self.identity = identity
         self.limits = limits
@@ -73,6 +75,7 @@ class Handlers:
         self.spawn = spawn
         self.in_thread = in_thread
         self.add_deadline = add_deadline
+        self.paths = paths or PathOptions()  # the inbound's path normalization
 
     # -- inbound --------------------------------------------------------------------------
     def inbound_request(self, sid: trust.SpiffeId, half: Half, headers: Headers,
@@ -87,7 +90,8 @@ class Handlers:
             x.peer_principal = str(sid)
             ctx.refuse(half, refuse("RBAC", "peer cluster not joined", 403))
             return
-        d = inbound(headers, state.routes, peer, str(sid), state.policy, ctx)
+        d = inbound(headers, state.routes, peer, str(sid), state.policy, ctx, self.paths,
+                    self.limits.max_header_list_size, self.identity)
         if isinstance(d, Decision):
             ctx.refuse(half, d)
             return
@@ -151,7 +155,7 @@ class Handlers:
         x = ctx.record
         x.source_principal = caller
         x.source_cluster = self.cluster
-        d = outbound(headers, self.state().routes, caller, ctx)
+        d = outbound(headers, self.state().routes, caller, ctx, self.limits.max_header_list_size)
         if isinstance(d, Decision):
             ctx.refuse(half, d)
             return

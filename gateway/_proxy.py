@@ -30,14 +30,22 @@ from ._context import TRACEPARENT, RequestContext
 from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, refuse
 from ._flags import flag
 from ._half import Headers
+from ._normalize import DEFAULT as DEFAULT_PATHS
+from ._normalize import PathOptions, normalize_target
 from ._routes import PeerCluster, RouteTable
+from ._sanitize import (
+    XFCC,
+    Refused,
+    check_request,
+    check_size,
+    outbound_request,
+    source_identity,
+)
 
 log = structlog.get_logger("isthmus.gateway")
 
 SOURCE_IDENTITY = b"isthmus-source-identity"
-# Never forwarded from a workload: only gateways may assert these.
-_STRIPPED_OUTBOUND = frozenset({SOURCE_IDENTITY, b"host", b"connection", b"keep-alive",
-                                b"proxy-connection", b"transfer-encoding", b"upgrade"})
+DEFAULT_HEADER_LIMIT = 60 * 1024  # Limits.max_header_list_size's default
 _HEX = frozenset(b"0123456789abcdef")
 
 
@@ -68,38 +76,54 @@ def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
     return f"00-{trace}-{span}-01".encode(), trace
 
 
-def outbound(headers: Headers, table: RouteTable, caller: str,
-             ctx: RequestContext) -> Forward | Decision:
+def outbound(headers: Headers, table: RouteTable, caller: str, ctx: RequestContext,
+             header_limit: int = DEFAULT_HEADER_LIMIT) -> Forward | Decision:
     x = ctx.record
     auth = ctx.authority
     if not auth:
         return refuse("NR", "request has no :authority or Host header", 400)
     x.authority = auth
+    # Identity headers in any letter case, hop-by-hop fields: never from a workload.
+    out = outbound_request(headers)
+    try:
+        check_request(out)
+    except Refused as exc:
+        return _refused(exc)
     route = table.outbound_route(auth)
     if route is None:
         return refuse("NR", f"no imported service is named {auth!r}")
     x.destination_service = route.destination_service
+    if ctx.connect and route.protocol != "TCP":
+        return _connect_refused(auth, route.protocol)
     tpv, x.trace_id = traceparent(ctx.traceparent)
     new_auth = route.authority.encode()
-    out: Headers = []
-    for k, v in headers:
-        if k == b":authority":
-            out.append((k, new_auth))
-        elif k in _STRIPPED_OUTBOUND or k == TRACEPARENT or k.startswith(b"isthmus-"):
-            continue
-        else:
-            out.append((k, v))
+    out = [(k, new_auth) if k == b":authority" else (k, v) for k, v in out if k != TRACEPARENT]
     if not any(k == b":authority" for k, _ in out):
         out.insert(1, (b":authority", new_auth))
     if caller:
         out.append((SOURCE_IDENTITY, caller.encode()))
     # Unique per request: never indexed, so it doesn't churn the HPACK dynamic tables.
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
+    try:
+        check_size(out, header_limit)  # counted as the peer will: what we added included
+    except Refused as exc:
+        return _refused(exc)
     return Forward(out, route, ctx.connect)
 
 
+def _refused(exc: Refused) -> Decision:
+    # Envoy's flag for a downstream protocol error (gRPC INTERNAL: see _flags).
+    return refuse("DPE", str(exc), exc.status)
+
+
+def _connect_refused(authority: str, protocol: str) -> Decision:
+    return refuse("NR", f"CONNECT is allowed to TCP ports only: {authority} is exported as "
+                  f"{protocol}; send HTTP requests to it instead", 405)
+
+
 def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_principal: str,
-            authorize: Authorizer, ctx: RequestContext) -> Forward | Decision:
+            authorize: Authorizer, ctx: RequestContext, paths: PathOptions = DEFAULT_PATHS,
+            header_limit: int = DEFAULT_HEADER_LIMIT, local_id: str = "") -> Forward | Decision:
     x = ctx.record
     x.source_cluster = peer.name
     x.peer_principal = peer_principal
@@ -108,15 +132,30 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
     if not auth:
         return refuse("NR", "request has no :authority", 400)
     x.authority = auth
+    connect = ctx.connect
+    try:
+        # The connection from a peer gateway skips h2's header validation: this is it.
+        check_request(headers)
+        asserted = source_identity(headers)
+        if not connect:
+            # Normalized before authorization, and forwarded as normalized (see _normalize).
+            path = normalize_target(next(v for k, v in headers if k == b":path"),
+                                    ctx.method.encode("latin-1"), paths)
+            ctx.path = x.path = path.decode("latin-1")
+            headers = [(k, path) if k == b":path" else (k, v) for k, v in headers]
+    except Refused as exc:
+        if exc.status == 403:
+            log.warning("inbound.identity_refused", peer=peer_principal, error=str(exc))
+            return refuse("RBAC", str(exc), 403)
+        return _refused(exc)
     target = table.inbound_target(auth)
     if target is None or not target.visible_to(peer.name):
         # Same answer whether the service does not exist or is not exported to the peer.
         return refuse("NR", f"no service {auth!r} is exported to cluster {peer.name!r}")
     x.destination_service = target.destination_service
-    source = ""
-    for k, v in headers:
-        if k == SOURCE_IDENTITY:
-            source = v.decode("latin-1")
+    if connect and target.protocol != "TCP":
+        return _connect_refused(auth, target.protocol)
+    source = asserted.decode("latin-1") if asserted else ""
     if source:
         try:
             sid = SpiffeId.parse(source)
@@ -137,10 +176,17 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
         if denied is not None:
             return denied
     tpv, x.trace_id = traceparent(ctx.traceparent)
-    out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT]
+    out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT and k != XFCC]
     out = strip(out, decision.strip_headers)
+    if source and local_id and not connect:
+        # Envoy's SANITIZE_SET: the service learns the verified caller, never a forwarded one.
+        out.append((XFCC, f"By={local_id};URI={source}".encode()))
     out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
-    return Forward(out, target, ctx.connect, decision)
+    try:
+        check_size(out, header_limit)
+    except Refused as exc:
+        return _refused(exc)
+    return Forward(out, target, connect, decision)
 
 
 def strip(headers: Headers, names: frozenset[bytes]) -> Headers:

@@ -31,10 +31,14 @@ from typing import Any
 
 import h2.events as ev
 import h2.exceptions
+import structlog
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
-from ._half import Half, Headers
+from ._half import Half, Headers, Sink
+from ._sanitize import BodyFraming, request_trailers
+
+log = structlog.get_logger("isthmus.gateway")
 
 _HEADERS, _DATA, _TRAILERS, _END = 0, 1, 2, 3
 
@@ -91,17 +95,41 @@ class H2Endpoint:
                     credit += event.flow_controlled_length
                     continue
                 if pend is not None:
-                    self._data_merged(pend.stream_id, chunks, credit)
+                    self._safe_data(pend.stream_id, chunks, credit)
                 pend, chunks, credit = event, [event.data], event.flow_controlled_length
                 continue
             if pend is not None:
-                self._data_merged(pend.stream_id, chunks, credit)
+                self._safe_data(pend.stream_id, chunks, credit)
                 pend = None
             handler = handlers.get(type(event))
             if handler is not None:
-                handler(self, event)
+                try:
+                    handler(self, event)
+                except Exception as exc:  # noqa: BLE001 - one stream's fault stays in it
+                    self._stream_failed(getattr(event, "stream_id", 0), exc)
         if pend is not None:
-            self._data_merged(pend.stream_id, chunks, credit)
+            self._safe_data(pend.stream_id, chunks, credit)
+        self.mark()
+
+    def _safe_data(self, sid: int, chunks: list[bytes], credit: int) -> None:
+        try:
+            self._data_merged(sid, chunks, credit)
+        except Exception as exc:  # noqa: BLE001 - as in receive
+            self._stream_failed(sid, exc)
+
+    def _stream_failed(self, sid: int, exc: Exception) -> None:
+        """Handling one stream's event raised: that stream is reset, the connection lives."""
+        if not sid:
+            raise exc  # a connection-level event: the shell closes the connection
+        log.error("stream.crashed", stream_id=sid, error=repr(exc), exc_info=exc)
+        half = self.halves.get(sid)
+        if half is not None:
+            half.fail("UR", "internal error", ErrorCodes.INTERNAL_ERROR, answer=False)
+            return
+        try:
+            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
         self.mark()
 
     def terminate(self, code: int = ErrorCodes.CANCEL, flags: str = "UC") -> None:
@@ -178,7 +206,8 @@ class H2Endpoint:
             return
         half.recv_ended = half.ended_forwarded = True
         if half.peer is not None:
-            half.peer.write_trailers(e.headers)
+            # Request trailers never carry identity (nor fields HTTP/2 forbids onward).
+            half.peer.write_trailers(request_trailers(e.headers) if half.is_down else e.headers)
         half._maybe_done()
 
     def _data_merged(self, sid: int, chunks: list[bytes], credit: int) -> None:
@@ -247,7 +276,7 @@ class H2Half(Half):
     """A stream on an :class:`H2Endpoint` (or, before :meth:`attach`, one waiting for it)."""
 
     __slots__ = ("ep", "sid", "q", "recv_ended", "ended_forwarded", "sent_end", "is_down",
-                 "on_fail")
+                 "on_fail", "framing")
 
     def __init__(self, ep: H2Endpoint | None, sid: int = 0, *, down: bool = True) -> None:
         super().__init__()
@@ -261,6 +290,8 @@ class H2Half(Half):
         # Upstream halves: called when the connection fails before our headers went out,
         # so the shell may retry elsewhere; returns True if it took over.
         self.on_fail: Callable[[H2Half, str], bool] | None = None
+        # The body our headers allow (none after HEAD/204/304; content-length): see _sanitize.
+        self.framing: BodyFraming | None = None
 
     def __repr__(self) -> str:
         return f"<H2Half sid={self.sid} down={self.is_down} closed={self.closed}>"
@@ -285,11 +316,24 @@ class H2Half(Half):
         ctx = self.ctx
         if ctx is not None:
             ctx.record.on_response_headers(headers, end)
+        if not _informational(headers):
+            fr = self.framing = BodyFraming(headers, ctx.method if ctx is not None else "")
+            if end and not fr.end_ok():
+                self._malformed()
+                return
         self.q.append([_HEADERS, headers, end])
         if self.ep is not None:
             self.flush()
 
     def send_data(self, data: bytes, credit: int) -> None:
+        fr = self.framing
+        ok = True if fr is None else fr.data(len(data))
+        if ok is None:  # a body where none is allowed (HEAD, 204, 304): drop it
+            self.give_back(credit)
+            return
+        if ok is False:
+            self._malformed()
+            return
         ctx = self.ctx
         if ctx is not None:
             ctx.record.bytes_sent += len(data)
@@ -300,6 +344,9 @@ class H2Half(Half):
     def write_trailers(self, trailers: Headers) -> None:
         if self.closed:
             return
+        if self.framing is not None and not self.framing.end_ok():
+            self._malformed()
+            return
         ctx = self.ctx
         if ctx is not None:
             ctx.record.on_trailers(trailers)
@@ -309,6 +356,9 @@ class H2Half(Half):
 
     def write_end(self) -> None:
         if self.closed:
+            return
+        if self.framing is not None and not self.framing.end_ok():
+            self._malformed()
             return
         self.q.append([_END])
         if self.ep is not None:
@@ -323,6 +373,32 @@ class H2Half(Half):
 
     def discard_output(self) -> None:
         self.q.clear()
+
+    def _malformed(self) -> None:
+        """The body does not fit the headers we sent (content-length): an h2 receiver would
+        fail the whole connection on it, so fail this stream instead."""
+        self.fail("UPE" if self.is_down else "DPE", "body length does not match content-length",
+                  ErrorCodes.PROTOCOL_ERROR)
+
+    def fail(self, flags: str, message: str, code: int = ErrorCodes.INTERNAL_ERROR, *,
+             answer: bool = True) -> None:
+        """This stream failed here (a malformed body, a bug): a downstream half answers with
+        the error ``flags`` stands for if nothing was sent yet (``answer``), else resets;
+        the peer half is aborted either way."""
+        if self.closed:
+            return
+        peer = self.peer
+        self.framing = None
+        ctx = self.ctx
+        if ctx is not None and answer:
+            self._release_queue()
+            ctx.peer_failed(self, code, flags, message)
+        else:
+            if ctx is not None:
+                ctx.flag(flags)
+            self.reset(code)
+        if peer is not None and not isinstance(peer, Sink):
+            peer.abort(code, flags, message)
 
     # -- local answers ----------------------------------------------------------------
     def respond(self, status: int, headers: Headers | tuple[tuple[bytes, bytes], ...] = (),
@@ -461,6 +537,13 @@ class H2Half(Half):
         if peer is not None:
             peer.abort(int(code) if int(code) else ErrorCodes.CANCEL, flags,
                        "upstream connection failed" if flags == "UC" else "upstream reset")
+
+
+def _informational(headers: Headers) -> bool:
+    for k, v in headers:
+        if k == b":status":
+            return v[:1] == b"1"
+    return False
 
 
 def new_upstream() -> H2Half:

@@ -24,12 +24,16 @@ from ._errors import BadFile, PeerRejected, TrustError
 from ._spiffe import SpiffeId
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
+# TLS 1.2 suites: forward secrecy and AEAD only (no CBC, no static RSA).  TLS 1.3 suites
+# are all AEAD and configured separately by OpenSSL.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def _base_context(purpose: ssl.Purpose, bundle_file: str | os.PathLike[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = MIN_TLS
     ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.set_ciphers(TLS12_CIPHERS)
     try:
         ctx.load_verify_locations(cafile=os.fspath(bundle_file))
     except FileNotFoundError:

@@ -24,7 +24,8 @@ CHUNK = 16384
 
 
 class H2Backend:
-    """GET /echo -> JSON of the request; POST /echo -> JSON with body length and sha256;
+    """GET /echo -> JSON of the request (every header in order, trailers too); POST /echo ->
+    JSON with body length and sha256;
     GET /big?n=N -> N bytes; GET /status/CODE -> that status."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -61,7 +62,12 @@ class H2Backend:
                 for ev in conn.receive_data(data):
                     if isinstance(ev, h2.events.RequestReceived):
                         self.requests += 1
-                        reqs[ev.stream_id] = {"headers": dict(ev.headers), "body": hashlib.sha256(), "n": 0}
+                        reqs[ev.stream_id] = {"headers": dict(ev.headers), "body": hashlib.sha256(), "n": 0,
+                                              "list": ev.headers, "trailers": []}
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        r = reqs.get(ev.stream_id)
+                        if r is not None:
+                            r["trailers"] = ev.headers
                     elif isinstance(ev, h2.events.DataReceived):
                         r = reqs.get(ev.stream_id)
                         if r is not None:
@@ -98,6 +104,8 @@ class H2Backend:
             "path": path,
             "authority": h.get(b":authority", b"").decode(),
             "headers": {k.decode(): v.decode() for k, v in h.items()},
+            "header_list": [[k.decode(), v.decode()] for k, v in r["list"]],
+            "trailers": [[k.decode(), v.decode()] for k, v in r["trailers"]],
             "body_len": r["n"],
             "body_sha256": r["body"].hexdigest(),
         }).encode()

@@ -32,6 +32,8 @@ from .test_authz import OPEN, SERVICE, Mesh3, _channel, _mesh3, mesh3, requests_
 ISS = "https://issuer.test"
 K1 = ECKey.generate_key("P-256", parameters={"kid": "k1"}, private=True)
 K2 = ECKey.generate_key("P-256", parameters={"kid": "k2"}, private=True)
+# A kid chosen to read like another failure: categories come from the failure, not its text.
+K_WORDY = ECKey.generate_key("P-256", parameters={"kid": "expired audience"}, private=True)
 CART = wl("east", "shop", "cart")
 SEL_WEB = Selector(namespace="default", service="web")
 
@@ -74,6 +76,10 @@ ADMINS_ONLY = AuthorizationPolicy(name="admins-only", selector=SEL_WEB, rules=(
     ("unknown-key", lambda: token(K2), 401, "Jwt verification fails"),
     ("wrong-issuer", lambda: token(iss="https://evil.test"), 401, "Jwt issuer is not configured"),
     ("garbage", lambda: "not.a.jwt", 401, "Jwt is not in the form of Header.Payload.Signature"),
+    ("iss-says-expired", lambda: token(iss="expired"), 401, "Jwt issuer is not configured"),
+    ("iss-says-jwks", lambda: token(iss="jwks not fetched, audience"), 401, "Jwt issuer is not configured"),
+    ("kid-says-expired", lambda: token(K_WORDY), 401, "Jwt verification fails"),
+    ("aud-says-expired", lambda: token(aud="expired"), 401, "Audiences in Jwt are not allowed"),
 ])
 async def test_jwt_cases_with_inline_jwks(mesh3: Mesh3, logs, case, make_tok, status, body) -> None:
     tok = make_tok()

@@ -22,7 +22,8 @@ GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 # The sans-IO protocol core: everything here must run without an event loop.
 CORE = {
     "_authz", "_config", "_context", "_decision", "_errors", "_flags", "_frames", "_h1",
-    "_h2", "_half", "_handlers", "_proxy", "_relay", "_routes", "_state", "_telemetry",
+    "_h2", "_half", "_handlers", "_normalize", "_proxy", "_relay", "_routes", "_sanitize",
+    "_state", "_telemetry",
 }
 EVENT_LOOPS = {"trio", "anyio", "asyncio"}
 

@@ -17,6 +17,7 @@ from federation.jwt import (
     JwksStore,
     JwksUnavailable,
     JwtError,
+    JwtFailure,
     JwtValidator,
     default_fetch,
     parse_jwks,
@@ -68,19 +69,26 @@ def test_no_token_passes_without_principal(clock: Clock, ec_key: ECKey) -> None:
         assert r.ok and r.request_principal is None and r.claims is None
 
 
-@pytest.mark.parametrize("over,needle", [
-    ({"exp": int(NOW) - 61}, "token expired at"),
-    ({"nbf": int(NOW) + 120}, "token not valid before"),
-    ({"aud": "other-api"}, "audience 'other-api' is not accepted (expected one of: shop-api)"),
-    ({"iss": "https://evil.example.com"}, "issuer 'https://evil.example.com' is not accepted here"),
-    ({"sub": None}, "missing claim 'sub'"),
-    ({"iat": int(NOW) + 3600}, "claim 'iat'"),
-    ({"exp": "tomorrow"}, "claim 'exp'"),
+@pytest.mark.parametrize("over,needle,failure", [
+    ({"exp": int(NOW) - 61}, "token expired at", JwtFailure.EXPIRED),
+    ({"nbf": int(NOW) + 120}, "token not valid before", JwtFailure.NOT_YET_VALID),
+    ({"aud": "other-api"}, "audience 'other-api' is not accepted (expected one of: shop-api)",
+     JwtFailure.AUDIENCE),
+    ({"iss": "https://evil.example.com"}, "issuer 'https://evil.example.com' is not accepted here",
+     JwtFailure.ISSUER),
+    # Attacker-chosen text that names another failure does not change the kind.
+    ({"iss": "expired"}, "issuer 'expired' is not accepted here", JwtFailure.ISSUER),
+    ({"aud": "expired jwks not fetched"}, "audience", JwtFailure.AUDIENCE),
+    ({"sub": None}, "missing claim 'sub'", JwtFailure.VERIFICATION),
+    ({"iat": int(NOW) + 3600}, "claim 'iat'", JwtFailure.VERIFICATION),
+    ({"exp": "tomorrow"}, "claim 'exp'", JwtFailure.VERIFICATION),
 ])
-def test_bad_claims_are_refused(clock: Clock, ec_key: ECKey, over: dict, needle: str) -> None:
+def test_bad_claims_are_refused(clock: Clock, ec_key: ECKey, over: dict, needle: str,
+                                failure: JwtFailure) -> None:
     r = inline_validator(clock, ec_key).validate(bearer(sign(ec_key, claims(**over))))
     assert not r.ok and r.request_principal is None
     assert r.reason.startswith("invalid JWT: ") and needle in r.reason, r.reason
+    assert r.failure is failure
 
 
 def test_small_clock_skew_is_tolerated(clock: Clock, ec_key: ECKey) -> None:
@@ -413,7 +421,8 @@ def test_public_surface() -> None:
                                  "RequestAttributes", "StringMatcher", "load_policies",
                                  "validate_policy"]
     assert sorted(j.__all__) == ["DEFAULT_ALGORITHMS", "JwksSource", "JwksStore", "JwksUnavailable",
-                                 "JwtError", "JwtResult", "JwtValidator", "default_fetch", "parse_jwks"]
+                                 "JwtError", "JwtFailure", "JwtResult", "JwtValidator",
+                                 "default_fetch", "parse_jwks"]
     from federation._errors import FederationError, InvalidRequest
 
     assert issubclass(p.PolicyFileError, InvalidRequest) and issubclass(j.JwtError, FederationError)
