@@ -29,7 +29,7 @@ import structlog
 import yaml
 from pydantic import ValidationError
 
-from ._cli_common import connection_options, handle_errors, make_client, setup_logging
+from ._cli_common import connection_options, handle_errors, log_level_option, make_client, setup_logging
 from ._errors import FederationError, RemoteError
 from .models import ExportedService
 
@@ -112,8 +112,9 @@ def run_exporter(client: Any, cluster: str, path: Path, stop: threading.Event, t
 @click.option("--lease-ttl", default=30, show_default=True, type=click.IntRange(2, 3600),
               help="Seconds the exports outlive this process when it stops heartbeating.")
 @click.option("--once", is_flag=True, help="Validate and publish once, then exit (the lease then lapses after the TTL).")
-@click.option("--log-level", default="info", show_default=True)
-@connection_options
+@log_level_option
+@connection_options(cert_dir_help="The cluster's agent (or gateway) credentials: DIR/agent from "
+                    "`isthmus federation join` (cert.pem, key.pem, bundle.pem). Env: ISTHMUS_CERT_DIR.")
 @handle_errors
 def export(cluster: str, file: Path, lease_ttl: int, once: bool, log_level: str,
            federation_addr: str | None, cert_dir: str | None) -> None:

@@ -10,7 +10,9 @@ import click
 
 from ._cli_common import (
     connection_options,
+    AddressList,
     handle_errors,
+    log_level_option,
     make_client,
     output_option,
     print_json,
@@ -33,7 +35,7 @@ def federation() -> None:
 @click.option("--advertise", multiple=True, help="Extra DNS name or IP for the server certificate (repeatable).")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="File with the root key passphrase.")
 @click.option("--trust-sync-interval", default=5.0, show_default=True, help="Seconds between checks of the trust folder (bundle, CRL).")
-@click.option("--log-level", default="info", show_default=True)
+@log_level_option
 def serve(
     trust_dir: str,
     listen: str,
@@ -100,13 +102,15 @@ def token_create(ttl: str, cluster: str, federation_addr: str | None, cert_dir: 
 
 @federation.command("join")
 @click.argument("name")
-@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, help="Federation address(es) HOST:PORT[,...].")
+@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, type=AddressList(),
+              help="Federation address(es) HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
 @click.option("--token", required=True, envvar="ISTHMUS_JOIN_TOKEN", help="One-time join token.")
 @click.option("--ca-pin", required=True, help="sha256:<hex> pin of the federation root (printed with the token).")
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Where to write the cluster's CA and certificates.")
-@click.option("--gateway-address", multiple=True, help="HOST:PORT of this cluster's inbound gateway (repeatable).")
+@click.option("--gateway-address", multiple=True, type=AddressList(single=True), help="HOST:PORT of this cluster's inbound gateway (repeatable).")
 @click.option("--label", multiple=True, help="KEY=VALUE label, e.g. region=eu-west-1 (repeatable).")
-@click.option("--join-address", default=None, help="Join port address; default: the federation port + 1.")
+@click.option("--join-address", default=None, type=AddressList(single=True),
+              help="Join port address; default: the federation port + 1.")
 @click.option("--cert-dir", type=click.Path(file_okay=False), default=None, help="Re-join with this identity (the cluster's own, or an admin's).")
 @click.option("--validity", default="", help="Requested cluster CA validity, e.g. 90d.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ._cli_common import setup_logging
+from ._cli_common import AddressList, log_level_option, setup_logging
 from ._errors import FederationError
 
 
@@ -59,7 +59,8 @@ def _labels(items: tuple[str, ...]) -> dict[str, str]:
 
 @click.command("join-cluster")
 @click.argument("name")
-@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, help="Federation address(es) HOST:PORT[,...].")
+@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, type=AddressList(),
+              help="Federation address(es) HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
 @click.option("--token", envvar="ISTHMUS_JOIN_TOKEN", default="", help="One-time join token (not needed to re-run after a join).")
 @click.option("--ca-pin", default="", help="sha256:<hex> pin of the federation root (printed with the token).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -166,7 +167,8 @@ def agent() -> None:
 
 @agent.command("run")
 @click.option("--cluster", envvar="ISTHMUS_CLUSTER", required=True, help="This cluster's name. Env: ISTHMUS_CLUSTER.")
-@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, help="HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
+@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, type=AddressList(),
+              help="HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
 @click.option("--cert-dir", envvar="ISTHMUS_CERT_DIR", required=True, type=click.Path(file_okay=False),
               help="The agent's cert.pem, key.pem, bundle.pem. Env: ISTHMUS_CERT_DIR.")
 @click.option("--health-listen", default="127.0.0.1:15020", show_default=True, help="HOST:PORT for /healthz and /readyz; empty: off.")
@@ -175,7 +177,7 @@ def agent() -> None:
 @click.option("--rotate-interval", default=600.0, show_default=True, type=click.FloatRange(0.0),
               help="Seconds between checks that renew the in-cluster gateway/agent certificates (Secrets in isthmus-system); 0: off.")
 @click.option("--dns-suffix", default="isthmus.local", show_default=True, help="Suffix of the gateway's outbound names.")
-@click.option("--log-level", default="info", show_default=True)
+@log_level_option
 @kube_options
 def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: str, lease_ttl: int, resync: float,
               rotate_interval: float, dns_suffix: str, log_level: str, kubeconfig: str | None, context: str | None) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def load_policy_documents(path: str) -> list[Any]:
     from .policy import PolicyFileError
 
     if path == "-":
-        policies = load_policies(click.get_text_stream("stdin").read(), source="<stdin>")
+        policies = load_policies(sys.stdin.read(), source="<stdin>")
     else:
         policies = load_policies(Path(path))
     if not policies:

@@ -42,6 +42,13 @@ class _LazyGroup(click.Group):
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
 
+    def invoke(self, ctx: click.Context) -> object:
+        # The one error boundary of every command (federation/_errorboundary.py).
+        from ._errorboundary import boundary
+
+        with boundary():
+            return super().invoke(ctx)
+
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="isthmus", prog_name="isthmus")
@@ -60,7 +67,9 @@ def register(name: str, target: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="isthmus")
+    from ._errorboundary import run
+
+    run(cli, argv, "isthmus")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,8 +66,8 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
         )
     for a in out:
         host, sep, port = a.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise FederationError(f"invalid federation address {a!r}: expected HOST:PORT")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise FederationError(f"invalid federation address {a!r}: expected HOST:PORT with a port from 1 to 65535")
     return out
 
 

@@ -25,7 +25,6 @@ import structlog
 import trio
 
 from ._config import GatewayConfig, config_json, load_config
-from ._errors import GatewayError
 
 
 def configure_logging(level: str = "info") -> None:
@@ -44,10 +43,8 @@ def configure_logging(level: str = "info") -> None:
 
 
 def _load(path: str) -> GatewayConfig:
-    try:
-        return load_config(path)
-    except GatewayError as exc:
-        raise click.ClickException(str(exc)) from None
+    # A ConfigError reaches the CLI's one error boundary: one line, exit 2.
+    return load_config(path)
 
 
 async def serve(cfg: GatewayConfig, follow: str, reuse_port: bool = False) -> None:
@@ -116,10 +113,10 @@ def run(config_path: str, workers: int, log_level: str, worker_index: int | None
 
 
 def _trio_run(*args: object) -> None:
+    # Errors, and the ExceptionGroups trio wraps them in, reach the CLI's one error
+    # boundary (federation/_errorboundary.py): one line, exit 1.
     try:
         trio.run(*args)  # type: ignore[arg-type]
-    except GatewayError as exc:
-        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
 
