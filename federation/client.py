@@ -431,6 +431,12 @@ class FederationClient:
         r = self._call("ApplyPolicy", pb.ApplyPolicyRequest(policy_json=json.dumps(body)))
         return r.revision, r.changed
 
+    def apply_policies(self, policies: Sequence[Policy | dict[str, Any]]) -> tuple[int, list[bool]]:
+        """Apply all of ``policies`` in one transaction, or none; per policy: whether it changed."""
+        bodies = [p if isinstance(p, dict) else p.model_dump(by_alias=True, mode="json") for p in policies]
+        r = self._call("ApplyPolicy", pb.ApplyPolicyRequest(policies_json=[json.dumps(b) for b in bodies]))
+        return r.revision, list(r.changed_each)
+
     def list_policies(self) -> list[Policy]:
         r = self._call("ListPolicies", pb.ListPoliciesRequest())
         return [PolicyAdapter.validate_json(p) for p in r.policies_json]
