@@ -31,7 +31,8 @@ def federation() -> None:
 @click.option("--join-listen", default="", help="Join (server-auth TLS) address; default: the --listen port + 1.")
 @click.option("--etcd", default="", help="etcd endpoints URL[,URL...]; none: start an embedded etcd.")
 @click.option("--etcd-prefix", default="/isthmus/", show_default=True, help="Key prefix in etcd.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="State folder (embedded etcd, server TLS); default: user data dir.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="State folder (embedded etcd, server TLS); default: one per federation root in the user data dir.")
 @click.option("--advertise", multiple=True, help="Extra DNS name or IP for the server certificate (repeatable).")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="File with the root key passphrase.")
 @click.option("--trust-sync-interval", default=5.0, show_default=True, help="Seconds between checks of the trust folder (bundle, CRL).")
@@ -52,20 +53,29 @@ def serve(
     setup_logging(log_level)
     from trust._files import read_passphrase
 
-    from ._serve import ServeConfig, default_data_dir, serve as run
+    from ._datadir import DataDirLock, default_data_dir
+    from ._serve import ServeConfig, serve as run
 
-    cfg = ServeConfig(
-        trust_dir=Path(trust_dir),
-        listen=listen,
-        join_listen=join_listen,
-        etcd=etcd,
-        etcd_prefix=etcd_prefix,
-        data_dir=Path(data_dir) if data_dir else default_data_dir(),
-        advertise=advertise,
-        passphrase=read_passphrase(passphrase_file),
-        trust_sync_interval=trust_sync_interval,
-    )
-    handle_errors(lambda: asyncio.run(run(cfg)))()
+    def main() -> None:
+        cfg = ServeConfig(
+            trust_dir=Path(trust_dir),
+            listen=listen,
+            join_listen=join_listen,
+            etcd=etcd,
+            etcd_prefix=etcd_prefix,
+            # Scoped to this federation's root, held by this server (federation/_datadir.py).
+            data_dir=Path(data_dir) if data_dir else default_data_dir(trust_dir),
+            advertise=advertise,
+            passphrase=read_passphrase(passphrase_file),
+            trust_sync_interval=trust_sync_interval,
+        )
+        lock = DataDirLock(cfg.data_dir).acquire()
+        try:
+            asyncio.run(run(cfg))
+        finally:
+            lock.release()
+
+    handle_errors(main)()
 
 
 @federation.group()
