@@ -177,6 +177,14 @@ def _control_main(config_path: str) -> None:
 @gateway.command("check-config")
 @click.argument("config_path", type=click.Path(dir_okay=False))
 def check_config(config_path: str) -> None:
-    """Validate a gateway config and print it with every default filled in."""
+    """Validate a gateway config and the files it names (TLS certificate, key, bundle,
+    CRL, last-known-good), then print it with every default filled in and every
+    relative file name resolved against the config's folder. Exit 2 when anything is wrong."""
+    from ._config import check_files
+    from ._errors import ConfigError
+
     cfg = _load(config_path)
+    problems = check_files(cfg)
+    if problems:
+        raise ConfigError(f"invalid gateway config {config_path}: " + "".join(f"\n  {p}" for p in problems))
     click.echo(json.dumps(config_json(cfg), indent=2))
