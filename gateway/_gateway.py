@@ -46,6 +46,7 @@ from ._proxy import Authorizer, Forward, Reject, allow_all, inbound, outbound, r
 from ._relay import H2Endpoint, H2Half, Headers
 from ._routes import LocalTarget, OutboundRoute, PeerCluster, RouteTable, build_routes
 from ._telemetry import Exchange, Metrics, Recorder
+from ._tlsrefusal import handshake_failure, refuse_plaintext
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -324,7 +325,7 @@ class Gateway:
             with trio.fail_after(self.limits.handshake_timeout):
                 await tls.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-            log.info("tls.handshake_failed", error=str(exc) or type(exc).__name__)
+            log.info("tls.handshake_failed", **handshake_failure(exc))
             await trio.aclose_forcefully(stream)
             return None
         return tls
@@ -516,8 +517,8 @@ class Gateway:
             h2 = tls.selected_alpn_protocol() == "h2"
             s, scheme = tls, b"https"
         elif not self.cfg.outbound_allow_plain:
-            log.info("outbound.plain_refused")
-            await trio.aclose_forcefully(stream)
+            log.info("outbound.plain_refused", remote=_remote_ip(stream))
+            await refuse_plaintext(stream, first)  # a readable 400, not an empty reply
             return
         else:
             h2 = first.startswith(H2_PREFACE[: len(first)]) if len(first) < 24 else \
