@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import time
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from ._cli_common import (
     handle_errors,
     log_level_option,
     make_client,
-    output_option,
     print_json,
     setup_logging,
 )
@@ -87,7 +87,9 @@ def token() -> None:
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 10m, 1h, 2d.")
 @click.option("--cluster", default="", help="Only this cluster name may join with it.")
 @connection_options
-@output_option
+@click.option("-o", "--output", type=click.Choice(["table", "json", "env"]), default="table", show_default=True,
+              help="Output format; env: `export ISTHMUS_JOIN_TOKEN=... ISTHMUS_CA_PIN=...` lines for a shell's eval, "
+                   "which `isthmus federation join` reads.")
 @handle_errors
 def token_create(ttl: str, cluster: str, federation_addr: str | None, cert_dir: str | None, output: str) -> None:
     """Create a join token (admin); print it with the root's pin, as kubeadm does."""
@@ -100,13 +102,17 @@ def token_create(ttl: str, cluster: str, federation_addr: str | None, cert_dir: 
     if output == "json":
         print_json({"token": r.token, "ca_pin": r.ca_pin, "expires_at": r.expires_at, "cluster": cluster})
         return
+    if output == "env":
+        click.echo(f"export ISTHMUS_JOIN_TOKEN={shlex.quote(r.token)}\nexport ISTHMUS_CA_PIN={shlex.quote(r.ca_pin)}")
+        return
     click.echo(f"token:   {r.token}")
     click.echo(f"ca-pin:  {r.ca_pin}")
     click.echo(f"expires: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.expires_at))} (one use)")
     name = cluster or "NAME"
     click.echo(
         f"\njoin with:\n  isthmus federation join {name} --federation {client.addresses[0]} "
-        f"--token {r.token} --ca-pin {r.ca_pin} --out-dir ./{name}"
+        f"--token {r.token} --ca-pin {r.ca_pin} --out-dir ./{name} --gateway-address HOST:PORT"
+        "\n(HOST:PORT: where the other clusters reach this cluster's gateway inbound listener)"
     )
 
 
@@ -114,10 +120,14 @@ def token_create(ttl: str, cluster: str, federation_addr: str | None, cert_dir: 
 @click.argument("name")
 @click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, type=AddressList(),
               help="Federation address(es) HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
-@click.option("--token", required=True, envvar="ISTHMUS_JOIN_TOKEN", help="One-time join token.")
-@click.option("--ca-pin", required=True, help="sha256:<hex> pin of the federation root (printed with the token).")
+@click.option("--token", required=True, envvar="ISTHMUS_JOIN_TOKEN", help="One-time join token. Env: ISTHMUS_JOIN_TOKEN.")
+@click.option("--ca-pin", required=True, envvar="ISTHMUS_CA_PIN",
+              help="sha256:<hex> pin of the federation root (printed with the token). Env: ISTHMUS_CA_PIN.")
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Where to write the cluster's CA and certificates.")
 @click.option("--gateway-address", multiple=True, type=AddressList(single=True), help="HOST:PORT of this cluster's inbound gateway (repeatable).")
+@click.option("--gateway-dns", multiple=True, metavar="NAME",
+              help="DNS name for the gateway's certificate, the name workloads verify when they connect to its "
+                   "outbound listener with TLS, e.g. localhost (repeatable).")
 @click.option("--label", multiple=True, help="KEY=VALUE label, e.g. region=eu-west-1 (repeatable).")
 @click.option("--join-address", default=None, type=AddressList(single=True),
               help="Join port address; default: the federation port + 1.")
@@ -132,6 +142,7 @@ def join_cmd(
     ca_pin: str,
     out_dir: str,
     gateway_address: tuple[str, ...],
+    gateway_dns: tuple[str, ...],
     label: tuple[str, ...],
     join_address: str | None,
     cert_dir: str | None,
@@ -142,6 +153,11 @@ def join_cmd(
     setup_logging("warning")
     from ._join import join
 
+    started = time.time()
+    if cert_dir:
+        from ._credentials import check_cert_dir
+
+        check_cert_dir(cert_dir)
     labels = {}
     for item in label:
         k, sep, v = item.partition("=")
@@ -159,8 +175,27 @@ def join_cmd(
         join_address=join_address,
         cert_dir=cert_dir,
         validity=validity,
+        gateway_dns_names=gateway_dns,
     )
+    if not gateway_address:
+        click.echo(f"warning: {name} joined without --gateway-address: no other cluster can reach its gateway; "
+                   f"join again with --cert-dir {result.out_dir}/agent --gateway-address HOST:PORT", err=True)
+    if validity:
+        _warn_if_capped(Path(result.out_dir) / "ca" / "ca.crt", validity, started)
     if output == "json":
         print_json({"cluster": result.name, "trust_domain": result.trust_domain, "out_dir": str(result.out_dir), "revision": result.revision})
     else:
         click.echo(f"joined {result.name} ({result.trust_domain}); credentials in {result.out_dir}")
+
+
+def _warn_if_capped(ca_file: Path, validity: str, started: float) -> None:
+    """The federation caps a cluster CA at the root's expiry: say so, with both dates."""
+    import trust
+
+    wanted = started + trust.parse_duration(validity)
+    got = trust.load_cert(ca_file).not_valid_after_utc.timestamp()
+    if got < wanted - 60:
+        fmt = "%Y-%m-%d %H:%M:%SZ"
+        click.echo(f"warning: the requested CA validity {validity} would end {time.strftime(fmt, time.gmtime(wanted))}, "
+                   f"but the cluster CA ends {time.strftime(fmt, time.gmtime(got))}, when the federation root expires",
+                   err=True)

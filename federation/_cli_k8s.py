@@ -1,7 +1,7 @@
 """Kubernetes verbs: ``join-cluster``, ``leave-cluster``, ``check`` and ``agent run``.
 
 Thin click layer over ``federation.agent`` (_install, _checks, _agent); errors become one
-clear line and exit 1.
+clear line and exit 2 (bad input) or 1.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from ._cli_common import AddressList, log_level_option, setup_logging
-from ._errors import FederationError
 
 
 def _default_out_dir(name: str) -> Path:
@@ -34,11 +33,10 @@ def _say(msg: str) -> None:
 
 
 def _fail(exc: Exception) -> None:
-    import trust
+    """One line and exit 2 (bad input) or 1, as every command (federation/_errorboundary.py)."""
+    from ._errorboundary import to_click
 
-    if isinstance(exc, (FederationError, trust.TrustError, ValueError)):
-        raise click.ClickException(str(exc)) from None
-    raise exc
+    raise to_click(exc) from None
 
 
 def kube_options(f):  # type: ignore[no-untyped-def]
@@ -189,11 +187,13 @@ def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: 
 
     from .agent._agent import Agent, AgentConfig
     from .agent._health import serve_health
+    from ._credentials import check_cert_dir
     from .agent._kube import Kube, load_api_client
     from .client import FederationClient
 
     try:
         trust.validate_cluster_name(cluster)
+        check_cert_dir(cert_dir)  # expired or foreign credentials: say so before any call
         fed = FederationClient(federation_addr, cert_dir)
         kube = Kube(load_api_client(kubeconfig, context))
     except Exception as exc:  # noqa: BLE001

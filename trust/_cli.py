@@ -23,6 +23,35 @@ from ._spiffe import SpiffeId, validate_cluster_name
 from ._store import ClusterCA, TrustDir, fingerprint, trust_domain_of
 
 
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def _warn_if_capped(cert: x509.Certificate, validity: float, now: dt.datetime) -> None:
+    """A certificate never outlives its issuer: say so when the requested validity was cut."""
+    wanted = now + dt.timedelta(seconds=validity)
+    got = _ca.not_after(cert)
+    if got < wanted - dt.timedelta(minutes=1):
+        _warn(f"the requested validity would end {wanted:%Y-%m-%d %H:%M:%S}Z, but the certificate ends "
+              f"{got:%Y-%m-%d %H:%M:%S}Z, when its issuer ({cert.issuer.rfc4514_string()}) expires: "
+              "renew the issuer for longer-lived certificates")
+
+
+def _warn_if_revoked(ca_dir: Path, ca: x509.Certificate) -> None:
+    """Issuing from a revoked CA works, but every peer will refuse what it issues."""
+    from ._store import load_crl
+
+    for crl_path in (ca_dir.parent.parent / "crl.pem", ca_dir.parent / "crl.pem"):
+        try:
+            crl = load_crl(crl_path.read_bytes(), crl_path)
+        except (OSError, TrustError):
+            continue  # no CRL there (or not one we can read): nothing to warn about
+        if crl.issuer == ca.issuer and crl.get_revoked_certificate_by_serial_number(ca.serial_number) is not None:
+            _warn(f"the CA in {ca_dir} (serial {ca.serial_number:x}) is revoked by {crl_path}: "
+                  "gateways will refuse the certificates it issues; re-join or re-issue the cluster CA")
+            return
+
+
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
@@ -92,8 +121,10 @@ def init(trust_dir: Path, trust_domain: str | None, key_type: str, validity: flo
 def issue_cluster(name: str, trust_dir: Path, validity: float, key_type: str, passphrase_file: Path | None) -> None:
     """Issue cluster NAME's intermediate CA into DIR/clusters/NAME/."""
     td = TrustDir(trust_dir, read_passphrase(passphrase_file))
-    ca = td.issue_cluster(name, validity, key_type)
+    now = _ca.utcnow()
+    ca = td.issue_cluster(name, validity, key_type, now=now)
     cert = ca.cert
+    _warn_if_capped(cert, validity, now)
     click.echo(f"issued cluster CA for {name}: spiffe://{ca.trust_domain}")
     click.echo(f"  folder:      {ca.path} (ca.crt, ca.key, chain.pem, bundle.pem)")
     click.echo(f"  valid until: {_ca.not_after(cert):%Y-%m-%d %H:%M:%S}Z")
@@ -108,7 +139,11 @@ def issue_cluster(name: str, trust_dir: Path, validity: float, key_type: str, pa
 @_passphrase
 def issue(ca_dir: Path, spiffe_id: str, out_dir: Path, dns: tuple[str, ...], validity: float, passphrase_file: Path | None) -> None:
     """Issue a workload X509-SVID: OUT/cert.pem, OUT/key.pem (0600), OUT/bundle.pem."""
-    files = ClusterCA(ca_dir, read_passphrase(passphrase_file)).issue(SpiffeId.parse(spiffe_id), out_dir, dns, validity)
+    ca = ClusterCA(ca_dir, read_passphrase(passphrase_file))
+    _warn_if_revoked(ca_dir, ca.cert)
+    now = _ca.utcnow()
+    files = ca.issue(SpiffeId.parse(spiffe_id), out_dir, dns, validity, now=now)
+    _warn_if_capped(load_certs(files.cert)[0], validity, now)
     click.echo(f"issued {spiffe_id}")
     click.echo(f"  {files.cert}\n  {files.key} (0600)\n  {files.bundle}")
 
@@ -122,7 +157,9 @@ def issue(ca_dir: Path, spiffe_id: str, out_dir: Path, dns: tuple[str, ...], val
 def issue_admin(name: str, trust_dir: Path, out_dir: Path, validity: float, passphrase_file: Path | None) -> None:
     """Issue an operator certificate spiffe://<td>/admin/NAME for the federation API."""
     td = TrustDir(trust_dir, read_passphrase(passphrase_file))
-    files = td.issue_admin(name, out_dir, validity)
+    now = _ca.utcnow()
+    files = td.issue_admin(name, out_dir, validity, now=now)
+    _warn_if_capped(load_certs(files.cert)[0], validity, now)
     click.echo(f"issued spiffe://{td.trust_domain}/admin/{name}")
     click.echo(f"  {files.cert}\n  {files.key} (0600)\n  {files.bundle}")
     click.echo(f"  use it with: export ISTHMUS_CERT_DIR={out_dir}")
