@@ -78,6 +78,32 @@ def serve(
     handle_errors(main)()
 
 
+@federation.command("wait")
+@click.option("--timeout", default="30s", show_default=True, help="How long to wait, e.g. 30s, 2m.")
+@connection_options
+@handle_errors
+def wait(timeout: str, federation_addr: str | None, cert_dir: str | None) -> None:
+    """Wait until the federation answers its health check (for scripts, after `serve &`).
+
+    Exit 0 once it is SERVING; 1 at the timeout, saying why it could not be reached.
+    """
+    import trust
+
+    from ._errors import FederationError
+
+    deadline = time.monotonic() + trust.parse_duration(timeout)
+    with make_client(federation_addr, cert_dir) as client:
+        while not client.health(timeout=1.0):
+            if time.monotonic() >= deadline:
+                from ._credentials import diagnose
+
+                why = diagnose(client.addresses, client.creds)
+                raise FederationError(f"the federation at {','.join(client.addresses)} did not answer within "
+                                      f"{timeout}" + (f":\n  {why}" if why else ""))
+            time.sleep(0.5)
+    click.echo(f"the federation at {client.address} is serving")
+
+
 @federation.group()
 def token() -> None:
     """One-time join tokens."""

@@ -142,3 +142,16 @@ def test_nothing_listening_is_named(pki: Pki) -> None:
         address = f"127.0.0.1:{s.getsockname()[1]}"
     r = isthmus("status", "--federation", address, "--cert-dir", str(pki.admin_dir), timeout=60)
     expect(r, 1, "UNAVAILABLE", f"{address}: connection refused")
+
+
+def test_federation_wait_gives_up_saying_why(pki: Pki) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    r = isthmus("federation", "wait", "--timeout", "2s", "--federation", address, "--cert-dir", str(pki.admin_dir))
+    expect(r, 1, f"the federation at {address} did not answer within 2s", "connection refused")
+
+
+def test_federation_wait_returns_once_serving(fed, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+    r = isthmus("federation", "wait", "--federation", fed.address, "--cert-dir", str(pki.admin_dir))
+    expect(r, 0, f"the federation at {fed.address} is serving")
