@@ -156,3 +156,28 @@ def _clean_env() -> dict[str, str]:
     from tests.clirun import isthmus_env
 
     return isthmus_env()
+
+
+def test_gateway_with_a_broken_federation_certificate_prints_no_c_core_lines(tmp_path: Path) -> None:
+    """grpc's C core logs 'Invalid cert chain file' on every connection attempt the
+    gateway's federation client makes with such a file; the terminal stays clean."""
+    import signal
+    import sys
+    import time
+
+    from tests.clirun import isthmus_env
+
+    from .fixtures import free_port
+
+    path = _gateway_yaml(tmp_path, 0)
+    cfg = yaml.safe_load(path.read_text())
+    (tmp_path / "broken.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    cfg["federation"] = {"address": f"127.0.0.1:{free_port()}", "cert_file": str(tmp_path / "broken.pem")}
+    path.write_text(yaml.safe_dump(cfg))
+    p = subprocess.Popen([sys.executable, "-m", "federation.cli", "gateway", "run", "--config", str(path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=isthmus_env())
+    time.sleep(6)  # several reconnect attempts
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert_clean(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    assert "gateway.started" in out
