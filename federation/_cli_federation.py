@@ -27,8 +27,10 @@ def federation() -> None:
 
 @federation.command()
 @click.option("--trust-dir", required=True, type=click.Path(file_okay=False), help="Federation root folder (isthmus trust init).")
-@click.option("--listen", default="0.0.0.0:7443", show_default=True, help="mTLS API address HOST:PORT.")
-@click.option("--join-listen", default="", help="Join (server-auth TLS) address; default: the --listen port + 1.")
+@click.option("--listen", default="0.0.0.0:7443", show_default=True, type=AddressList(single=True),
+              help="mTLS API address HOST:PORT.")
+@click.option("--join-listen", default=None, type=AddressList(single=True),
+              help="Join (server-auth TLS) address; default: the --listen port + 1.")
 @click.option("--etcd", default="", help="etcd endpoints URL[,URL...]; none: start an embedded etcd.")
 @click.option("--etcd-prefix", default="/isthmus/", show_default=True, help="Key prefix in etcd.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
@@ -40,7 +42,7 @@ def federation() -> None:
 def serve(
     trust_dir: str,
     listen: str,
-    join_listen: str,
+    join_listen: str | None,
     etcd: str,
     etcd_prefix: str,
     data_dir: str | None,
@@ -60,7 +62,7 @@ def serve(
         cfg = ServeConfig(
             trust_dir=Path(trust_dir),
             listen=listen,
-            join_listen=join_listen,
+            join_listen=join_listen or "",
             etcd=etcd,
             etcd_prefix=etcd_prefix,
             # Scoped to this federation's root, held by this server (federation/_datadir.py).

@@ -181,3 +181,23 @@ def test_gateway_with_a_broken_federation_certificate_prints_no_c_core_lines(tmp
     out, err = p.communicate(timeout=30)
     assert_clean(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     assert "gateway.started" in out
+
+
+@pytest.mark.parametrize("option", ["--listen", "--join-listen"])
+def test_serve_listen_addresses_are_validated(option: str, tmp_path: Path) -> None:
+    expect(isthmus("federation", "serve", "--trust-dir", "fed", option, "0.0.0.0:70000", cwd=tmp_path), 2,
+           f"Invalid value for '{option}'")
+
+
+def test_stdin_is_read_without_click_text_streams(tmp_path: Path) -> None:
+    """click.get_text_stream goes in Click 9: stdin and tables use sys.stdin/sys.stdout."""
+    import federation
+
+    root = Path(federation.__file__).parents[1]
+    users = [str(p) for pkg in ("federation", "gateway", "trust") for p in (root / pkg).rglob("*.py")
+             if "get_text_stream" in p.read_text()]
+    assert users == []
+    policy = "kind: AuthorizationPolicy\nname: fine\nrules: [{}]\n"
+    expect(isthmus("policy", "apply", "--dry-run", "-f", "-", input=policy), 0, "AuthorizationPolicy/fine valid")
+    expect(isthmus("policy", "check", "--from", "spiffe://east.isthmus.local/ns/a/sa/b", "--to", "shop/cart",
+                   "-f", "-", input=policy), 0, "ALLOWED", "policy:  fine")
