@@ -1,6 +1,8 @@
 """``python -m federation ...`` is ``isthmus federation ...`` (used by tests and process supervisors)."""
 
-from .cli import load_command
+import sys
+
+from .cli import main
 
 if __name__ == "__main__":
-    load_command("federation").main(prog_name="python -m federation")
+    main(["federation", *sys.argv[1:]])

@@ -77,8 +77,8 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
         )
     for a in out:
         host, sep, port = a.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise FederationError(f"invalid federation address {a!r}: expected HOST:PORT")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise FederationError(f"invalid federation address {a!r}: expected HOST:PORT with a port from 1 to 65535")
     return out
 
 
@@ -592,6 +592,12 @@ class FederationClient:
         body = policy if isinstance(policy, dict) else policy.model_dump(by_alias=True, mode="json")
         r = self._call("ApplyPolicy", pb.ApplyPolicyRequest(policy_json=json.dumps(body)))
         return r.revision, r.changed
+
+    def apply_policies(self, policies: Sequence[Policy | dict[str, Any]]) -> tuple[int, list[bool]]:
+        """Apply all of ``policies`` in one transaction, or none; per policy: whether it changed."""
+        bodies = [p if isinstance(p, dict) else p.model_dump(by_alias=True, mode="json") for p in policies]
+        r = self._call("ApplyPolicy", pb.ApplyPolicyRequest(policies_json=[json.dumps(b) for b in bodies]))
+        return r.revision, list(r.changed_each)
 
     def list_policies(self) -> list[Policy]:
         r = self._call("ListPolicies", pb.ListPoliciesRequest())

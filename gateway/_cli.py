@@ -26,8 +26,13 @@ import click
 import structlog
 import trio
 
+from federation.cli import register_error_root
+
 from ._config import GatewayConfig, config_json, load_config
 from ._errors import GatewayError
+
+# A GatewayError (a bad config, a port in use) is one line at the CLI's error boundary.
+register_error_root(GatewayError)
 
 
 def configure_logging(level: str = "info") -> None:
@@ -46,10 +51,8 @@ def configure_logging(level: str = "info") -> None:
 
 
 def _load(path: str) -> GatewayConfig:
-    try:
-        return load_config(path)
-    except GatewayError as exc:
-        raise click.ClickException(str(exc)) from None
+    # A ConfigError reaches the CLI's one error boundary: one line, exit 2.
+    return load_config(path)
 
 
 async def serve(cfg: GatewayConfig, follow: str, reuse_port: bool = False) -> None:
@@ -138,10 +141,10 @@ def run(config_path: str, workers: int, log_level: str, worker_index: int | None
 
 
 def _trio_run(*args: object) -> None:
+    # Errors, and the ExceptionGroups trio wraps them in, reach the CLI's one error
+    # boundary (federation/_errorboundary.py): one line, exit 1.
     try:
         trio.run(*args)  # type: ignore[arg-type]
-    except GatewayError as exc:
-        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
 
@@ -241,6 +244,14 @@ def _control_main(config_path: str) -> None:
 @gateway.command("check-config")
 @click.argument("config_path", type=click.Path(dir_okay=False))
 def check_config(config_path: str) -> None:
-    """Validate a gateway config and print it with every default filled in."""
+    """Validate a gateway config and the files it names (TLS certificate, key, bundle,
+    CRL, last-known-good), then print it with every default filled in and every
+    relative file name resolved against the config's folder. Exit 2 when anything is wrong."""
+    from ._config import check_files
+    from ._errors import ConfigError
+
     cfg = _load(config_path)
+    problems = check_files(cfg)
+    if problems:
+        raise ConfigError(f"invalid gateway config {config_path}: " + "".join(f"\n  {p}" for p in problems))
     click.echo(json.dumps(config_json(cfg), indent=2))

@@ -177,6 +177,7 @@ def parse_config(data: Any, source: str = "(inline)") -> GatewayConfig:
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read a config file; relative file names in it are relative to the file's folder."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -186,7 +187,66 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid gateway config {p}: not YAML: {exc}") from None
-    return parse_config(data, str(p))
+    return resolve_paths(parse_config(data, str(p)), p.absolute().parent)
+
+
+def resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
+    """Every relative file name in ``cfg`` made relative to ``base`` (not to the working directory)."""
+
+    def at(value: Path | None) -> Path | None:
+        return value if value is None or value.is_absolute() else base / value
+
+    def fix(model: Any, *names: str) -> Any:
+        return model.model_copy(update={n: at(getattr(model, n)) for n in names})
+
+    return cfg.model_copy(update={
+        "tls": fix(cfg.tls, "cert_file", "key_file", "bundle_file", "crl_file"),
+        "federation": fix(cfg.federation, "cert_file", "key_file", "bundle_file"),
+        "last_known_good": at(cfg.last_known_good),
+    })
+
+
+def check_files(cfg: GatewayConfig) -> list[str]:
+    """What is wrong with the files ``cfg`` names (``gateway check-config``): the TLS
+    identity must load and be usable (trust.check_credentials: PEM, key matches, valid
+    now, bundle holds its root), the CRL must load, a last-known-good file that exists
+    must load.  Each problem names its field and file."""
+    import trust
+
+    problems: list[str] = []
+
+    def check(field: str, cert: Path, key: Path, bundle: Path) -> None:
+        try:
+            trust.check_credentials(cert, key, bundle)
+        except trust.BadFile as exc:
+            problems.append(f"{field}: {exc}")
+
+    check("tls", cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.bundle_file)
+    fed = cfg.federation
+    if fed.address and (fed.cert_file or fed.key_file or fed.bundle_file):
+        check("federation", fed.cert_file or cfg.tls.cert_file, fed.key_file or cfg.tls.key_file,
+              fed.bundle_file or cfg.tls.bundle_file)
+    if cfg.tls.crl_file is not None:
+        try:
+            data = cfg.tls.crl_file.read_bytes()
+        except OSError as exc:
+            problems.append(f"tls.crl_file: {cfg.tls.crl_file}: {exc.strerror}")
+        else:
+            try:
+                trust.load_crl(data, cfg.tls.crl_file)
+            except trust.BadFile as exc:
+                problems.append(f"tls.crl_file: {exc}")
+    lkg = cfg.last_known_good
+    if lkg.exists():
+        try:
+            Snapshot.model_validate_json(lkg.read_bytes())
+        except (OSError, ValueError) as exc:
+            problems.append(f"last_known_good: {lkg}: not a config snapshot: {str(exc).splitlines()[0]}")
+    else:
+        folder = next((d for d in lkg.parents if d.exists()), None)
+        if folder is None or not os.access(folder, os.W_OK | os.X_OK):
+            problems.append(f"last_known_good: {lkg}: cannot be created ({folder} is not writable)")
+    return problems
 
 
 def config_json(cfg: GatewayConfig) -> dict[str, Any]:

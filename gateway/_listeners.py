@@ -40,6 +40,7 @@ from ._relay import H2Endpoint
 from ._state import ConfigState
 from ._telemetry import Metrics
 from ._tls import GatewayTls
+from ._tlsrefusal import refuse_plaintext
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -242,8 +243,8 @@ class Listeners:
             h2 = tls.selected_alpn_protocol() == "h2"
             s, scheme = tls, b"https"
         elif not self.cfg.outbound_allow_plain:
-            log.info("outbound.plain_refused")
-            await trio.aclose_forcefully(stream)
+            log.info("outbound.plain_refused", remote=remote_ip(stream))
+            await refuse_plaintext(stream, first)  # a readable 400, not an empty reply
             return
         else:
             h2 = kind == "h2"

@@ -29,6 +29,7 @@ import trust
 
 from ._config import TlsConfig
 from ._errors import ConfigError, UpstreamError
+from ._tlsrefusal import handshake_failure
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -105,7 +106,7 @@ class GatewayTls:
             with trio.fail_after(self.handshake_timeout):
                 await tls.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-            log.info("tls.handshake_failed", error=str(exc) or type(exc).__name__)
+            log.info("tls.handshake_failed", **handshake_failure(exc))
             await trio.aclose_forcefully(stream)
             return None
         return tls

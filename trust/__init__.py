@@ -32,6 +32,7 @@ from ._ca import key_matches as key_matches
 from ._ca import load_csr as load_csr
 from ._ca import make_csr as make_csr
 from ._ca import spiffe_ids_of as spiffe_ids_of
+from ._credentials import check_credentials as check_credentials
 from ._errors import BadFile as BadFile
 from ._errors import InvalidCSR as InvalidCSR
 from ._errors import InvalidName as InvalidName

@@ -1,12 +1,14 @@
-"""``isthmus trust ...``: the federation CA from the command line."""
+"""``isthmus trust ...``: the federation CA from the command line.
+
+Errors (TrustError, OSError) reach the ``isthmus`` command's one error boundary
+(``federation/_errorboundary.py``), which prints one line and exits 2 for bad input, 1
+otherwise.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +23,33 @@ from ._spiffe import SpiffeId, validate_cluster_name
 from ._store import ClusterCA, TrustDir, fingerprint, trust_domain_of
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into one line on stderr and exit 1 (no traceback)."""
+def _warn_if_capped(cert: x509.Certificate, validity: float, now: dt.datetime) -> None:
+    """A certificate never outlives its issuer: say so when the requested validity was cut."""
+    wanted = now + dt.timedelta(seconds=validity)
+    got = _ca.not_after(cert)
+    if got < wanted - dt.timedelta(minutes=1):
+        _warn(f"the requested validity would end {wanted:%Y-%m-%d %H:%M:%S}Z, but the certificate ends "
+              f"{got:%Y-%m-%d %H:%M:%S}Z, when its issuer ({cert.issuer.rfc4514_string()}) expires: "
+              "renew the issuer for longer-lived certificates")
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+def _warn_if_revoked(ca_dir: Path, ca: x509.Certificate) -> None:
+    """Issuing from a revoked CA works, but every peer will refuse what it issues."""
+    from ._store import load_crl
+
+    for crl_path in (ca_dir.parent.parent / "crl.pem", ca_dir.parent / "crl.pem"):
         try:
-            return fn(*args, **kwargs)
-        except TrustError as exc:
-            _fail(str(exc))
-        except OSError as exc:
-            _fail(f"{exc.filename or ''}: {exc.strerror or exc}")
-
-    return wrapper
+            crl = load_crl(crl_path.read_bytes(), crl_path)
+        except (OSError, TrustError):
+            continue  # no CRL there (or not one we can read): nothing to warn about
+        if crl.issuer == ca.issuer and crl.get_revoked_certificate_by_serial_number(ca.serial_number) is not None:
+            _warn(f"the CA in {ca_dir} (serial {ca.serial_number:x}) is revoked by {crl_path}: "
+                  "gateways will refuse the certificates it issues; re-join or re-issue the cluster CA")
+            return
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -79,7 +90,6 @@ def trust() -> None:
 @click.option("--from-key", type=click.Path(dir_okay=False, path_type=Path), help="Its private key (with --from-cert).")
 @click.option("--from-key-passphrase-file", type=click.Path(dir_okay=False, path_type=Path), help="Passphrase of --from-key, if encrypted.")
 @_passphrase
-@_errors
 def init(trust_dir: Path, trust_domain: str | None, key_type: str, validity: float, force: bool,
          from_cert: Path | None, from_key: Path | None, from_key_passphrase_file: Path | None,
          passphrase_file: Path | None) -> None:
@@ -108,12 +118,13 @@ def init(trust_dir: Path, trust_domain: str | None, key_type: str, validity: flo
 @click.option("--validity", default="90d", show_default=True, callback=_duration)
 @click.option("--key-type", type=click.Choice(_ca.KEY_TYPES), default="ec-p256", show_default=True)
 @_passphrase
-@_errors
 def issue_cluster(name: str, trust_dir: Path, validity: float, key_type: str, passphrase_file: Path | None) -> None:
     """Issue cluster NAME's intermediate CA into DIR/clusters/NAME/."""
     td = TrustDir(trust_dir, read_passphrase(passphrase_file))
-    ca = td.issue_cluster(name, validity, key_type)
+    now = _ca.utcnow()
+    ca = td.issue_cluster(name, validity, key_type, now=now)
     cert = ca.cert
+    _warn_if_capped(cert, validity, now)
     click.echo(f"issued cluster CA for {name}: spiffe://{ca.trust_domain}")
     click.echo(f"  folder:      {ca.path} (ca.crt, ca.key, chain.pem, bundle.pem)")
     click.echo(f"  valid until: {_ca.not_after(cert):%Y-%m-%d %H:%M:%S}Z")
@@ -126,10 +137,13 @@ def issue_cluster(name: str, trust_dir: Path, validity: float, key_type: str, pa
 @click.option("--dns", multiple=True, help="Extra DNS SAN (repeatable).")
 @click.option("--validity", default="24h", show_default=True, callback=_duration)
 @_passphrase
-@_errors
 def issue(ca_dir: Path, spiffe_id: str, out_dir: Path, dns: tuple[str, ...], validity: float, passphrase_file: Path | None) -> None:
     """Issue a workload X509-SVID: OUT/cert.pem, OUT/key.pem (0600), OUT/bundle.pem."""
-    files = ClusterCA(ca_dir, read_passphrase(passphrase_file)).issue(SpiffeId.parse(spiffe_id), out_dir, dns, validity)
+    ca = ClusterCA(ca_dir, read_passphrase(passphrase_file))
+    _warn_if_revoked(ca_dir, ca.cert)
+    now = _ca.utcnow()
+    files = ca.issue(SpiffeId.parse(spiffe_id), out_dir, dns, validity, now=now)
+    _warn_if_capped(load_certs(files.cert)[0], validity, now)
     click.echo(f"issued {spiffe_id}")
     click.echo(f"  {files.cert}\n  {files.key} (0600)\n  {files.bundle}")
 
@@ -140,11 +154,12 @@ def issue(ca_dir: Path, spiffe_id: str, out_dir: Path, dns: tuple[str, ...], val
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--validity", default="24h", show_default=True, callback=_duration)
 @_passphrase
-@_errors
 def issue_admin(name: str, trust_dir: Path, out_dir: Path, validity: float, passphrase_file: Path | None) -> None:
     """Issue an operator certificate spiffe://<td>/admin/NAME for the federation API."""
     td = TrustDir(trust_dir, read_passphrase(passphrase_file))
-    files = td.issue_admin(name, out_dir, validity)
+    now = _ca.utcnow()
+    files = td.issue_admin(name, out_dir, validity, now=now)
+    _warn_if_capped(load_certs(files.cert)[0], validity, now)
     click.echo(f"issued spiffe://{td.trust_domain}/admin/{name}")
     click.echo(f"  {files.cert}\n  {files.key} (0600)\n  {files.bundle}")
     click.echo(f"  use it with: export ISTHMUS_CERT_DIR={out_dir}")
@@ -154,7 +169,6 @@ def issue_admin(name: str, trust_dir: Path, out_dir: Path, validity: float, pass
 @click.argument("name", callback=_name)
 @_dir
 @_passphrase
-@_errors
 def revoke_cluster(name: str, trust_dir: Path, passphrase_file: Path | None) -> None:
     """Revoke every CA issued to cluster NAME (DIR/crl.pem lists them)."""
     td = TrustDir(trust_dir, read_passphrase(passphrase_file))
@@ -167,7 +181,6 @@ def revoke_cluster(name: str, trust_dir: Path, passphrase_file: Path | None) -> 
 @click.option("--key-type", type=click.Choice(_ca.KEY_TYPES), default="ec-p256", show_default=True)
 @click.option("--validity", default="10y", show_default=True, callback=_duration)
 @_passphrase
-@_errors
 def rotate_root(trust_dir: Path, key_type: str, validity: float, passphrase_file: Path | None) -> None:
     """Make a new root current, keeping the old ones trusted (bundle A → A+B).
 
@@ -187,7 +200,6 @@ def bundle() -> None:
 @bundle.command("show")
 @_dir
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-@_errors
 def bundle_show(trust_dir: Path, output: str) -> None:
     """List the roots in the bundle."""
     td = TrustDir(trust_dir)
@@ -202,7 +214,6 @@ def bundle_show(trust_dir: Path, output: str) -> None:
 @bundle.command("add")
 @click.argument("cert_file", type=click.Path(dir_okay=False, path_type=Path))
 @_dir
-@_errors
 def bundle_add(cert_file: Path, trust_dir: Path) -> None:
     """Trust another root (e.g. during a migration)."""
     roots = TrustDir(trust_dir).add_to_bundle(cert_file)
@@ -212,7 +223,6 @@ def bundle_add(cert_file: Path, trust_dir: Path) -> None:
 @bundle.command("prune")
 @_dir
 @_passphrase
-@_errors
 def bundle_prune(trust_dir: Path, passphrase_file: Path | None) -> None:
     """Keep only the current root (the last step of a rotation)."""
     TrustDir(trust_dir, read_passphrase(passphrase_file)).prune_bundle()
@@ -223,7 +233,6 @@ def bundle_prune(trust_dir: Path, passphrase_file: Path | None) -> None:
 @_dir
 @click.option("--format", "fmt", type=click.Choice(["pem", "spiffe"]), default="pem", show_default=True,
               help="pem, or a SPIFFE bundle (JWKS, use x509-svid) for SPIRE.")
-@_errors
 def bundle_export(trust_dir: Path, fmt: str) -> None:
     """Print the bundle (PEM, or SPIFFE JWKS)."""
     td = TrustDir(trust_dir)
@@ -276,7 +285,6 @@ def _human(seconds: int) -> str:
 @trust.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-@_errors
 def show(file: Path, output: str) -> None:
     """Show a certificate (or chain): SPIFFE ID, issuer chain, validity, time left."""
     certs = [_describe(c) for c in load_certs(file)]

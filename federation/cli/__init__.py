@@ -30,6 +30,8 @@ import sys
 
 import click
 
+from .._errorboundary import register_error_root
+
 # Every top-level command: name -> "module:attribute" of its click command or group.
 COMMANDS: dict[str, str] = {
     "trust": "trust.cli:trust",
@@ -49,6 +51,9 @@ COMMANDS: dict[str, str] = {
 }
 
 
+__all__ = ["COMMANDS", "cli", "load_command", "main", "register_error_root"]
+
+
 def load_command(name: str) -> click.Command:
     """Import and return the command registered as ``name`` (KeyError if there is none)."""
     module, _, attr = COMMANDS[name].partition(":")
@@ -65,6 +70,13 @@ class _Root(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return load_command(cmd_name) if cmd_name in COMMANDS else None
 
+    def invoke(self, ctx: click.Context) -> object:
+        # The one error boundary of every command (federation/_errorboundary.py).
+        from .._errorboundary import boundary
+
+        with boundary():
+            return super().invoke(ctx)
+
 
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="isthmus", prog_name="isthmus")
@@ -79,7 +91,9 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``isthmus`` entry point (``federation.cli:main`` in pyproject.toml)."""
-    cli.main(args=argv, prog_name="isthmus")
+    from .._errorboundary import run
+
+    run(cli, argv, "isthmus")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 import structlog
 
-from .._errors import FederationError, RemoteError
+from .._errors import FederationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,22 +37,58 @@ def setup_logging(level: str = "info") -> None:
     )
 
 
-def connection_options(f: F) -> F:
-    """``--federation`` and ``--cert-dir`` (or ISTHMUS_FEDERATION / ISTHMUS_CERT_DIR)."""
-    f = click.option(
-        "--cert-dir",
-        envvar="ISTHMUS_CERT_DIR",
-        type=click.Path(file_okay=False),
-        help="Folder with cert.pem, key.pem, bundle.pem (an admin's, from `isthmus trust issue-admin`). "
-        "Env: ISTHMUS_CERT_DIR.",
-    )(f)
-    f = click.option(
-        "--federation",
-        "federation_addr",
-        envvar="ISTHMUS_FEDERATION",
-        help="Federation address(es), HOST:PORT[,HOST:PORT...]. Env: ISTHMUS_FEDERATION.",
-    )(f)
-    return f
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ADMIN_CERT_DIR_HELP = ("Folder with cert.pem, key.pem, bundle.pem (an admin's, from `isthmus trust issue-admin`). "
+                       "Env: ISTHMUS_CERT_DIR.")
+
+
+def log_level_option(f: F) -> F:
+    return click.option("--log-level", default="info", show_default=True,
+                        type=click.Choice(LOG_LEVELS, case_sensitive=False), help="Log level (stderr).")(f)
+
+
+class AddressList(click.ParamType):
+    """HOST:PORT[,HOST:PORT...], every port 1-65535 (what ``client.parse_addresses`` accepts)."""
+
+    name = "HOST:PORT[,...]"
+
+    def __init__(self, single: bool = False) -> None:
+        self.single = single
+        if single:
+            self.name = "HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from ..client import parse_addresses
+
+        try:
+            addresses = parse_addresses(value)
+        except FederationError as exc:
+            self.fail(str(exc), param, ctx)
+        if self.single and len(addresses) != 1:
+            self.fail(f"{value!r}: give one HOST:PORT", param, ctx)
+        return value
+
+
+def connection_options(f: F | None = None, *, cert_dir_help: str = ADMIN_CERT_DIR_HELP) -> Any:
+    """``--federation`` and ``--cert-dir`` (or ISTHMUS_FEDERATION / ISTHMUS_CERT_DIR).
+
+    ``@connection_options`` for admin commands; ``@connection_options(cert_dir_help=...)``
+    where another identity is meant.
+    """
+
+    def decorate(f: F) -> F:
+        f = click.option("--cert-dir", envvar="ISTHMUS_CERT_DIR", type=click.Path(file_okay=False),
+                         help=cert_dir_help)(f)
+        f = click.option(
+            "--federation",
+            "federation_addr",
+            envvar="ISTHMUS_FEDERATION",
+            type=AddressList(),
+            help="Federation address(es), HOST:PORT[,HOST:PORT...]. Env: ISTHMUS_FEDERATION.",
+        )(f)
+        return f
+
+    return decorate(f) if f is not None else decorate
 
 
 def output_option(f: F) -> F:
@@ -62,6 +98,8 @@ def output_option(f: F) -> F:
 
 
 def make_client(federation_addr: str | None, cert_dir: str | None) -> Any:
+    from .._credentials import check_cert_dir
+    from .._errorboundary import note_target
     from ..client import FederationClient
 
     if not federation_addr:
@@ -71,29 +109,17 @@ def make_client(federation_addr: str | None, cert_dir: str | None) -> Any:
             "no credentials: pass --cert-dir DIR or set ISTHMUS_CERT_DIR (a folder with cert.pem, key.pem, bundle.pem; "
             "make one with `isthmus trust issue-admin`)"
         )
-    return FederationClient(federation_addr, cert_dir)
-
-
-def fail(exc: Exception) -> None:
-    """Print a clear one-line error and exit 1 (no traceback for expected failures)."""
-    if isinstance(exc, RemoteError):
-        raise click.ClickException(f"{exc.code.name}: {exc.details}")
-    raise click.ClickException(str(exc))
+    check_cert_dir(cert_dir)  # expired, mismatched or foreign credentials: say so before any call
+    client = FederationClient(federation_addr, cert_dir)
+    note_target(client.addresses, client.creds)
+    return client
 
 
 def handle_errors(f: F) -> F:
-    import functools
+    """Our errors become one line and exit 2 (bad input) or 1 (see _errorboundary)."""
+    from .._errorboundary import guarded
 
-    import trust
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except (FederationError, trust.TrustError) as exc:
-            fail(exc)
-
-    return wrapper  # type: ignore[return-value]
+    return guarded(f)  # type: ignore[return-value]
 
 
 def print_json(data: Any) -> None:
@@ -110,6 +136,6 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for r in rows:
         table.add_row(*(str(x) for x in r))
     # Piped output (grep, files) must not be cut at 80 columns.
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     console = Console(file=out) if out.isatty() else Console(file=out, width=250, color_system=None)
     console.print(table)

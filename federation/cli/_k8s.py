@@ -1,7 +1,7 @@
 """Kubernetes verbs: ``join-cluster``, ``leave-cluster``, ``check`` and ``agent run``.
 
 Thin click layer over :mod:`federation.agent` (its public names); errors become one
-clear line and exit 1.
+clear line and exit 2 (bad input) or 1.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ._common import setup_logging
+from ._common import AddressList, log_level_option, setup_logging
 from .. import names
 from .._errors import FederationError
 
@@ -34,11 +34,10 @@ def _say(msg: str) -> None:
 
 
 def _fail(exc: Exception) -> None:
-    import trust
+    """One line and exit 2 (bad input) or 1, as every command (federation/_errorboundary.py)."""
+    from .._errorboundary import to_click
 
-    if isinstance(exc, (FederationError, trust.TrustError, ValueError)):
-        raise click.ClickException(str(exc)) from None
-    raise exc
+    raise to_click(exc) from None
 
 
 def kube_options(f):  # type: ignore[no-untyped-def]
@@ -59,7 +58,8 @@ def _labels(items: tuple[str, ...]) -> dict[str, str]:
 
 @click.command("join-cluster")
 @click.argument("name")
-@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, help="Federation address(es) HOST:PORT[,...].")
+@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, type=AddressList(),
+              help="Federation address(es) HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
 @click.option("--token", envvar="ISTHMUS_JOIN_TOKEN", default="", help="One-time join token (not needed to re-run after a join).")
 @click.option("--ca-pin", default="", help="sha256:<hex> pin of the federation root (printed with the token).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -166,7 +166,8 @@ def agent() -> None:
 
 @agent.command("run")
 @click.option("--cluster", envvar="ISTHMUS_CLUSTER", required=True, help="This cluster's name. Env: ISTHMUS_CLUSTER.")
-@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, help="HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
+@click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", required=True, type=AddressList(),
+              help="HOST:PORT[,...]. Env: ISTHMUS_FEDERATION.")
 @click.option("--cert-dir", envvar="ISTHMUS_CERT_DIR", required=True, type=click.Path(file_okay=False),
               help="The agent's cert.pem, key.pem, bundle.pem. Env: ISTHMUS_CERT_DIR.")
 @click.option("--health-listen", default="127.0.0.1:15020", show_default=True, help="HOST:PORT for /healthz and /readyz; empty: off.")
@@ -175,7 +176,7 @@ def agent() -> None:
 @click.option("--rotate-interval", default=600.0, show_default=True, type=click.FloatRange(0.0),
               help="Seconds between checks that renew the in-cluster gateway/agent certificates (Secrets in isthmus-system); 0: off.")
 @click.option("--dns-suffix", default=names.DNS_SUFFIX, show_default=True, help="Suffix of the gateway's outbound names.")
-@click.option("--log-level", default="info", show_default=True)
+@log_level_option
 @kube_options
 def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: str, lease_ttl: int, resync: float,
               rotate_interval: float, dns_suffix: str, log_level: str, kubeconfig: str | None, context: str | None) -> None:
@@ -186,10 +187,12 @@ def agent_run(cluster: str, federation_addr: str, cert_dir: str, health_listen: 
     import trust
 
     from ..agent import Agent, AgentConfig, Kube, load_api_client, serve_health
+    from .._credentials import check_cert_dir
     from ..client import FederationClient
 
     try:
         trust.validate_cluster_name(cluster)
+        check_cert_dir(cert_dir)  # expired or foreign credentials: say so before any call
         fed = FederationClient(federation_addr, cert_dir)
         kube = Kube(load_api_client(kubeconfig, context))
     except Exception as exc:  # noqa: BLE001

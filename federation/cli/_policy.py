@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def load_policy_documents(path: str) -> list[Any]:
     ``invalid policy file: p.yaml document 1: rules[0].from[0].principals[0]: ...``.
     """
     if path == "-":
-        policies = load_policies(click.get_text_stream("stdin").read(), source="<stdin>")
+        policies = load_policies(sys.stdin.read(), source="<stdin>")
     else:
         policies = load_policies(Path(path))
     if not policies:
@@ -43,7 +44,7 @@ def load_policy_documents(path: str) -> list[Any]:
 @connection_options
 @handle_errors
 def apply(filename: str, dry_run: bool, federation_addr: str | None, cert_dir: str | None) -> None:
-    """Create or update policies (admin)."""
+    """Create or update policies (admin): every document of FILE, in one transaction, or none."""
     setup_logging("warning")
     policies = load_policy_documents(filename)
     if dry_run:
@@ -51,9 +52,10 @@ def apply(filename: str, dry_run: bool, federation_addr: str | None, cert_dir: s
             click.echo(f"{p.kind}/{p.name} valid (dry run)")
         return
     with make_client(federation_addr, cert_dir) as client:
-        for p in policies:
-            rev, changed = client.apply_policy(p)
-            click.echo(f"{p.kind}/{p.name} {'configured' if changed else 'unchanged'} (revision {rev})")
+        # One transaction: every document is applied, or (any refused) none is.
+        rev, changed = client.apply_policies(policies)
+    for p, c in zip(policies, changed):
+        click.echo(f"{p.kind}/{p.name} {'configured' if c else 'unchanged'} (revision {rev})")
 
 
 @policy.command("list")

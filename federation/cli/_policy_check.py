@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
 import click
 
+from ._common import AddressList
 from ..policy import PolicyError, PolicySet, RequestAttributes, load_policies
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_ADDRESSES = AddressList()
 
 
 class BadInput(click.ClickException):
@@ -60,7 +63,7 @@ def _policies_from_files(files: tuple[str, ...]) -> tuple[list[Any], str]:
     policies: list[Any] = []
     for f in files:
         try:
-            policies.extend(load_policies(f if f != "-" else click.get_text_stream("stdin").read(),
+            policies.extend(load_policies(f if f != "-" else sys.stdin.read(),
                                           source=None if f != "-" else "<stdin>"))
         except PolicyError as exc:
             raise BadInput(str(exc)) from None
@@ -102,6 +105,7 @@ def _policies_from_federation(federation_addr: str | None, cert_dir: str | None)
               help="Evaluate these policy files (repeatable; '-' for stdin) instead of the "
                    "federation's policies.")
 @click.option("--federation", "federation_addr", envvar="ISTHMUS_FEDERATION", metavar="HOST:PORT",
+              type=_ADDRESSES,
               help="Federation address(es) to fetch policies from when no -f is given. "
                    "Env: ISTHMUS_FEDERATION.")
 @click.option("--cert-dir", envvar="ISTHMUS_CERT_DIR", type=click.Path(file_okay=False),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -18,8 +20,21 @@ from ..names import DNS_SUFFIX, outbound_host
 from .harness import CLUSTER_NAMES, TRUST_DOMAIN, CallResult, DemoError, LocalFederation
 
 
+def _echo(message: str = "", err: bool = False, nl: bool = True) -> None:
+    """click.echo that never stops the demo: with stdout a pipe that closed (`| tee`,
+    then Ctrl-C) or a terminal that went away (SIGHUP), the output is dropped and the
+    clean-up still runs."""
+    try:
+        click.echo(message, err=err, nl=nl)
+    except OSError:  # BrokenPipeError, EIO
+        with contextlib.suppress(OSError, ValueError):
+            stream = sys.stderr if err else sys.stdout
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+
+
 def _say(msg: str, t0: float) -> None:
-    click.echo(f"  [{time.monotonic() - t0:5.1f}s] {msg}", err=True)
+    _echo(f"  [{time.monotonic() - t0:5.1f}s] {msg}", err=True)
 
 
 def _sum_metric(text: str, name: str, **labels: str) -> float:
@@ -56,29 +71,30 @@ def _describe(kind: str, stream: bool) -> str:
     return {"http": "HTTP/1.1", "http2": "HTTP/2", "grpc": "gRPC bidi" if stream else "gRPC", "tcp": "TCP"}[kind]
 
 
-def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, CallResult]]) -> None:
+def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, CallResult]],
+             next_steps: bool = True) -> None:
     mode = "network namespaces" if lf.use_netns else "loopback ports"
-    click.echo(f"\nIsthmus demo — {len(names)} clusters on {mode}, federation at {lf.fed_address} (mTLS)\n")
-    click.echo("Clusters")
+    _echo(f"\nIsthmus demo — {len(names)} clusters on {mode}, federation at {lf.fed_address} (mTLS)\n")
+    _echo("Clusters")
     for n in names:
         c = lf.clusters[n]
         where = f"netns {c.namespace}" if c.namespace else "loopback"
-        click.echo(f"  {n:<8} {where:<22} gateway {c.gateway_address:<22} services on {c.internal}  "
+        _echo(f"  {n:<8} {where:<22} gateway {c.gateway_address:<22} services on {c.internal}  "
                    f"identity {trust.gateway_id(trust.cluster_trust_domain(n, TRUST_DOMAIN))}")
-    click.echo("\nExported services (each cluster exports the same three; they answer with their cluster name)")
-    click.echo(f"  web      HTTP  :8080   → web.default.<cluster>.{DNS_SUFFIX}:8080")
-    click.echo(f"  greeter  gRPC  :9090   → greeter.default.<cluster>.{DNS_SUFFIX}:9090, "
+    _echo("\nExported services (each cluster exports the same three; they answer with their cluster name)")
+    _echo(f"  web      HTTP  :8080   → web.default.<cluster>.{DNS_SUFFIX}:8080")
+    _echo(f"  greeter  gRPC  :9090   → greeter.default.<cluster>.{DNS_SUFFIX}:9090, "
                f"federated: {outbound_host('greeter', 'default')}:9090")
-    click.echo("  echo     TCP   :9000   → tunnelled over HTTP/2 CONNECT from a mapped local port")
-    click.echo("\nCalls (client → gateway → gateway → service)")
+    _echo("  echo     TCP   :9000   → tunnelled over HTTP/2 CONNECT from a mapped local port")
+    _echo("\nCalls (client → gateway → gateway → service)")
     for src, dst, r in calls:
         stream = r.kind == "grpc" and r.body.startswith("[")
         path = f"{src} client → {src} gw → {'any' if dst == '*' else dst} gw → service"
         mark = "ok " if r.ok else "FAIL"
         lat = f"{r.latency_ms:7.1f} ms" if r.latency_ms is not None else "     -   "
         body = r.body.strip().replace("\n", " ")[:60]
-        click.echo(f"  {mark} {_describe(r.kind, stream):<10} {path:<48} {lat}  {r.status}: {body}")
-    click.echo("\nGateway metrics (Istio names, from each admin endpoint)")
+        _echo(f"  {mark} {_describe(r.kind, stream):<10} {path:<48} {lat}  {r.status}: {body}")
+    _echo("\nGateway metrics (Istio names, from each admin endpoint)")
     for n in names:
         m = lf.metrics(n)
         out_reqs = _sum_metric(m, "istio_requests_total", reporter="source")
@@ -89,19 +105,21 @@ def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, 
             rev = f"{cfg.get('revision')} (from {cfg.get('source')})"
         except DemoError:
             rev = "?"
-        click.echo(f"  {n:<8} istio_requests_total out {out_reqs:>4.0f}, in {in_reqs:>4.0f};  "
+        _echo(f"  {n:<8} istio_requests_total out {out_reqs:>4.0f}, in {in_reqs:>4.0f};  "
                    f"istio_tcp_sent_bytes_total out {tcp_bytes:>5.0f};  config revision {rev}")
+    if not next_steps:
+        return  # --smoke removes the work dir at exit: its commands and logs would point at nothing
     a, b = names[0], names[1]
     ca = lf.clusters[a]
     ns = f"ip netns exec {ca.namespace} " if ca.namespace else ""
-    click.echo("\nWhere to look next")
-    click.echo(f"  {a}'s gateway admin:  {ns}curl -s {ca.admin_url}/metrics   (also /config, /readyz)")
-    click.echo(f"  call {b} from {a}:    {ns}curl -s -H 'host: {outbound_host('web', 'default', b)}:8080' "
+    _echo("\nWhere to look next")
+    _echo(f"  {a}'s gateway admin:  {ns}curl -s {ca.admin_url}/metrics   (also /config, /readyz)")
+    _echo(f"  call {b} from {a}:    {ns}curl -s -H 'host: {outbound_host('web', 'default', b)}:8080' "
                f"http://{ca.outbound}/")
-    click.echo(f"  gRPC from {a}:        {ns}{sys.executable} -m federation.demo.probe grpc {ca.outbound} "
+    _echo(f"  gRPC from {a}:        {ns}{sys.executable} -m federation.demo.probe grpc {ca.outbound} "
                f"--authority {outbound_host('greeter', 'default', b)}:9090")
-    click.echo(f"  federation status:   isthmus status --federation {lf.fed_address} --cert-dir {lf.admin_dir}")
-    click.echo(f"  logs:                {lf.workdir}/logs, {lf.workdir}/<cluster>/logs")
+    _echo(f"  federation status:   isthmus status --federation {lf.fed_address} --cert-dir {lf.admin_dir}")
+    _echo(f"  logs:                {lf.workdir}/logs, {lf.workdir}/<cluster>/logs")
 
 
 @click.command("demo")
@@ -123,13 +141,14 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
     t0 = time.monotonic()
     keep = workdir is not None
     if workdir is not None and workdir.exists() and any(workdir.iterdir()):
-        click.echo(f"error: --workdir {workdir} is not empty: give a new or empty folder", err=True)
+        _echo(f"error: --workdir {workdir} is not empty: give a new or empty folder", err=True)
         sys.exit(2)
     wd = workdir or Path(tempfile.mkdtemp(prefix="isthmus-demo-"))
     # Ctrl-C and SIGTERM stop the demo at any point, start-up included; installed
     # explicitly because a shell's background job inherits SIGINT as ignored.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGHUP too: a closed terminal or a dropped ssh must clean up like Ctrl-C.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     lf: LocalFederation | None = None
     failed: list[str] = []
     try:
@@ -140,40 +159,47 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
         lf.start(names)
         _say("every gateway is ready; waiting for exports to reach every cluster and calling across", t0)
         calls = _calls(lf, names)
-        _summary(lf, names, calls)
+        _summary(lf, names, calls, next_steps=keep or not smoke)
         failed = [f"{s} → {d} {r.kind} {r.target}: {r.status} {r.body.strip()[:200]}" for s, d, r in calls if not r.ok]
         # A service must not be reachable around the gateways.
         if lf.use_netns:
             r = lf.call_direct(names[0], names[1])
-            click.echo(f"\nDirect call {names[0]} → {names[1]}'s service, bypassing the gateways: "
+            _echo(f"\nDirect call {names[0]} → {names[1]}'s service, bypassing the gateways: "
                        f"{'REACHABLE (unexpected!)' if r.ok else 'unreachable, as it should be'} ({r.body[:60]})")
             if r.ok:
                 failed.append("the service was reachable without the gateways")
         if smoke:
             if failed:
-                click.echo(f"\nsmoke: {len(failed)} of {len(calls)} calls failed:", err=True)
+                _echo(f"\nsmoke: {len(failed)} of {len(calls)} calls failed:", err=True)
                 for f in failed:
-                    click.echo(f"  {f}", err=True)
+                    _echo(f"  {f}", err=True)
             else:
-                click.echo(f"\nsmoke: all {len(calls)} cross-cluster calls succeeded")
+                _echo(f"\nsmoke: all {len(calls)} cross-cluster calls succeeded")
         else:
-            click.echo("\nRunning. Press Ctrl-C to stop and clean up.", nl=True)
-            sys.stdout.flush()
+            _echo("\nRunning. Press Ctrl-C to stop and clean up.", nl=True)
+            with contextlib.suppress(OSError):
+                sys.stdout.flush()
             while True:
                 time.sleep(0.5)
     except (DemoError, FederationError, TrustError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        _echo(f"error: {exc}", err=True)
         failed.append(str(exc))
     except KeyboardInterrupt:
-        click.echo("\nstopping…", err=True)
+        _echo("\nstopping…", err=True)
     finally:
-        if lf is not None:
-            lf.close()
-            _say("stopped every process and removed the network namespaces", t0)
-        if not keep:
-            import shutil
+        # Nothing may cut the clean-up short: not a second signal, not a closed stdout.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if lf is not None:
+                lf.close()
+        finally:
+            if not keep:
+                import shutil
 
-            shutil.rmtree(wd, ignore_errors=True)
+                shutil.rmtree(wd, ignore_errors=True)  # the keys, the etcd data, the logs
+        if lf is not None:
+            _say("stopped every process" + (" and removed the network namespaces" if lf.use_netns else ""), t0)
     if failed:
         sys.exit(1)
 

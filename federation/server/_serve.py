@@ -64,7 +64,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 SERVER_CERT_VALIDITY = 24 * 3600.0
 
 
-def default_data_dir() -> Path:
+def _base_data_dir() -> Path:
+    """The folder the per-root data dirs live in (``_datadir.default_data_dir``)."""
     import platformdirs
 
     return Path(platformdirs.user_data_dir("isthmus")) / "federation"
@@ -84,7 +85,7 @@ class ServeConfig:
     join_listen: str = ""
     etcd: str = ""  # empty: embedded etcd
     etcd_prefix: str = "/isthmus/"
-    data_dir: Path = field(default_factory=default_data_dir)
+    data_dir: Path = field(default_factory=_base_data_dir)  # the CLI scopes it to the root
     advertise: tuple[str, ...] = ()
     passphrase: bytes | None = None
     queue_size: int = 256

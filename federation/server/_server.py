@@ -360,11 +360,13 @@ class FederationService(pb_grpc.FederationServicer):
     @_rpc
     async def ApplyPolicy(self, request: pb.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> pb.ApplyPolicyResponse:
         caller = self._admin(context, "write policies")
-        policy = models.parse_input(models.Policy, request.policy_json)
-        try:
-            validate_policy(policy)  # what the gateways could not enforce is refused here
-        except PolicyError as exc:
-            raise InvalidRequest(f"invalid {policy.kind}: {str(exc).removeprefix(f'policy {policy.name!r}: ')}") from None
+        if request.policies_json:  # a whole file: every document valid, one transaction
+            batch = [_checked_policy(text, f"document {i}: ") for i, text in enumerate(request.policies_json)]
+            rev, each = await self.store.apply_policies(batch)
+            log.info("policy.applied", policies=[f"{p.kind}/{p.name}" for p in batch], changed=sum(each),
+                     by=caller.spiffe_id, revision=rev)
+            return pb.ApplyPolicyResponse(revision=rev, changed=any(each), changed_each=each)
+        policy = _checked_policy(request.policy_json)
         rev, changed = await self.store.apply_policy(policy)
         log.info("policy.applied", kind=policy.kind, name=policy.name, changed=changed, by=caller.spiffe_id, revision=rev)
         return pb.ApplyPolicyResponse(revision=rev, changed=changed)
@@ -400,6 +402,18 @@ class FederationService(pb_grpc.FederationServicer):
         self._caller(context)
         services, rev = await self.store.list_services(request.cluster)
         return pb.ListServicesResponse(services_json=[s.model_dump_json() for s in services], revision=rev)
+
+
+def _checked_policy(text: str, where: str = "") -> models.AuthorizationPolicy | models.RequestAuthentication:
+    try:
+        policy = models.parse_input(models.Policy, text)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{where}{exc}") from None
+    try:
+        validate_policy(policy)  # what the gateways could not enforce is refused here
+    except PolicyError as exc:
+        raise InvalidRequest(f"{where}invalid {policy.kind}: {str(exc).removeprefix(f'policy {policy.name!r}: ')}") from None
+    return policy
 
 
 def _liveness_pb(lv: Liveness, exports: int) -> pb.ClusterLiveness:

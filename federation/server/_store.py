@@ -65,6 +65,7 @@ from .._errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    StoreUnavailable,
     Unauthenticated,
     UnreadableRecord,
 )
@@ -588,6 +589,31 @@ class Store:
             return kv.mod_revision, False
         resp = await self.etcd.put(key, value)
         return resp.header.revision, True
+
+    async def apply_policies(
+        self, policies: Sequence[models.AuthorizationPolicy | models.RequestAuthentication]
+    ) -> tuple[int, list[bool]]:
+        """Write every policy in one etcd transaction, or none (``kubectl apply -f`` of a
+        multi-document file).  The transaction compares each key with what was read, so a
+        concurrent write makes it retry instead of overwriting half of the set."""
+        if len(policies) > MAX_TXN_OPS:
+            raise InvalidRequest(f"invalid policy file: {len(policies)} policies; apply at most {MAX_TXN_OPS} at once")
+        keys = [self.keys.policy(p.kind, p.name) for p in policies]
+        if len(set(keys)) != len(keys):
+            raise InvalidRequest("invalid policy file: a policy name appears twice for the same kind")
+        values = [dump(p) for p in policies]
+        for _ in range(5):
+            current = {kv.key: kv for kv in (await self.etcd.get_prefix(self.keys.family("policies/"))).kvs}
+            changed = [k not in current or current[k].value != v for k, v in zip(keys, values)]
+            if not any(changed):
+                return max((current[k].mod_revision for k in keys), default=0), changed
+            compare = [self.etcd.cmp_mod(k, current[k].mod_revision) if k in current else self.etcd.cmp_missing(k)
+                       for k, c in zip(keys, changed) if c]
+            puts = [self.etcd.op_put(k, v) for k, v, c in zip(keys, values, changed) if c]
+            resp = await self.etcd.txn(compare=compare, success=puts)
+            if resp.succeeded:
+                return resp.header.revision, changed
+        raise StoreUnavailable("policies changed concurrently five times in a row: apply again")
 
     async def list_policies(self) -> tuple[list[models.AuthorizationPolicy | models.RequestAuthentication], int]:
         resp = await self.etcd.get_prefix(self.keys.family("policies/"))

@@ -145,6 +145,9 @@ def test_demo_smoke_on_loopback_says_so() -> None:
     assert "network namespaces not used" in r.stderr
     assert "2 clusters on loopback ports" in r.stdout
     assert "smoke: all 12 cross-cluster calls succeeded" in r.stdout
+    assert "stopped every process" in r.stderr and "namespaces" not in r.stderr.split("stopped every process")[1]
+    # --smoke deletes its work dir at exit: no commands or log paths pointing into it
+    assert "Where to look next" not in r.stdout and "/logs" not in r.stdout
 
 
 def test_leftover_namespaces_helper_sees_none_of_ours() -> None:
@@ -183,3 +186,93 @@ def test_demo_runs_until_interrupted_then_cleans_up(tmp_path) -> None:  # type: 
     import os
 
     assert not os.path.exists(workdir.group(1))  # temp files removed
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line mentions ``text`` (the demo's work dir)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            pids.append(int(entry))
+    return pids
+
+
+def _start_running_demo(tmp_path, stderr: int = subprocess.PIPE) -> tuple[subprocess.Popen[str], str, str]:  # type: ignore[no-untyped-def]
+    """``isthmus demo --loopback`` with its temp dir under tmp_path, up and running."""
+    import os
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    p = subprocess.Popen([sys.executable, "-m", "federation.cli", "demo", "--loopback"], env={**env, "TMPDIR": str(tmp)},
+                         stdout=subprocess.PIPE, stderr=stderr, text=True)
+    deadline = time.monotonic() + 180
+    lines = []
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            break
+        lines.append(line)
+        if "Press Ctrl-C" in line:
+            break
+    text = "".join(lines)
+    assert "Press Ctrl-C" in text, text + (p.stderr.read() if p.poll() is not None and p.stderr else "")  # type: ignore[union-attr]
+    workdir = re.search(r"logs:\s+(\S+)/logs", text)
+    assert workdir is not None, text
+    assert _procs_mentioning(workdir.group(1)), "the demo's processes should be running"
+    return p, workdir.group(1), str(tmp)
+
+
+def _assert_nothing_left(workdir: str, tmp: str) -> None:
+    import os
+    import time
+
+    deadline = time.monotonic() + 10
+    while _procs_mentioning(workdir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _procs_mentioning(workdir) == []
+    assert not os.path.exists(workdir)
+    assert os.listdir(tmp) == []  # no keys (root.key), no etcd data, no logs left in the temp dir
+
+
+def test_demo_cleans_up_on_sighup_like_on_ctrl_c(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A closed terminal or a dropped ssh sends SIGHUP: every process and file goes."""
+    import signal
+
+    p, workdir, tmp = _start_running_demo(tmp_path)
+    try:
+        p.send_signal(signal.SIGHUP)
+        _, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "Traceback" not in err, err
+    _assert_nothing_left(workdir, tmp)
+
+
+def test_demo_cleans_up_when_its_stdout_pipe_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``isthmus demo 2>&1 | tee log`` then Ctrl-C: tee dies first, so every later write
+    fails with a broken pipe; the demo still stops every process and removes its files."""
+    import signal
+
+    p, workdir, tmp = _start_running_demo(tmp_path, stderr=subprocess.STDOUT)
+    try:
+        p.stdout.close()  # type: ignore[union-attr]  # the reader (tee) is gone
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    _assert_nothing_left(workdir, tmp)

@@ -105,7 +105,7 @@ def test_policy_apply_rejects_invalid_file_with_field_path(fed, pki: Pki, tmp_pa
     f = tmp_path / "bad.yaml"
     f.write_text("kind: AuthorizationPolicy\nname: ok\n---\nkind: AuthorizationPolicy\nname: bad\nrules:\n  - to: [{ports: [http]}]\n")
     r = run("policy", "apply", "-f", str(f), env=admin_env(fed, pki))
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # bad input
     assert f"invalid policy file: {f} document 1: rules[0].to[0].ports[0]: Input should be a valid integer" in r.output
     assert json.loads(run("policy", "list", "-o", "json", env=admin_env(fed, pki)).output) == []  # nothing applied
 
@@ -114,7 +114,7 @@ def test_cli_errors_are_clear(fed, pki: Pki) -> None:  # type: ignore[no-untyped
     r = run("clusters", env={"ISTHMUS_FEDERATION": "", "ISTHMUS_CERT_DIR": ""})
     assert r.exit_code == 2 and "ISTHMUS_FEDERATION" in r.output
     r = run("clusters", "--federation", fed.address, "--cert-dir", "/nonexistent")
-    assert r.exit_code == 1 and "cert.pem is missing" in r.output
+    assert r.exit_code == 2 and "/nonexistent is not a folder" in r.output
 
 
 def test_serve_without_etcd_starts_and_stops_an_embedded_etcd(pki: Pki, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from .fixtures import Pki, join_cluster
     ("services: [7]\n", "services[0]: expected a mapping"),
     ("services:\n- {namespace: Default, name: web}\n", "services[0].namespace"),
     ("services:\n- {namespace: default, name: web, ports: [{port: 0}]}\n", "services[0].ports[0].port"),
-    ("services:\n- {namespace: default, name: web, colour: red}\n", "services[0].colour: Extra inputs"),
+    ("services:\n- {namespace: default, name: web, colour: red}\n", "services[0].colour: unknown key"),
     ("services: [\n", "not YAML"),
 ])
 def test_bad_exports_files_name_the_problem(tmp_path: Path, text: str, needle: str) -> None:
@@ -38,10 +38,10 @@ def test_cli_refuses_a_bad_file_before_connecting(tmp_path: Path) -> None:
     f.write_text("services: [7]\n")
     r = CliRunner().invoke(cli, ["export", "--cluster", "east", "-f", str(f), "--federation", "127.0.0.1:1",
                                  "--cert-dir", str(tmp_path)])
-    assert r.exit_code == 1 and "services[0]: expected a mapping" in r.output
+    assert r.exit_code == 2 and "services[0]: expected a mapping" in r.output
     r = CliRunner().invoke(cli, ["export", "--cluster", "east", "-f", str(tmp_path / "missing.yaml"),
                                  "--federation", "127.0.0.1:1", "--cert-dir", str(tmp_path)])
-    assert r.exit_code == 1 and "cannot read it" in r.output
+    assert r.exit_code == 2 and "cannot read it" in r.output
 
 
 def test_exporter_publishes_keeps_alive_and_withdraws_on_edit(fed, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

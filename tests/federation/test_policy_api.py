@@ -146,11 +146,11 @@ def test_policy_file_errors_name_file_document_and_field(tmp_path: Path) -> None
         "kind: AuthorizationPolicy\nname: bad\nrules:\n  - from: [{principals: [42]}]\n"
     )
     r = CliRunner().invoke(cli, ["policy", "apply", "--dry-run", "-f", str(f)])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # bad input
     assert f"invalid policy file: {f} document 1: rules[0].from[0].principals[0]: " in r.output
     f.write_text("kind: AuthorizationPolicy\nname: bad\nrules:\n  - from: [{principals: ['a*b*']}]\n")
     r = CliRunner().invoke(cli, ["policy", "apply", "--dry-run", "-f", str(f)])
-    assert r.exit_code == 1 and f"{f} document 0: rules[0].from[0].principals[0]: 'a*b*' is not supported" in r.output
+    assert r.exit_code == 2 and f"{f} document 0: rules[0].from[0].principals[0]: 'a*b*' is not supported" in r.output
     f.write_text("kind: AuthorizationPolicy\nname: fine\nrules: [{}]\n")
     r = CliRunner().invoke(cli, ["policy", "apply", "--dry-run", "-f", "-"], input=f.read_text())
     assert r.exit_code == 0 and "AuthorizationPolicy/fine valid (dry run)" in r.output

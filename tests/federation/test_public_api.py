@@ -18,7 +18,7 @@ SURFACES = {
                          "FEDERATED_SUFFIX", "GATEWAY_ADMIN_PORT", "GATEWAY_INBOUND_PORT", "GATEWAY_OUTBOUND_PORT",
                          "GATEWAY_PATH", "GATEWAY_SERVICE_ACCOUNT", "LOCAL_SUFFIX", "SYSTEM_NAMESPACE", "local_host",
                          "mirror_hosts", "mirror_name", "outbound_host"],
-    "federation.server": ["EmbeddedEtcd", "Etcd", "FederationService", "Hub", "Keys", "ServeConfig", "Store",
+    "federation.server": ["DataDirInUse", "DataDirLock", "EmbeddedEtcd", "Etcd", "FederationService", "Hub", "Keys", "ServeConfig", "Store",
                           "default_data_dir", "etcd_binary", "free_port", "serve"],
     "federation.agent": ["Agent", "AgentConfig", "ExportPlan", "JoinOptions", "Kube", "MirrorPlan", "ObjectRef", "Rest",
                          "desired_exports", "export_status", "gateway_endpoints", "join_cluster", "leave_cluster",

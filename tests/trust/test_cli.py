@@ -54,7 +54,7 @@ def test_init_refuses_overwrite(fed: Path) -> None:
 
 def test_init_rejects_uppercase_trust_domain(tmp_path: Path) -> None:
     r = run("trust", "init", "--dir", str(tmp_path / "x"), "--trust-domain", "Isthmus.Local")
-    assert r.exit_code == 1 and "lowercase" in r.output
+    assert r.exit_code == 2 and "lowercase" in r.output  # bad input
     assert not (tmp_path / "x" / "root.key").exists()
 
 
@@ -75,7 +75,7 @@ def test_issue_non_spiffe_id_refused(fed: Path, tmp_path: Path) -> None:
     run("trust", "issue-cluster", "east", "--dir", str(fed))
     r = run("trust", "issue", "--ca-dir", str(fed / "clusters/east"), "--spiffe-id", "https://east/x",
             "--out-dir", str(tmp_path / "o"))
-    assert r.exit_code == 1 and "must start with 'spiffe://'" in r.output
+    assert r.exit_code == 2 and "must start with 'spiffe://'" in r.output
 
 
 def test_admin_and_revoke(fed: Path, tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_passphrase_and_import(tmp_path: Path) -> None:
     assert run("trust", "init", "--dir", str(d), "--trust-domain", "isthmus.local", "--passphrase-file", str(pw)).exit_code == 0
     assert b"ENCRYPTED" in (d / "root.key").read_bytes()
     r = run("trust", "issue-cluster", "east", "--dir", str(d))
-    assert r.exit_code == 1 and "--passphrase-file" in r.output
+    assert r.exit_code == 2 and "--passphrase-file" in r.output
     assert run("trust", "issue-cluster", "east", "--dir", str(d), "--passphrase-file", str(pw)).exit_code == 0
     r = run("trust", "init", "--dir", str(tmp_path / "imp"), "--from-cert", str(d / "root.crt"),
             "--from-key", str(d / "root.key"), "--from-key-passphrase-file", str(pw))
@@ -116,7 +116,7 @@ def test_show_garbage_file(tmp_path: Path) -> None:
     f = tmp_path / "x.pem"
     f.write_text("garbage")
     r = run("trust", "show", str(f))
-    assert r.exit_code == 1 and str(f) in r.output and "no PEM certificate" in r.output
+    assert r.exit_code == 2 and str(f) in r.output and "no PEM certificate" in r.output
 
 
 def test_console_script_runs(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ EXPECTED = {
     "BadFile", "CertificateSource", "ClusterCA", "InvalidCSR", "InvalidName", "InvalidSpiffeId", "InvalidValidity",
     "IssuedFiles", "KEY_TYPES", "PeerPolicy", "PeerRejected", "Revocations", "SpiffeId", "TrustDir", "TrustError",
     "admin_id", "agent_id", "atomic_write", "build_crl", "build_intermediate", "build_leaf", "build_root", "ca_pin",
-    "certs_to_pem", "client_context", "cluster_trust_domain", "federation_server_id", "fingerprint", "gateway_id",
+    "certs_to_pem", "check_credentials", "client_context", "cluster_trust_domain", "federation_server_id", "fingerprint", "gateway_id",
     "generate_key", "key_matches", "key_to_pem", "load_cert", "load_certs", "load_crl", "load_csr", "load_key",
     "make_csr", "parse_duration", "read_passphrase", "rotation_due", "server_context", "spiffe_bundle", "spiffe_bundle_json",
     "spiffe_ids_of", "time_left", "trust_domain_of", "validate_cluster_name", "validate_trust_domain", "verify_peer",

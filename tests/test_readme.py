@@ -1,0 +1,112 @@
+"""The README's shell blocks run as written: the trust commands, and "A federation by
+hand" end to end (two clusters on one machine, ending in a curl through both gateways).
+
+The blocks are taken from README.md itself, so the document cannot drift from the code.
+As root the walkthrough runs in a network namespace of its own (``unshare --net``), so
+its fixed ports (7443, 15443, 16001, ...) cannot collide with anything else on the
+machine; otherwise it runs on the host's loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.clirun import assert_clean
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def shell_blocks(heading: str) -> list[str]:
+    """The ```sh blocks of the README section titled ``heading`` (up to the next heading
+    of the same or a higher level)."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip("#").strip() == heading)
+    level = len(lines[start]) - len(lines[start].lstrip("#"))
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in lines[start + 1:]:
+        if current is None and re.match(rf"^#{{1,{level}}} ", line):
+            break
+        if current is None and line.strip() == "```sh":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    assert blocks, f"no sh blocks under {heading!r} in {README}"
+    return blocks
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTHMUS_", "GRPC_"))}
+    bindir = str(Path(sys.executable).parent)  # `isthmus` and `python3` of this test run
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["HOME"] = str(tmp_path / "home")
+    env["XDG_DATA_HOME"] = str(tmp_path / "home" / ".local" / "share")
+    return env
+
+
+def _run(script: str, tmp_path: Path, isolate: bool, timeout: float) -> subprocess.CompletedProcess[str]:
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "script.sh").write_text(script)
+    argv = ["bash", "-euo", "pipefail", str(tmp_path / "script.sh")]
+    if isolate:
+        argv = ["unshare", "--net", "--", "bash", "-c", 'ip link set lo up && exec "$@"', "bash", *argv]
+    p = subprocess.Popen(argv, cwd=work, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        # Whatever the script left running (it ends with `kill $(jobs -p)`) goes too.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        if p.returncode is None:
+            p.kill()
+            out, err = p.communicate()
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def _can_isolate() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip") is not None
+
+
+def test_trust_commands_block_runs_as_written(tmp_path: Path) -> None:
+    [block] = shell_blocks("The trust root: `isthmus trust`")
+    r = _run(block, tmp_path, isolate=False, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_clean(r)
+    assert "created federation root for trust domain isthmus.local" in r.stdout
+    assert "spiffe://east.isthmus.local/ns/default/sa/web" in r.stdout
+    assert '"keys"' in r.stdout  # the SPIFFE bundle printed last
+
+
+def test_federation_by_hand_runs_as_written_and_ends_in_a_call_through_both_gateways(tmp_path: Path) -> None:
+    blocks = shell_blocks("A federation by hand (no Kubernetes)")
+    assert "kill $(jobs -p)" in blocks[-1]
+    if not _can_isolate() and os.environ.get("CI") is None:
+        pytest.skip("needs root (a network namespace for its fixed ports) or CI")
+    r = _run("\n".join(blocks), tmp_path, isolate=_can_isolate(), timeout=300)
+    logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                   for p in sorted((tmp_path / "work").glob("*.log")))
+    assert r.returncode == 0, r.stdout + r.stderr + logs
+    assert_clean(r)
+    assert "hello from east" in r.stdout, r.stdout + logs
+    assert "would publish 1 service(s) for east" in r.stdout
+    assert "default/web" in r.stdout and "SYNCED" in r.stdout
