@@ -32,7 +32,7 @@ def test_withdrawing_an_export_removes_the_route_everywhere(federation: LocalFed
     assert lf.wait_for(lambda: lf.call_grpc("east", "west"), 30).ok, logs_of(lf)
 
 
-@pytest.mark.lease_ttl(6)
+@pytest.mark.lease_ttl(15)  # STALE lasts ~5 s: each poll below is a process, slow when loaded
 def test_third_cluster_joins_at_run_time_and_a_silent_cluster_vanishes(fresh_federation: LocalFederation) -> None:
     lf = fresh_federation
     assert lf.wait_for(lambda: lf.call_grpc("east", "west"), 30).ok, logs_of(lf)
@@ -44,13 +44,13 @@ def test_third_cluster_joins_at_run_time_and_a_silent_cluster_vanishes(fresh_fed
     assert r.ok and r.body == "hello central from east", r
 
     # central's exporter dies without a word: `isthmus status` shows it STALE while its
-    # lease lasts, then its exports vanish everywhere after the TTL (6 s)
+    # lease lasts, then its exports vanish everywhere after the TTL (15 s)
     lf.clusters["central"].procs["exporter"].kill()
     t0 = time.monotonic()
     with lf.admin() as admin:
         assert any(s.cluster == "central" for s in admin.list_services())
     states = []
-    while time.monotonic() - t0 < 20:
+    while time.monotonic() - t0 < 60:
         r = subprocess.run([sys.executable, "-m", "federation.cli", "status", "-o", "json", "--federation",
                             lf.fed_address, "--cert-dir", str(lf.admin_dir)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
@@ -65,7 +65,7 @@ def test_third_cluster_joins_at_run_time_and_a_silent_cluster_vanishes(fresh_fed
     gone = lf.wait_for(lambda: lf.call_grpc("east", "central"), 20, want_ok=False)
     elapsed = time.monotonic() - t0
     assert not gone.ok, gone
-    assert elapsed < 20, elapsed
+    assert elapsed < 60, elapsed
     with lf.admin() as admin:
         assert not any(s.cluster == "central" for s in admin.list_services())
     # the others are unaffected

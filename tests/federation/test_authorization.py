@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 import trust
-from federation._errors import RemoteError, Unauthenticated
+from federation._errors import PermissionDenied, RemoteError, Unauthenticated
 from federation.server._etcd import Etcd
 from federation._join import join
 from federation.server._store import Store, token_hash
@@ -192,3 +192,27 @@ def test_an_agent_writes_its_cluster_under_a_federation_domain_of_any_length(etc
             _refused(lambda: agent.publish("west", [SVC.model_copy(update={"cluster": "west"})]))
     finally:
         fed.stop()
+
+
+def test_a_join_token_past_its_recorded_deadline_is_refused_before_etcd_drops_it(etcd) -> None:  # type: ignore[no-untyped-def]
+    """etcd's lease removes a used-up token's key, but a lease may lapse a second late: the
+    deadline recorded in the token is what counts. Also a token bound to a cluster works
+    for that cluster only."""
+    import json
+    import time
+
+    async def main() -> None:
+        async with Etcd(etcd.endpoint) as e:
+            store = Store(e)
+            for name, body in (("late", {"cluster": "", "expires_at": time.time() - 5}),
+                               ("bound", {"cluster": "east", "expires_at": time.time() + 600})):
+                await e.put(store.keys.token(token_hash(name)), json.dumps(body).encode())  # no lease: still there
+            with pytest.raises(Unauthenticated, match="^invalid join token: expired"):
+                await store.consume_token("late", "east")
+            with pytest.raises(PermissionDenied, match="join token is for cluster 'east', not 'west'"):
+                await store.consume_token("bound", "west")
+            await store.consume_token("bound", "east")  # the right cluster: works, once
+            with pytest.raises(Unauthenticated, match="already used"):
+                await store.consume_token("bound", "east")
+
+    asyncio.run(main())

@@ -292,6 +292,36 @@ def test_a_default_deny_names_at_most_five_allow_policies(n: int, listed: str) -
     assert d.reason == f"no ALLOW policy matched (ALLOW policies selecting shop/cart: {listed})"
 
 
+def test_a_deny_on_tcp_skips_http_fields_but_still_checks_the_rest() -> None:
+    """On a TCP (CONNECT) request a DENY ignores its HTTP-only fields and goes on to the
+    others: here the port decides."""
+    deny = AuthorizationPolicy.model_validate({"name": "no-db", "action": "DENY", "selector": {"namespace": "shop"},
+                                               "rules": [{"to": [{"paths": ["/x"], "ports": [5432]}]}]})
+    ps = PolicySet([deny])
+    tcp = {"method": None, "path": None}
+    assert ps.evaluate(req(EAST_WEB, "shop/db", port=80, **tcp)).allowed  # another port: not this DENY
+    d = ps.evaluate(req(EAST_WEB, "shop/db", port=5432, **tcp))
+    assert (d.allowed, d.policy) == (False, "no-db")
+
+
+def test_the_first_matching_audit_policy_is_named() -> None:
+    audits = [AuthorizationPolicy.model_validate({"name": f"audit-{i}", "action": "AUDIT", "rules": [{}]})
+              for i in range(3)]
+    d = PolicySet(audits).evaluate(req(EAST_WEB, "shop/cart"))
+    assert (d.allowed, d.audit, d.audit_policy) == (True, True, "audit-0")
+
+
+def test_request_authentications_come_in_policy_order() -> None:
+    from federation.models import JwtRule, RequestAuthentication
+
+    def authn(name: str, service: str) -> RequestAuthentication:
+        return RequestAuthentication(name=name, selector={"namespace": "shop", "service": service},  # type: ignore[arg-type]
+                                     jwt_rules=(JwtRule(issuer=f"https://{name}.example", jwks='{"keys": []}'),))
+
+    ps = PolicySet([authn("b-any", "*"), authn("a-cart", "cart"), authn("c-any", "*")])
+    assert [p.name for p in ps.request_authentications("shop", "cart")] == ["b-any", "a-cart", "c-any"]
+
+
 def test_many_policies_decide_by_the_selecting_ones() -> None:
     """200 policies, 20 selecting shop/*: each request gets the decision of the policy
     that names it, whatever the other 199 say. (How long a decision takes is
