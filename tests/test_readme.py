@@ -55,10 +55,15 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+# Whatever the blocks leave running is stopped by the shell itself before it exits (the
+# walkthrough ends with `kill $(jobs -p)`; this covers a block that failed half-way).
+CLEANUP = "trap 'rc=$?; kill $(jobs -p) 2>/dev/null || true; wait; exit $rc' EXIT\n"
+
+
 def _run(script: str, tmp_path: Path, isolate: bool, timeout: float) -> subprocess.CompletedProcess[str]:
     work = tmp_path / "work"
     work.mkdir()
-    (tmp_path / "script.sh").write_text(script)
+    (tmp_path / "script.sh").write_text(CLEANUP + script)
     argv = ["bash", "-euo", "pipefail", str(tmp_path / "script.sh")]
     if isolate:
         argv = ["unshare", "--net", "--", "bash", "-c", 'ip link set lo up && exec "$@"', "bash", *argv]
@@ -66,20 +71,19 @@ def _run(script: str, tmp_path: Path, isolate: bool, timeout: float) -> subproce
                          text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
-    finally:
-        # Whatever the script left running (it ends with `kill $(jobs -p)`) goes too.
+    except subprocess.TimeoutExpired:
+        # The shell is alive (not reaped), so its process group is still ours to signal:
+        # SIGTERM runs its EXIT trap; SIGKILL if that does not end it.
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
+            if p.poll() is not None:
                 break
+            os.killpg(p.pid, sig)
             try:
-                p.wait(10)
+                p.wait(15)
             except subprocess.TimeoutExpired:
                 pass
-        if p.returncode is None:
-            p.kill()
-            out, err = p.communicate()
+        out, err = p.communicate()
+        err += f"\n(timed out after {timeout:.0f}s)"
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
