@@ -159,3 +159,16 @@ async def test_a_crl_not_signed_by_a_trusted_root_is_refused_and_logged(mesh: Me
         raise AssertionError("a revoked cluster's gateway was served")
     except ConnectionRefusedByPeer:
         pass
+
+
+async def test_a_peer_may_not_assert_a_trust_domain_sorting_before_its_own(mesh: Mesh, logs: list) -> None:
+    """east's gateway asserting an identity of any other trust domain is refused, whether
+    that domain sorts after east's (west) or before it (central, a)."""
+    ctx = trust.client_context(mesh.pki.gw["east"].bundle, mesh.pki.gw["east"].cert, mesh.pki.gw["east"].key)
+    for td in ("central.isthmus.local", "a.isthmus.local", "west.isthmus.local"):
+        resp, body = await h2_request(mesh.west.ports["inbound"], [
+            (b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/echo"), (b":authority", INBOUND_WEB),
+            (b"isthmus-source-identity", f"spiffe://{td}/ns/default/sa/x".encode())], ssl_context=ctx)
+        assert resp[b":status"] == b"403", (td, body)
+    assert mesh.web.requests == 0
+    assert len([e for e in logs if e["event"] == "inbound.impersonation_refused"]) == 3
