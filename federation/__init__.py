@@ -8,7 +8,11 @@ Kubernetes agent, the ``isthmus`` CLI and the demo.
 ``names``           service and mirror names, the DNS suffix, ports, cluster identities
 ``client``          the synchronous API client (grpcio) for gateways, agents and the CLI
 ``_join``           joining a cluster, client side (:func:`federation.join`)
+``documents``       what ``isthmus apply`` takes: every document kind by its ``kind``,
+                    multi-document files, the checks across records, set-weights
 ``policy``, ``jwt`` the pure decision engines the gateway runs (authorization, JWT)
+``traffic``         the pure TrafficRoute engine: where a request to a federated name goes
+                    (the gateway per request, ``isthmus route explain``)
 ``_errors``         the error root (:class:`FederationError`) and its gRPC status codes
 ``server/``         the federation service, on asyncio: API, hub, store, etcd
 ``agent/``          the Kubernetes agent, on trio

@@ -127,6 +127,13 @@ class UnreadableRecord(FederationError):
     code = _Code("FAILED_PRECONDITION")
 
 
+class InUse(FederationError):
+    """A record other stored records still name cannot be deleted (an ExtensionProvider a
+    CUSTOM AuthorizationPolicy names); the message names them."""
+
+    code = _Code("FAILED_PRECONDITION")
+
+
 class ResourceExhausted(FederationError):
     """A per-caller limit was reached (join concurrency, gateways per cluster, ...)."""
 

@@ -33,3 +33,13 @@ def split_host_port(text: str) -> tuple[str, int]:
     if not _NAME.match(host):
         raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, no port) is this machine's loopback only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

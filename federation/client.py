@@ -21,7 +21,9 @@ Certificates are read from disk on every (re)connect, so rotated files are picke
 What arrives is read leniently (:func:`read_snapshot`, :func:`decode_event`): unknown
 fields are ignored, a record that does not validate is skipped (a delta then drops the
 key) and reported to ``on_invalid``; a policy that cannot be read is replaced by a DENY
-for the services it selects (fail closed).  A snapshot that cannot be read at all makes
+for the services it selects (fail closed), while a traffic route that cannot be read is
+only skipped (the name it governs keeps the even spread; nothing is denied), and a
+traffic kind this client does not know (a newer federation's) is ignored.  A snapshot that cannot be read at all makes
 the watch resync (reconnect for a fresh snapshot, with backoff).
 """
 
@@ -32,6 +34,7 @@ import os
 import random
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ import structlog
 from pydantic import ValidationError
 
 from . import models
+from .snapshot_index import MAX_STEP_RECORDS, Records
 from ._errors import FederationError, InvalidRecord, RemoteError
 from .proto import federation_pb2 as pb
 from .proto import federation_pb2_grpc as pb_grpc
@@ -50,7 +54,13 @@ log = structlog.get_logger("federation.client")
 
 MAX_MESSAGE = 256 * 1024 * 1024
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-KIND_NAMES = {pb.CLUSTER: "cluster", pb.SERVICE: "service", pb.POLICY: "policy", pb.BUNDLE: "bundle", pb.CRL: "crl"}
+KIND_NAMES = {pb.CLUSTER: "cluster", pb.SERVICE: "service", pb.POLICY: "policy", pb.BUNDLE: "bundle", pb.CRL: "crl",
+              pb.TRAFFIC: "traffic", pb.LIVENESS: "liveness"}
+# The traffic kinds this client reads (key "<kind>/<name>" of a "traffic" change), and
+# the Snapshot field each one fills.
+TRAFFIC_KINDS: dict[str, type[Any]] = {"TrafficRoute": models.TrafficRoute,
+                                       "TrafficPolicy": models.TrafficPolicy, "Telemetry": models.Telemetry,
+                                       "ExtensionProvider": models.ExtensionProvider}
 
 Policy = models.Policy
 T = TypeVar("T")
@@ -161,6 +171,25 @@ def read_snapshot(
         key = f"{raw.get('kind')}/{raw.get('name')}" if isinstance(raw, dict) else "?"
         keys.append(key)
         policies.append(read_policy(raw, key, on_invalid))
+    def documents(name: str, model: type[Any], why: str) -> list[Any]:
+        """The valid documents of one traffic kind; a bad one is skipped and reported."""
+        out = []
+        for raw in items(name):
+            try:
+                out.append(models.read_record(model, raw, what=model.__name__))
+            except InvalidRecord as exc:
+                key = f"{model.__name__}/{raw.get('name', '?') if isinstance(raw, dict) else '?'}"
+                on_invalid("traffic", key, f"{exc}; skipped ({why})")
+        return out
+
+    routes = documents("routes", models.TrafficRoute, "its host keeps the even spread")
+    liveness = [lv for raw in items("liveness")
+                if (lv := read("liveness", models.ClusterLiveness, raw)) is not None]
+    traffic_policies = documents("traffic_policies", models.TrafficPolicy,
+                                 "its service has no limits or outlier detection")
+    telemetry = documents("telemetry", models.Telemetry, "the gateway config's tracing stays")
+    providers = documents("extension_providers", models.ExtensionProvider,
+                          "CUSTOM policies naming it deny what they match")
     pems = {k: v if isinstance(v := doc.get(k, ""), str) else "" for k in ("bundle_pem", "crl_pem")}
     # model_construct: every part was validated above; skip a second pass.
     snap = models.Snapshot.model_construct(
@@ -168,6 +197,11 @@ def read_snapshot(
         clusters=tuple(clusters),
         services=tuple(services),
         policies=tuple(policies),
+        routes=tuple(routes),
+        liveness=tuple(liveness),
+        traffic_policies=tuple(traffic_policies),
+        telemetry=tuple(telemetry),
+        extension_providers=tuple(providers),
         **pems,
     )
     return snap, tuple(keys)
@@ -175,7 +209,7 @@ def read_snapshot(
 
 @dataclass(frozen=True)
 class Change:
-    kind: str  # cluster | service | policy | bundle | crl
+    kind: str  # cluster | service | policy | traffic (key "<kind>/<name>") | liveness | bundle | crl
     key: str
     deleted: bool
     value: Any = None  # the model (or PEM text for bundle/crl); None when deleted
@@ -207,6 +241,8 @@ def decode_event(event: pb.WatchEvent, on_invalid: InvalidHook = log_invalid) ->
         if c.deleted or kind == "unknown":
             changes.append(Change(kind, c.key, c.deleted))
             continue
+        if kind == "traffic" and c.key.partition("/")[0] not in TRAFFIC_KINDS:
+            continue  # a traffic kind this client does not know yet: newer server
         try:
             value: Any
             if c.kind == pb.CLUSTER:
@@ -219,6 +255,11 @@ def decode_event(event: pb.WatchEvent, on_invalid: InvalidHook = log_invalid) ->
                 except ValueError:
                     raw = None
                 value = read_policy(raw, c.key, on_invalid)
+            elif c.kind == pb.TRAFFIC:
+                doc_kind = c.key.partition("/")[0]
+                value = models.read_record(TRAFFIC_KINDS[doc_kind], c.json, what=doc_kind)
+            elif c.kind == pb.LIVENESS:
+                value = models.read_record(models.ClusterLiveness, c.json, what="cluster liveness")
             else:
                 value = json.loads(c.json)["pem"]
                 if not isinstance(value, str):
@@ -233,16 +274,78 @@ def decode_event(event: pb.WatchEvent, on_invalid: InvalidHook = log_invalid) ->
     return WatchMessage(event.revision, changes=tuple(changes))
 
 
+class _KeyOrder:
+    """One table of a :class:`SnapshotTracker` in key order, and its tuple, kept up to date
+    change by change: a delta costs a binary search and a tuple copy, not a sort.  The
+    tuples are :class:`~federation.snapshot_index.Records`: each says which records it
+    removed and added since the one before (what the gateway rebuilds)."""
+
+    __slots__ = ("keys", "values", "_tuple", "_removed", "_added")
+
+    def __init__(self, table: dict[str, Any]) -> None:
+        self.keys = sorted(table)
+        self.values = [table[k] for k in self.keys]
+        self._tuple: Records | None = None  # the last one made
+        self._removed: list[Any] | None = []  # since then; None: too many to keep
+        self._added: list[Any] | None = []
+
+    def _note(self, removed: Any, added: Any) -> None:
+        r, a = self._removed, self._added
+        if r is None or a is None:
+            return
+        if len(r) + len(a) >= MAX_STEP_RECORDS:
+            self._removed = self._added = None
+            return
+        if removed is not None:
+            r.append(removed)
+        if added is not None:
+            a.append(added)
+
+    def set(self, key: str, value: Any) -> None:
+        i = bisect_left(self.keys, key)
+        if i < len(self.keys) and self.keys[i] == key:
+            self._note(self.values[i], value)
+            self.values[i] = value
+        else:
+            self._note(None, value)
+            self.keys.insert(i, key)
+            self.values.insert(i, value)
+
+    def delete(self, key: str) -> None:
+        i = bisect_left(self.keys, key)
+        if i < len(self.keys) and self.keys[i] == key:
+            self._note(self.values[i], None)
+            del self.keys[i], self.values[i]
+
+    def tuple(self) -> tuple[Any, ...]:
+        last = self._tuple
+        if last is None or self._removed is None or self._removed or self._added:
+            last = self._tuple = Records.derive(self.values, last, self._removed, self._added)
+            self._removed, self._added = [], []
+        return last
+
+
 @dataclass
 class SnapshotTracker:
-    """Maintains the current :class:`models.Snapshot` from a watch stream."""
+    """Maintains the current :class:`models.Snapshot` from a watch stream.
+
+    Each snapshot shares every record object that did not change with the previous one
+    (and the whole tuple of a kind that did not change), which is what lets the gateway
+    rebuild only what changed (``federation/snapshot_index.py``).  The tables are the
+    tracker's: change them through :meth:`apply` only.
+    """
 
     revision: int = 0
     clusters: dict[str, models.ClusterRecord] = field(default_factory=dict)
     services: dict[str, models.ExportedService] = field(default_factory=dict)
     policies: dict[str, Policy] = field(default_factory=dict)
+    traffic: dict[str, Any] = field(default_factory=dict)  # "<kind>/<name>" -> model
+    liveness: dict[str, models.ClusterLiveness] = field(default_factory=dict)
     bundle_pem: str = ""
     crl_pem: str = ""
+    # Each table in key order (see _KeyOrder); made on first use, dropped by a snapshot.
+    _orders: dict[str, _KeyOrder] = field(default_factory=dict, repr=False, compare=False)
+    _traffic_tuples: dict[str, tuple[Any, ...]] | None = field(default=None, repr=False, compare=False)
 
     def apply(self, message: WatchMessage) -> models.Snapshot:
         """Fold one message in; return the current snapshot (unchanged content for progress)."""
@@ -252,28 +355,64 @@ class SnapshotTracker:
             self.services = {f"{v.cluster}/{v.key}": v for v in s.services}
             keys = message.policy_keys or tuple(f"{p.kind}/{p.name}" for p in s.policies)
             self.policies = dict(zip(keys, s.policies))
+            self.traffic = {f"TrafficRoute/{r.name}": r for r in s.routes}
+            self.liveness = {lv.cluster: lv for lv in s.liveness}
+            self.traffic.update({f"TrafficPolicy/{p.name}": p for p in s.traffic_policies})
+            self.traffic.update({f"Telemetry/{t.name}": t for t in s.telemetry})
+            self.traffic.update((f"ExtensionProvider/{p.name}", p) for p in s.extension_providers)
             self.bundle_pem, self.crl_pem = s.bundle_pem, s.crl_pem
+            self._orders.clear()
+            self._traffic_tuples = None
+        tables = {"cluster": self.clusters, "service": self.services, "policy": self.policies,
+                  "traffic": self.traffic, "liveness": self.liveness}
         for c in message.changes:
             if c.kind in ("bundle", "crl"):
                 setattr(self, f"{c.kind}_pem", "" if c.deleted else c.value)
                 continue
-            table = {"cluster": self.clusters, "service": self.services, "policy": self.policies}.get(c.kind)
+            table = tables.get(c.kind)
             if table is None:
                 continue  # a kind this client does not know yet: newer server
+            order = self._orders.get(c.kind)
             if c.deleted:
                 table.pop(c.key, None)
+                if order is not None:
+                    order.delete(c.key)
             else:
                 table[c.key] = c.value
+                if order is not None:
+                    order.set(c.key, c.value)
+            if c.kind == "traffic":
+                self._traffic_tuples = None
         self.revision = message.revision
         return self.snapshot()
 
+    def _sorted(self, kind: str, table: dict[str, Any]) -> tuple[Any, ...]:
+        order = self._orders.get(kind)
+        if order is None or len(order.keys) != len(table):
+            order = self._orders[kind] = _KeyOrder(table)
+        return order.tuple()
+
     def snapshot(self) -> models.Snapshot:
+        t = self._traffic_tuples
+        if t is None:
+            lists: dict[str, list[Any]] = {kind: [] for kind in (
+                "TrafficRoute", "TrafficPolicy", "Telemetry", "ExtensionProvider")}
+            for k in sorted(self.traffic):
+                got = lists.get(k.partition("/")[0])
+                if got is not None:
+                    got.append(self.traffic[k])
+            t = self._traffic_tuples = {kind: tuple(v) for kind, v in lists.items()}
         # model_construct: every part was validated when decoded; skip a second pass.
         return models.Snapshot.model_construct(
             revision=self.revision,
-            clusters=tuple(self.clusters[k] for k in sorted(self.clusters)),
-            services=tuple(self.services[k] for k in sorted(self.services)),
-            policies=tuple(self.policies[k] for k in sorted(self.policies)),
+            clusters=self._sorted("cluster", self.clusters),
+            services=self._sorted("service", self.services),
+            policies=self._sorted("policy", self.policies),
+            routes=t["TrafficRoute"],
+            liveness=self._sorted("liveness", self.liveness),
+            traffic_policies=t["TrafficPolicy"],
+            telemetry=t["Telemetry"],
+            extension_providers=t["ExtensionProvider"],
             bundle_pem=self.bundle_pem,
             crl_pem=self.crl_pem,
         )
@@ -292,8 +431,16 @@ class PublishResult:
 
 @dataclass(frozen=True)
 class GatewayStatus:
+    """One gateway process's report, as ``isthmus status`` shows it.
+
+    Revisions are config revisions (see ``federation/server/_hub.py``): ``applied_revision``
+    is what the gateway's ``/config`` says, ``latest_revision`` the newest config change
+    the answering replica knows.  ``synced``: the gateway holds at least that and reported
+    recently (within 2/3 of its status lease).
+    """
+
     cluster: str
-    gateway_id: str
+    gateway_id: str  # <cluster>/<instance> (federation.names.gateway_name)
     applied_revision: int
     reported_at: float
     synced: bool
@@ -301,17 +448,34 @@ class GatewayStatus:
     rejected_revision: int = 0  # the newest snapshot it could not build (0: none since applied_revision)
     rejected_reason: str = ""
     confirmed_at: float = 0.0  # unix time it last knew its config current; 0: unknown
+    latest_revision: int = 0  # the status's config_revision; 0: unknown
+    routes_applied: bool = False  # applied the newest TrafficRoute change
+    no_report: bool = False  # its reports stopped (the federation says so; older ones don't)
+
+    @property
+    def silent(self) -> bool:
+        """Its reports stopped (crashed or cut off), whether or not the config moved on
+        since (the federation marks its cluster STALE then: a config change itself).  An
+        older federation does not say: then, it holds the latest config yet is not synced."""
+        return self.no_report or (not self.synced and 0 < self.latest_revision <= self.applied_revision)
 
     @property
     def state(self) -> str:
+        """SYNCED; "SYNCED (ahead)": it holds a newer revision than this replica has seen
+        (another replica is ahead); STALE: behind, or "STALE (no report)": silent;
+        "REJECTED rev N: reason"."""
         if self.rejected_revision:
             return f"REJECTED rev {self.rejected_revision}: {self.rejected_reason}"
-        return "SYNCED" if self.synced else "STALE"
+        if self.silent:
+            return "STALE (no report)"
+        if not self.synced:
+            return "STALE"
+        return "SYNCED (ahead)" if self.applied_revision > self.latest_revision else "SYNCED"
 
 
 @dataclass(frozen=True)
 class ClusterLiveness:
-    """A cluster's liveness from its etcd lease (see ``isthmus status``)."""
+    """A cluster's liveness from its export lease and its gateways' reports (see ``isthmus status``)."""
 
     cluster: str
     exports: int
@@ -319,7 +483,9 @@ class ClusterLiveness:
     lease_remaining: int  # -1: no live lease
     last_heartbeat_age: float  # -1: unknown
     published_at: float  # 0: unknown
-    state: str  # LIVE | STALE | EXPIRED | REVOKED
+    # LIVE: its exporter heartbeats or a gateway reports; STALE: both silent, not yet
+    # gone; EXPIRED: no export lease and no gateway entry; REVOKED.
+    state: str
 
     @classmethod
     def from_pb(cls, m: pb.ClusterLiveness) -> ClusterLiveness:
@@ -333,6 +499,7 @@ class Status:
     clusters: tuple[str, ...]
     policy_revision: int = 0
     liveness: tuple[ClusterLiveness, ...] = ()
+    route_revision: int = 0  # the newest TrafficRoute or TrafficPolicy change (apply or delete)
 
 
 # ---------------------------------------------------------------------- the client
@@ -498,8 +665,13 @@ class FederationClient:
         raw: bool = False,
         progress_interval: float = 5.0,
         on_invalid: InvalidHook = log_invalid,
+        on_stream: Callable[[int], None] | None = None,
     ) -> Iterator[WatchMessage]:
         """Yield watch messages forever (until ``stop`` or :meth:`close`), reconnecting as needed.
+
+        ``on_stream(revision)`` is called each time a watch stream is opened, with the
+        revision it resumes from (0: a fresh snapshot); history checkers use it to tell
+        a resumed stream's first message from the deltas that follow it.
 
         A quiet stream yields a ``progress`` message every ``progress_interval`` seconds.
         With ``raw=True`` yields the protobuf ``WatchEvent`` undecoded (benchmarks).
@@ -520,6 +692,8 @@ class FederationClient:
             threading.Thread(target=cancel_on_stop, daemon=True, name="watch-stop").start()
         while not self._closed and not (stop and stop.is_set()):
             stub = self._connect()
+            if on_stream is not None:
+                on_stream(revision)
             call = stub.Watch(pb.WatchRequest(from_revision=revision, progress_interval=progress_interval))
             current[0] = self._watch_call = call
             if stop is not None and stop.is_set():
@@ -570,8 +744,9 @@ class FederationClient:
     ) -> None:
         """Tell the federation which revision is in force (and which one was rejected, why).
 
-        ``gateway_id``: the caller's SPIFFE ID, optionally with ``#<instance>``; call at
-        least every ``STATUS_TTL / 3`` (20 s) or the status entry lapses.
+        ``gateway_id``: ``<cluster>/<instance>`` (:func:`federation.names.gateway_name`),
+        the caller's own cluster; empty: ``<cluster>/gateway``.  Call at least every
+        third of the federation's ``--status-ttl`` (20 s by default) or the entry lapses.
         """
         self._call(
             "ReportApplied",
@@ -583,6 +758,17 @@ class FederationClient:
                 rejected_reason=rejected_reason,
             ),
         )
+
+    def report_traffic(self, gateway_id: str, summary_json: str) -> int:
+        """Push a gateway's per-edge traffic since its last push (federation.topology); the
+        lease TTL its summaries are kept under."""
+        return self._call("ReportTraffic", pb.ReportTrafficRequest(gateway_id=gateway_id,
+                                                                    summary_json=summary_json)).ttl_seconds
+
+    def traffic(self) -> dict[str, Any]:
+        """The per-edge figures of the last minute: ``{"window_seconds", "now", "edges",
+        "gateways"}`` (``edges``: federation.topology.EdgeView.as_json())."""
+        return json.loads(self._call("GetTraffic", pb.GetTrafficRequest()).traffic_json)
 
     # ------------------------------------------------------------------ admin
     def create_token(self, ttl: int = 3600, cluster: str = "") -> pb.CreateTokenResponse:
@@ -606,6 +792,50 @@ class FederationClient:
     def delete_policy(self, name: str, kind: str = "") -> int:
         return self._call("DeletePolicy", pb.DeletePolicyRequest(name=name, kind=kind)).deleted
 
+    # ------------------------------------------------------------------ documents (every kind)
+    def apply_documents(self, docs: Sequence[Any]) -> tuple[int, list[str], list[str]]:
+        """Apply every document (policies, routes: models or dicts with ``kind``) in one
+        transaction, or none.  Returns the revision, per document ``created``,
+        ``configured`` or ``unchanged``, and the federation's warnings."""
+        bodies = [d if isinstance(d, dict) else d.model_dump(by_alias=True, mode="json") for d in docs]
+        r = self._call("ApplyPolicy", pb.ApplyPolicyRequest(policies_json=[json.dumps(b) for b in bodies]))
+        outcomes = ["created" if new else "configured" if changed else "unchanged"
+                    for changed, new in zip(r.changed_each, list(r.created_each) or [False] * len(r.changed_each))]
+        return r.revision, outcomes, list(r.warnings)
+
+    def list_documents(self, *kinds: str) -> list[Any]:
+        """The stored documents of ``kinds`` (none: every kind); unreadable ones are skipped."""
+        r = self._call("ListDocuments", pb.ListDocumentsRequest(kinds=list(kinds)))
+        out = []
+        for text in r.documents_json:
+            try:
+                kind = json.loads(text).get("kind")
+                if kind in models.DOCUMENT_KINDS:
+                    out.append(models.read_record(models.DOCUMENT_KINDS[kind], text, what=kind))
+            except (ValueError, AttributeError) as exc:
+                log.warning("documents.unreadable", error=str(exc)[:300])
+        return out
+
+    def list_routes(self) -> list[models.TrafficRoute]:
+        return self.list_documents("TrafficRoute")
+
+    def delete_document(self, kind: str, name: str) -> int:
+        """Delete document ``kind``/``name`` (NOT_FOUND when there is none)."""
+        return self._call("DeletePolicy", pb.DeletePolicyRequest(name=name, kind=kind)).deleted
+
+    def set_route_weights(
+        self, name: str, weights: Sequence[tuple[str, str, int]], rule: int | None = None
+    ) -> tuple[int, models.TrafficRoute, int]:
+        """Set weights ``(cluster, service or "", weight)`` of one rule of route ``name``
+        (``rule`` None: the one rule that fits); returns (revision, the route, the rule)."""
+        req = pb.SetRouteWeightsRequest(
+            name=name, weights=[pb.RouteWeight(cluster=c, service=s, weight=w) for c, s, w in weights]
+        )
+        if rule is not None:
+            req.rule = rule
+        r = self._call("SetRouteWeights", req)
+        return r.revision, models.read_record(models.TrafficRoute, r.route_json, what="TrafficRoute"), r.rule
+
     # ------------------------------------------------------------------ listings
     def list_clusters(self) -> list[models.ClusterRecord]:
         return self.clusters_with_liveness()[0]
@@ -624,18 +854,7 @@ class FederationClient:
         return [models.read_record(models.ExportedService, s) for s in r.services_json]
 
     def status(self) -> Status:
-        r = self._call("GetStatus", pb.GetStatusRequest())
-        return Status(
-            r.config_revision,
-            tuple(
-                GatewayStatus(g.cluster, g.gateway_id, g.applied_revision, g.reported_at, g.synced, g.enforces_policy,
-                              g.rejected_revision, g.rejected_reason, g.confirmed_at)
-                for g in r.gateways
-            ),
-            tuple(r.clusters),
-            r.policy_revision,
-            tuple(ClusterLiveness.from_pb(m) for m in r.liveness),
-        )
+        return status_from_pb(self._call("GetStatus", pb.GetStatusRequest()))
 
     def health(self, timeout: float = 2.0) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -650,6 +869,23 @@ class FederationClient:
         except grpc.RpcError:
             self._fail_over(self._stub)  # type: ignore[arg-type]
             return False
+
+
+def status_from_pb(r: pb.GetStatusResponse) -> Status:
+    """A GetStatus answer as :class:`Status` (the CLI's and the topology page's view)."""
+    return Status(
+        r.config_revision,
+        tuple(
+            GatewayStatus(g.cluster, g.gateway_id, g.applied_revision, g.reported_at, g.synced, g.enforces_policy,
+                          g.rejected_revision, g.rejected_reason, g.confirmed_at, r.config_revision,
+                          g.routes_applied, g.no_report)
+            for g in r.gateways
+        ),
+        tuple(r.clusters),
+        r.policy_revision,
+        tuple(ClusterLiveness.from_pb(m) for m in r.liveness),
+        r.route_revision,
+    )
 
 
 class _Backoff:

@@ -35,11 +35,22 @@ A cluster's gateway and agent run in :data:`SYSTEM_NAMESPACE` as the service acc
 :data:`GATEWAY_SERVICE_ACCOUNT` and :data:`AGENT_SERVICE_ACCOUNT`, so their SPIFFE IDs are
 ``spiffe://<cluster>.<federation-domain>`` + :data:`GATEWAY_PATH` / :data:`AGENT_PATH`.
 Those three names are defined by :mod:`trust` (which mints the IDs) and re-exported here.
+
+Gateway names
+-------------
+A gateway *process* reports what it applied as ``<cluster>/<instance>``
+(:func:`gateway_name`), e.g. ``east/gw-7d9f-1``: the instance is its host name and pid
+(:func:`gateway_instance`), lower case, a DNS label (at most 63 characters of a-z, 0-9
+and '-').  So the name is the same in ``isthmus status``, in JSON and in the etcd key
+``<prefix>status/<cluster>/<instance>``, and a restarted process is a new instance (the
+old one goes STALE and disappears with its status lease).  :func:`parse_gateway_name`
+is the federation's check of a reported name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 from trust import AGENT_SERVICE_ACCOUNT, GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE
 
@@ -56,10 +67,15 @@ __all__ = [
     "GATEWAY_SERVICE_ACCOUNT",
     "LOCAL_SUFFIX",
     "SYSTEM_NAMESPACE",
+    "gateway_instance",
+    "gateway_name",
     "local_host",
     "mirror_hosts",
     "mirror_name",
     "outbound_host",
+    "parse_gateway_name",
+    "service_hosts",
+    "split_authority",
 ]
 
 DNS_SUFFIX = "isthmus.local"  # the default suffix of outbound names
@@ -78,6 +94,7 @@ AGENT_PATH = f"/ns/{SYSTEM_NAMESPACE}/sa/{AGENT_SERVICE_ACCOUNT}"
 CLUSTER_IDENTITY_PATHS = (GATEWAY_PATH, AGENT_PATH)
 
 _MAX_LABEL = 63
+_INSTANCE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def local_host(name: str, namespace: str) -> str:
@@ -112,3 +129,44 @@ def mirror_hosts(name: str, namespace: str, cluster: str | None) -> tuple[str, .
     except ValueError:  # a cluster named like the federated suffix has no mirror
         return ()
     return (local_host(m, namespace), f"{m}.{namespace}.svc", f"{m}.{namespace}")
+
+
+def gateway_instance(host: str, pid: int | None = None) -> str:
+    """A gateway process's instance name: ``<host>-<pid>`` as a DNS label (lower case, any
+    other character and runs of them as '-'; the host is shortened to fit 63 characters).
+    A valid instance name (and no pid) is returned unchanged."""
+    suffix = f"-{pid}" if pid is not None else ""
+    base = re.sub(r"[^a-z0-9-]+", "-", host.lower()).strip("-") or "gateway"
+    return base[: _MAX_LABEL - len(suffix)].rstrip("-") + suffix
+
+
+def gateway_name(cluster: str, instance: str) -> str:
+    """``<cluster>/<instance>``: how a gateway process is named in status (see above)."""
+    return f"{cluster}/{instance}"
+
+
+def parse_gateway_name(text: str) -> tuple[str, str]:
+    """``(cluster, instance)`` of a gateway name; ValueError saying what is wrong."""
+    cluster, sep, instance = text.partition("/")
+    if not sep or not _INSTANCE.match(cluster) or not _INSTANCE.match(instance):
+        raise ValueError(
+            f"gateway name {text[:80]!r} must be <cluster>/<instance>, each a DNS label "
+            "(a-z, 0-9, '-', at most 63 characters), e.g. east/gw-1-4242"
+        )
+    return cluster, instance
+
+
+def service_hosts(name: str, namespace: str, cluster: str | None, dns_suffix: str = DNS_SUFFIX) -> tuple[str, ...]:
+    """Every name an importing cluster's gateway answers for ``namespace/name``: one
+    cluster's export (``cluster`` given: a pin) or the federated name (``None``)."""
+    return (outbound_host(name, namespace, cluster, dns_suffix), *mirror_hosts(name, namespace, cluster))
+
+
+def split_authority(authority: str) -> tuple[str, int | None]:
+    """``host[:port]`` -> (lowercase host without a trailing dot, port or None)."""
+    host, sep, port = authority.rpartition(":")
+    # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses) and "١٢"
+    if not sep or not (port.isascii() and port.isdigit()):
+        host, port = authority, ""
+    host = host.lower().rstrip(".")
+    return host, (int(port) if port else None)

@@ -6,6 +6,10 @@ The gateway asks one question per request: *may this caller reach this service w
 method, path and port?*  :meth:`PolicySet.evaluate` answers it as a pure function of a
 :class:`RequestAttributes` and the policies of one federation revision, in Istio's order:
 
+0. every CUSTOM policy that selects the destination and matches names its ExtensionProvider
+   in ``Decision.custom``: the gateway asks that external authorizer first (Istio order:
+   CUSTOM, then DENY, then ALLOW; ``gateway/_extauthz.py``), and the answer below only
+   holds if it allows.  Offline (``isthmus policy check``) that answer is unknown;
 1. every AUDIT policy that selects the destination and matches only sets ``audit=True``;
 2. any matching DENY policy denies, naming the policy;
 3. if at least one ALLOW policy selects the destination, the request is allowed iff one of
@@ -25,7 +29,8 @@ demands authentication).  Paths are matched without their query string, like Env
 Opaque TCP (``method`` and ``path`` both None) cannot be checked against HTTP-only fields
 (methods, paths, request principals, JWT claims).  As in Istio, an ALLOW rule using one
 does not match TCP, while a DENY rule ignores them, so it matches *more* TCP traffic (the
-restrictive reading).  AUDIT rules read them like ALLOW: a policy auditing DELETEs should
+restrictive reading).  CUSTOM rules read them like DENY (the authorizer is asked more
+often, never less).  AUDIT rules read them like ALLOW: a policy auditing DELETEs should
 not mark every TCP connection.
 
 Speed: a :class:`PolicySet` is built once per revision.  Every string list is compiled into
@@ -44,6 +49,7 @@ policy apply -f`` and ``isthmus policy check -f`` share it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +180,9 @@ class Decision:
     reason: str
     audit: bool = False
     audit_policy: str | None = None  # the first AUDIT policy that matched
+    # (policy, provider) of every matching CUSTOM policy, in policy order: the external
+    # authorizers to ask before this decision holds.
+    custom: tuple[tuple[str, str], ...] = ()
 
 
 # ---------------------------------------------------------------- compiled matchers
@@ -390,16 +399,17 @@ def _all(checks: list[_Check], attrs: RequestAttributes, tcp: bool, lenient: boo
 
 
 class _CompiledPolicy:
-    __slots__ = ("name", "action", "rules", "order")
+    __slots__ = ("name", "action", "rules", "order", "provider")
 
     def __init__(self, policy: AuthorizationPolicy, order: int) -> None:
         self.name = policy.name
         self.action = policy.action
+        self.provider = policy.provider
         self.order = order
         self.rules = [_CompiledRule(r, f"rules[{i}]") for i, r in enumerate(policy.rules)]
 
     def matching_rule(self, attrs: RequestAttributes) -> int | None:
-        lenient = self.action == "DENY"
+        lenient = self.action in ("DENY", "CUSTOM")
         for i, rule in enumerate(self.rules):
             if rule.matches(attrs, lenient):
                 return i
@@ -462,6 +472,7 @@ class _Selected:
     allow: tuple[_CompiledPolicy, ...]
     audit: tuple[_CompiledPolicy, ...]
     authn: tuple[RequestAuthentication, ...]
+    custom: tuple[_CompiledPolicy, ...] = ()
 
 
 class PolicySet:
@@ -520,6 +531,7 @@ class PolicySet:
             allow=tuple(p for p in authz if p.action == "ALLOW"),
             audit=tuple(p for p in authz if p.action == "AUDIT"),
             authn=tuple(p for _, p in authn),
+            custom=tuple(p for p in authz if p.action == "CUSTOM"),
         )
         if len(self._cache) < self.MAX_CACHED_DESTINATIONS:
             self._cache[key] = sel
@@ -533,6 +545,14 @@ class PolicySet:
 
     def evaluate(self, attrs: RequestAttributes) -> Decision:
         sel = self._selected(attrs.destination_namespace, attrs.destination_service)
+        d = self._evaluate(sel, attrs)
+        if sel.custom:
+            custom = tuple((p.name, p.provider) for p in sel.custom if p.matching_rule(attrs) is not None)
+            if custom:
+                d = dataclasses.replace(d, custom=custom)
+        return d
+
+    def _evaluate(self, sel: _Selected, attrs: RequestAttributes) -> Decision:
         audit_policy = None
         for p in sel.audit:
             if p.matching_rule(attrs) is not None:

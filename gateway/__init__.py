@@ -10,7 +10,8 @@ Where things live (one home each):
   ``_flags`` (response flag -> HTTP status, gRPC status, text), ``_proxy`` (per-request
   routing and header decisions), ``_authz`` (AuthorizationPolicy and JWT), ``_routes``
   (the naming scheme, route tables), ``_state`` (ConfigState: everything derived from
-  one snapshot), ``_handlers`` (per-request wiring), ``_telemetry`` (metrics, access log);
+  one snapshot), ``_handlers`` (per-request wiring), ``_telemetry`` (the request record, metrics,
+  access log), ``_istio`` (Istio's standard metrics: labels, bounds, series);
 * trio shell: ``_gateway`` (composition, lifecycle, config swaps), ``_listeners``
   (sockets, sniffing, admission), ``_tls`` (TLS contexts, identity checks), ``_dialer``
   and ``_pool`` (upstream connections), ``_io`` (byte pumps, TCP halves), ``_h1io``

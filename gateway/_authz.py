@@ -24,6 +24,10 @@ the :class:`~gateway._decision.RequestAttrs` of one request it answers a
    with a body that names the deciding policy and nothing else.
 3. The extra hook given to :class:`gateway.Gateway` (``authorize=``), if any.
 
+CUSTOM policies that match (Istio order: before DENY and ALLOW) turn the answer of 2-3
+into a pending one: its ``check`` asks the external authorizers
+(:class:`gateway._extauthz.CustomCheck`) and then answers 2-3's decision, or their deny.
+
 JWKS fetched from ``jwks_uri`` live in one :class:`~federation.jwt.JwksStore` per gateway,
 shared by every revision.  Fetching is blocking IO and never runs on the trio loop:
 :meth:`Authz.refresh` runs in a worker thread, from the gateway's refresher task (right
@@ -50,8 +54,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -61,6 +64,7 @@ from federation.models import AuthorizationPolicy, RequestAuthentication, Rule, 
 from federation.policy import PolicyError, PolicySet, RequestAttributes, validate_policy
 
 from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, allow_all
+from ._extauthz import Asker, CustomCheck, NoClients
 from ._flags import GrpcStatus
 from ._half import Half, Headers
 
@@ -149,12 +153,26 @@ def enforceable(policies: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
 # ---------------------------------------------------------------- the per-revision state
 
 
+def policies_digest(policies: Sequence[Any]) -> str:
+    """A digest of the policies (and ExtensionProviders) in force (the same set gives the same digest in every
+    gateway).  Hashed policy by policy: one json.dumps of them all is a single C call that
+    holds the GIL for milliseconds, a stall of the event loop while a config builds."""
+    h = hashlib.sha256()
+    for p in policies:
+        h.update(p.model_dump_json(by_alias=True).encode())
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
 class PolicyState:
     """The policies of one applied snapshot, as the gateway's authorizer."""
 
     def __init__(self, snapshot: Snapshot | None, store: JwksStore,
-                 then: Authorizer = allow_all) -> None:
+                 then: Authorizer = allow_all, clients: Asker | None = None) -> None:
         policies = snapshot.policies if snapshot is not None else ()
+        # CUSTOM policies: their providers, over the gateway's clients (gateway/_extauthz.py).
+        self.providers = tuple(snapshot.extension_providers) if snapshot is not None else ()
+        self.custom = CustomCheck(self.providers, clients if clients is not None else NoClients())
         self.revision = snapshot.revision if snapshot is not None else 0
         enforced, self.failed = enforceable(policies)
         try:
@@ -169,9 +187,7 @@ class PolicyState:
         self.jwks_uris = frozenset(r.jwks_uri for p in policies
                                    if isinstance(p, RequestAuthentication)
                                    for r in p.jwt_rules if r.jwks_uri)
-        self.digest = "sha256:" + hashlib.sha256(json.dumps(
-            [p.model_dump(mode="json", by_alias=True) for p in policies],
-            sort_keys=True).encode()).hexdigest()
+        self.digest = policies_digest((*policies, *self.providers))  # a provider decides requests too
         self._validators: dict[tuple[str, str], JwtValidator | None] = {}
         # Header names whose validated token is not forwarded, per (namespace, service).
         self._strip: dict[tuple[str, str], frozenset[bytes]] = {}
@@ -228,6 +244,13 @@ class PolicyState:
             jwt_claims=jwt.claims if jwt is not None else None,
         )
         d = self.set.evaluate(attrs)
+        local = self._local(d, a, strip)
+        if d.custom:  # Istio order: the external authorizer first, then DENY and ALLOW
+            return Decision(True, "waiting for ext_authz",
+                            check=functools.partial(self.custom, d.custom, a, local))
+        return local
+
+    def _local(self, d: Any, a: RequestAttrs, strip: frozenset[bytes]) -> Decision:
         if not d.allowed:
             return rbac_denied(d.policy, d.reason, d.audit_policy)
         extra = self.then(a)
@@ -255,9 +278,11 @@ class Authz:
     """
 
     def __init__(self, then: Authorizer = allow_all, store: JwksStore | None = None,
-                 check_interval: float = REFRESH_CHECK_INTERVAL, cluster: str = "") -> None:
+                 check_interval: float = REFRESH_CHECK_INTERVAL, cluster: str = "",
+                 ext_authz: Asker | None = None) -> None:
         self.then = then
         self.cluster = cluster  # prefetch only key sets of services this cluster exports
+        self.ext_authz: Asker = ext_authz if ext_authz is not None else NoClients()
         self.store = store if store is not None else JwksStore()
         self.check_interval = check_interval
         self.kick: Callable[[], None] = _noop  # set by the refresher task
@@ -265,8 +290,10 @@ class Authz:
 
     def compile(self, snapshot: Snapshot | None) -> PolicyState:
         """The policies of ``snapshot`` (pure: safe in a worker thread)."""
-        state = PolicyState(snapshot, self.store, self.then)
-        if snapshot is not None and self.cluster:
+        state = PolicyState(snapshot, self.store, self.then, self.ext_authz)
+        # Refined only when some policy names a key set (a subset of none is none): a
+        # walk over every service per change is what a delta must not cost.
+        if snapshot is not None and self.cluster and state.jwks_uris:
             local = [(s.namespace, s.name) for s in snapshot.services if s.cluster == self.cluster]
             state.jwks_uris = frozenset(
                 r.jwks_uri for ns, svc in local
@@ -275,7 +302,9 @@ class Authz:
         return state
 
     def adopt(self, state: PolicyState) -> None:
-        """``state`` is now in force (event loop): fetch the key sets it newly names."""
+        """``state`` is now in force (event loop): fetch the key sets it newly names, close
+        the channels to authorizers no provider names any more."""
+        self.ext_authz.keep(state.providers)
         for uri in state.jwks_uris - self._uris:
             self.store.source(uri)  # register now so the refresher fetches it at once
         if state.jwks_uris - self._uris:
@@ -299,33 +328,77 @@ class Parked(Half):
     It holds what the caller sends meanwhile (bounded by the stream's flow-control window,
     since nothing is acknowledged) and replays it into the real upstream, or gives the
     window back if the request is refused.
+
+    An authorizer that wants the body (``include_request_body``) makes it :meth:`collect`
+    up to a bound: bytes are then acknowledged as they arrive (the caller's window
+    reopens) until more than the bound arrived, so at most the bound plus one frame plus
+    one window is held; ``wake`` is called once the body ended, passed the bound, or the
+    caller went away.  The acknowledged bytes are replayed with no credit.
     """
 
-    __slots__ = ("items", "aborted")
+    __slots__ = ("items", "aborted", "ended", "limit", "taken", "wake")
 
     def __init__(self) -> None:
         super().__init__()
         self.items: list[tuple[str, Any, int]] = []
         self.aborted = False
+        self.ended = False  # the request's end (or trailers) arrived
+        self.limit = -1  # collecting: acknowledge up to this many bytes and a frame (-1: not)
+        self.taken = 0  # body bytes held
+        self.wake: Callable[[], None] | None = None
 
     def write_headers(self, headers: Headers, end: bool) -> None:  # never: request headers went by
         self.items.append(("headers", (headers, end), 0))
 
     def write_data(self, data: bytes, credit: int) -> None:
+        self.taken += len(data)
+        if 0 <= self.limit and self.taken - len(data) <= self.limit:
+            self.give_back(credit)
+            credit = 0
         self.items.append(("data", data, credit))
+        if self.taken > self.limit >= 0:
+            self._woken()
 
     def write_trailers(self, trailers: Headers) -> None:
         self.items.append(("trailers", trailers, 0))
+        self.ended = True
+        self._woken()
 
     def write_end(self) -> None:
         self.items.append(("end", None, 0))
+        self.ended = True
+        self._woken()
 
     def abort(self, code: int, flags: str = "UR", message: str = "") -> None:
         self.aborted = True
         self.items.clear()
+        self._woken()
 
     def ack(self, credit: int) -> None:
         self.give_back(credit)
+
+    def collect(self, limit: int, wake: Callable[[], None]) -> None:
+        """Hold up to ``limit`` bytes of the body (see the class docstring); ``wake()``
+        when there is nothing more to wait for."""
+        self.limit, self.wake = limit, wake
+        seen = 0
+        for i, (kind, value, credit) in enumerate(self.items):
+            if kind == "data":
+                if seen <= limit and credit:
+                    self.give_back(credit)
+                    self.items[i] = (kind, value, 0)
+                seen += len(value)
+        if self.ended or self.aborted or self.taken > limit:
+            self._woken()
+
+    def body(self) -> tuple[bytes, bool]:
+        """The body held so far and whether it is the whole body."""
+        return b"".join(v for k, v, _ in self.items if k == "data"), self.ended
+
+    def _woken(self) -> None:
+        wake, self.wake = self.wake, None
+        if wake is not None:
+            wake()
 
     def release(self) -> None:
         """Refused: hand the held window back to the caller."""

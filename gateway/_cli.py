@@ -1,7 +1,12 @@
 """``isthmus gateway``: run one cluster's east-west gateway.
 
     isthmus gateway run --config gateway.yaml [--workers N]
+    isthmus gateway run --check-core
     isthmus gateway check-config gateway.yaml
+
+``--check-core`` prints the HTTP/2 core a gateway would run on (``$ISTHMUS_HTTP2_CORE``
+is honoured), its version and nghttp2's self-test result, and exits 0 when that core is
+the one asked for (nghttp2 by default), 1 when it fell back to h2.
 
 With ``--workers N`` a supervisor starts N worker processes that each bind the listeners
 with SO_REUSEPORT (the kernel spreads connections across them); the supervisor alone runs
@@ -68,6 +73,11 @@ async def serve(cfg: GatewayConfig, follow: str, reuse_port: bool = False) -> No
             nursery.start_soon(_keep_running, follow_federation, gw)
         elif follow == "file":
             nursery.start_soon(_keep_running, follow_file, gw)
+            if cfg.federation.address:  # a worker: it pushes its own traffic summaries
+                from ._control import gateway_instance_id
+                from ._traffic_push import push_worker_traffic
+
+                nursery.start_soon(_keep_running, lambda g: push_worker_traffic(g, gateway_instance_id(g)), gw)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 structlog.get_logger("isthmus.gateway").info("gateway.stopping")
@@ -116,15 +126,23 @@ def gateway() -> None:
 
 
 @gateway.command("run")
-@click.option("--config", "-c", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="Gateway config (YAML).")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+              help="Gateway config (YAML); required unless --check-core.")
 @click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Worker processes sharing the listeners (SO_REUSEPORT).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--worker-index", type=int, default=None, hidden=True)
-def run(config_path: str, workers: int, log_level: str, worker_index: int | None) -> None:
+@click.option("--check-core", is_flag=True,
+              help="Print which HTTP/2 core would run and why, then exit (0: nghttp2 or the "
+                   "core ISTHMUS_HTTP2_CORE asks for; 1: fell back to h2).")
+def run(config_path: str | None, workers: int, log_level: str, worker_index: int | None,
+        check_core: bool) -> None:
     """Run the gateway described by --config until SIGINT/SIGTERM."""
+    if check_core:
+        sys.exit(_check_core())
+    if not config_path:
+        raise click.UsageError("Missing option '--config' / '-c' (or give --check-core).")
     configure_logging(log_level)
     cfg = _load(config_path)
     if worker_index is not None:
@@ -138,6 +156,20 @@ def run(config_path: str, workers: int, log_level: str, worker_index: int | None
         _trio_run(serve, cfg, "federation" if cfg.federation.address else "none", False)
         return
     _supervise(config_path, cfg, workers, log_level)
+
+
+def _check_core() -> int:
+    from .h2core import select_core
+
+    info = select_core()  # a required core that cannot run: GatewayError, one line, exit 1
+    click.echo(f"core: {info.name} {info.version}")
+    click.echo(f"reason: {info.reason}")
+    click.echo(f"self-test: {info.self_test}")
+    if info.library:
+        click.echo(f"library: {info.library}")
+    for name, present in sorted(info.protections.items()):
+        click.echo(f"protection {name}: {'yes' if present else 'no'}")
+    return 1 if info.reason.startswith("fallback:") else 0
 
 
 def _trio_run(*args: object) -> None:

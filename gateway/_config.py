@@ -110,6 +110,9 @@ class TcpPort(_Model):
         return v
 
 
+REPORT_INTERVAL = 15.0  # seconds: under a third of the federation's default status lease (60 s)
+
+
 class FederationSource(_Model):
     """Where config comes from when not from the file alone."""
 
@@ -118,6 +121,9 @@ class FederationSource(_Model):
     cert_file: Path | None = None
     key_file: Path | None = None
     bundle_file: Path | None = None
+    # Seconds between reports of the config in force (each also renews the status entry):
+    # under a third of the federation's --status-ttl (60 s by default).
+    report_interval: float = Field(REPORT_INTERVAL, ge=0.2, le=1200)
 
 
 class PathNormalization(_Model):
@@ -127,6 +133,35 @@ class PathNormalization(_Model):
     merge_slashes: bool = False
     # %2F and %5C: reject (400), keep (Envoy KEEP_UNCHANGED) or decode to "/".
     escaped_slashes: Literal["reject", "keep", "decode"] = "reject"
+
+
+class TracingConfig(_Model):
+    """Spans over OTLP (gateway/_tracing.py); a federation ``Telemetry`` document
+    overrides collector, protocol and sampling live."""
+
+    # HOST:PORT for OTLP/gRPC (https://HOST:PORT for TLS), or with protocol "http" an
+    # http(s):// URL (HOST:PORT means http://HOST:PORT/v1/traces).  Empty: no spans.
+    collector: str = ""
+    protocol: Literal["grpc", "http"] = "grpc"
+    # Parent-based: a request carrying a sampling decision keeps it; of new traces this
+    # percentage is sampled (Istio's default: 1).
+    random_sampling_percentage: float = Field(1.0, ge=0, le=100)
+    # The export queue: when full (a slow or dead collector), new spans are dropped and
+    # counted (isthmus_trace_spans_dropped_total), never waited for.
+    max_queue_size: int = Field(2048, ge=1, le=1_000_000)
+    max_export_batch_size: int = Field(512, ge=1, le=1_000_000)
+    schedule_delay: float = Field(1.0, gt=0, le=60)  # seconds between exports
+    export_timeout: float = Field(5.0, gt=0, le=120)  # seconds per batch, retries included
+
+    @field_validator("collector")
+    @classmethod
+    def _collector(cls, v: str) -> str:
+        scheme, _, rest = v.rpartition("://")
+        host, sep, port = rest.split("/", 1)[0].rpartition(":")
+        if v and (scheme not in ("", "http", "https") or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError(f"collector {v!r} must be HOST:PORT (e.g. otel-collector.observability:4317) "
+                             "or a URL with a port (e.g. http://otel-collector:4318/v1/traces)")
+        return v
 
 
 class GatewayConfig(_Model):
@@ -147,6 +182,7 @@ class GatewayConfig(_Model):
     static: Snapshot | None = None
     access_log: bool = True
     path_normalization: PathNormalization = PathNormalization()
+    tracing: TracingConfig = TracingConfig()
 
     @field_validator("dns_suffix")
     @classmethod

@@ -17,32 +17,27 @@ context, like the relay, runs without an event loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from h2.errors import ErrorCodes
 
 from ._decision import Decision
-from ._flags import GrpcStatus, flag
+from ._flags import GrpcStatus, ended, flag
 from ._half import Half, Headers
+from ._propagation import B3, B3_MULTI, TRACEPARENT, begin, incoming
+from ._resilience import DEADLINE_HEADER, parse_deadline, parse_grpc_timeout
 from ._telemetry import Exchange
 
-TRACEPARENT = b"traceparent"
 _TEXT = (b"content-type", b"text/plain")
 _DEADLINE_TEXT = "deadline exceeded"
-_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-def parse_grpc_timeout(value: bytes) -> float | None:
-    """Seconds of a ``grpc-timeout`` value (``100m``, ``5S``...), None if malformed."""
-    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
-        return None
-    unit = _GRPC_TIMEOUT_UNITS.get(value[-1:])
-    return None if unit is None else int(value[:-1]) * unit
+DEADLINE_GRACE = 0.05  # seconds past an x-isthmus-deadline before this hop gives up
 
 
 class RequestContext:
     """One downstream request: its parsed head and its own decisions."""
 
     __slots__ = ("record", "method", "path", "authority", "grpc", "traceparent", "timeout",
-                 "deadline", "finished")
+                 "deadline", "finished", "response_mutate")
 
     def __init__(self, record: Exchange) -> None:
         self.record = record
@@ -52,13 +47,25 @@ class RequestContext:
         self.timeout: float | None = None  # grpc-timeout, seconds
         self.deadline = 0.0
         self.finished = False
+        self.response_mutate: Callable[[Headers], Headers] | None = None  # set by an ext_authz allow
 
     @classmethod
-    def parse(cls, headers: Headers, record: Exchange) -> RequestContext:
-        """Read the request head once: routing, authorization and telemetry use the result."""
+    def parse(cls, headers: Headers, record: Exchange, sample_bound: int | None = None,
+              deadline_header: bool = True) -> RequestContext:
+        """Read the request head once: routing, authorization and telemetry use the result.
+
+        ``deadline_header``: honour ``x-isthmus-deadline`` (a peer gateway's, at the
+        inbound); the outbound passes False, a workload's is neither trusted nor forwarded.
+
+        The request's hop of its trace (``record.trace``) is begun here: its trace
+        context read, a span id chosen and the sampling decided (``sample_bound``: the
+        ratio sampler's, None while no spans are exported; see gateway/_propagation.py).
+        """
         ctx = cls(record)
         authority = host = None
-        timeout = None
+        timeout = deadline = None
+        b3 = None
+        b3_multi: dict[bytes, bytes] | None = None
         for k, v in headers:
             if k[0] == 58:  # ':'
                 if k == b":authority":
@@ -82,12 +89,31 @@ class RequestContext:
                 record.user_agent = v.decode("latin-1")
             elif k == b"x-request-id":
                 record.request_id = v.decode("latin-1")
+            elif k == DEADLINE_HEADER:
+                deadline = v
+            elif k == B3:
+                b3 = v
+            elif k in B3_MULTI:
+                if b3_multi is None:
+                    b3_multi = {}
+                b3_multi.setdefault(k, v)
         authority = authority or host
         if authority:
             ctx.authority = authority.decode("latin-1")
         if ctx.grpc and timeout is not None:
             ctx.timeout = parse_grpc_timeout(timeout)
+        if deadline is not None and deadline_header:
+            # The time an outbound gateway left this request (gateway/_resilience.py).
+            # A little later than the caller's: the caller's gateway answers the timeout
+            # itself (504 UT); this one only bounds the work left here.
+            left = parse_deadline(deadline)
+            if left is not None:
+                left += DEADLINE_GRACE
+            if left is not None and (ctx.timeout is None or left < ctx.timeout):
+                ctx.timeout = left
         record.method, record.path, record.grpc = ctx.method, ctx.path, ctx.grpc
+        hop = record.trace = begin(*incoming(ctx.traceparent, b3, b3_multi), bound=sample_bound)
+        record.trace_id = hop.trace_hex
         return ctx
 
     @property
@@ -97,17 +123,19 @@ class RequestContext:
     # -- answers ----------------------------------------------------------------------------
     def refuse(self, half: Half, d: Decision) -> None:
         """Answer the request locally with the refusal ``d``."""
-        self.record.response_flags = d.flags
+        self.record.add_flag(d.flags)
         f = flag(d.flags)
         text = d.message or d.reason or f.text
         if self.grpc:
             half.respond_grpc(d.grpc_status or f.grpc, text)
+        elif d.body is not None:  # the body and headers are the decider's own (ext_authz)
+            half.respond(d.status or f.http, list(d.headers), d.body)
         else:
             half.respond(d.status or f.http, [_TEXT, *d.headers], text.encode() + b"\n")
 
     def fail(self, half: Half, flags: str, message: str = "") -> None:
         """Answer the request with the error ``flags`` stands for."""
-        self.record.response_flags = flags
+        self.record.add_flag(flags)
         f = flag(flags)
         text = message or f.text
         if self.grpc:
@@ -126,17 +154,22 @@ class RequestContext:
         half.reset(code)
 
     def flag(self, flags: str) -> None:
-        """Record why the exchange ended, unless an earlier cause was recorded."""
-        if not self.record.response_flags:
-            self.record.response_flags = flags
+        """Record why the exchange ended, unless an earlier cause was recorded (a note
+        such as ``DI`` is no cause: the flag is added after it)."""
+        if not ended(self.record.response_flags):
+            self.record.add_flag(flags)
 
     def decided(self, d: Decision) -> None:
         """Record an authorization decision (the access log shows AUDIT matches and why a
         request was refused)."""
         r = self.record
         r.audit_policy = d.audit_policy or ""
+        r.authz = "allow" if d.allow else "deny"
+        r.policy = d.policy or ""
         if not d.allow:
             r.response_code_details = d.details
+        elif d.log_flags:
+            self.flag(d.log_flags)
 
     def finish(self) -> None:
         if not self.finished:
@@ -151,20 +184,26 @@ class RequestContext:
         self.deadline = now + self.timeout
         return self.deadline
 
-    def expire(self, half: Half) -> None:
-        """The request ran past its grpc-timeout: cancel upstream, answer DEADLINE_EXCEEDED."""
+    def expire(self, half: Half, flags: str = "DT") -> None:
+        """The request ran past its grpc-timeout (``flags`` DT), or its route's timeout
+        (UT): cancel upstream, answer DEADLINE_EXCEEDED."""
         if half.closed or self.finished:
             return
         peer = half.swallow()
         if peer is not None:
-            peer.abort(ErrorCodes.CANCEL, "DT")
-        self.record.response_flags = "DT"
+            peer.abort(ErrorCodes.CANCEL, flags)
+        self.record.add_flag(flags)
         if not half.headers_sent:
             half.discard_output()
-            half.respond_grpc(GrpcStatus.DEADLINE_EXCEEDED, _DEADLINE_TEXT)
+            if self.grpc:
+                half.respond_grpc(GrpcStatus.DEADLINE_EXCEEDED, _DEADLINE_TEXT)
+            else:  # an HTTP request past its x-isthmus-deadline
+                self.fail(half, flags)
+        elif not self.grpc:
+            half.reset(ErrorCodes.CANCEL)
         else:
             half.write_trailers([(b"grpc-status", b"%d" % GrpcStatus.DEADLINE_EXCEEDED),
                                  (b"grpc-message", _DEADLINE_TEXT.encode())])
 
 
-__all__ = ["RequestContext", "TRACEPARENT", "parse_grpc_timeout"]
+__all__ = ["RequestContext"]

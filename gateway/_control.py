@@ -9,9 +9,11 @@ Theory of operation.
   federation watch — a blocking grpcio stream in a worker thread — delivers snapshots and
   deltas; a :class:`federation.client.SnapshotTracker` keeps the current snapshot; the trio
   side applies the newest one (bursts coalesce) and saves it as last-known-good (atomic
-  rename).  A quiet stream carries progress messages (every few seconds): they confirm
-  the current config (staleness stays small) and touch the last-known-good file so that
-  followers confirm it too.
+  rename) in a task of its own: a write serialises the whole config, so it never delays
+  the next apply, and writes coalesce to the newest snapshot while one runs.  A quiet
+  stream carries progress messages (every few seconds): they confirm the current config
+  (staleness stays small) and touch the last-known-good file so that followers confirm it
+  too.
 * Follower (``--workers N``): the supervisor runs the federation client and writes the
   last-known-good file; each worker process follows that file.
 
@@ -24,7 +26,8 @@ rejected (:meth:`Control.rejected`) and the previous config stays.  A failed
 last-known-good write (disk full, read-only) is logged and counted, never raised.
 
 A reporter task tells the federation what is in force (ReportApplied) after each change
-and at least every :data:`REPORT_INTERVAL`, which also renews the status entry's lease.
+and at least every :data:`REPORT_INTERVAL`, which also renews the status entry's lease;
+another pushes the per-edge traffic summaries (ReportTraffic, :mod:`gateway._traffic_push`).
 
 The last-known-good file is ``{"isthmus_last_known_good": 1, "cluster", "federation",
 "snapshot"}``: the snapshot's JSON (``federation.models.Snapshot``) and whose it is —
@@ -50,9 +53,12 @@ import trio
 from prometheus_client import Counter, Gauge
 
 import trust
-from federation import FederationError
+from federation import FederationError, names
 from federation.client import read_snapshot
 from federation.models import Snapshot
+
+from ._config import REPORT_INTERVAL
+from ._traffic_push import push_traffic
 
 if TYPE_CHECKING:
     from federation.client import FederationClient
@@ -62,7 +68,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("isthmus.gateway")
 
 LKG_FORMAT = 1
-REPORT_INTERVAL = 15.0  # under a third of the federation's status lease (60 s)
 WATCH_BACKOFF = (0.5, 30.0)  # first and longest wait between watch restarts
 
 
@@ -170,9 +175,12 @@ def load_lkg(path: Path, cluster: str = "", pins: list[str] | None = None) -> Sn
 
 
 def save_lkg(path: Path, snap: Snapshot, cluster: str = "", pins: list[str] | None = None) -> None:
-    doc = {"isthmus_last_known_good": LKG_FORMAT, "cluster": cluster, "federation": pins or [],
-           "snapshot": json.loads(snap.model_dump_json())}
-    trust.atomic_write(path, json.dumps(doc, separators=(",", ":")).encode(), 0o600)
+    # The snapshot's JSON is spliced in as pydantic writes it (not parsed and written
+    # again): one serialisation of the whole config per write.
+    head = json.dumps({"isthmus_last_known_good": LKG_FORMAT, "cluster": cluster, "federation": pins or []},
+                      separators=(",", ":"))
+    body = b"".join((head[:-1].encode(), b',"snapshot":', snap.model_dump_json().encode(), b"}"))
+    trust.atomic_write(path, body, 0o600)
 
 
 def initial_config(gw: Gateway) -> None:
@@ -188,7 +196,8 @@ def initial_config(gw: Gateway) -> None:
 
 
 def gateway_instance_id(gw: Gateway) -> str:
-    return f"{gw.identity}#{socket.gethostname()}"
+    """This process's name in ``isthmus status``: ``<cluster>/<host>-<pid>`` (federation.names)."""
+    return names.gateway_name(gw.cluster, names.gateway_instance(socket.gethostname(), os.getpid()))
 
 
 # ---------------------------------------------------------------------- following the federation
@@ -215,6 +224,10 @@ class Control:
         self.report = _Report()
         self._report_due = trio.Event()
         self._lkg_error = ""
+        # The newest snapshot not yet saved, and whether a touch is due (see run_lkg_writer).
+        self._lkg_pending: Snapshot | None = None
+        self._lkg_touch = False
+        self._lkg_due = trio.Event()
 
     def rejected(self, revision: int, reason: str) -> None:
         """A snapshot could not be built: the previous config stays; tell the federation.
@@ -254,6 +267,29 @@ class Control:
         else:
             self._lkg_error = ""
 
+    def save_later(self, snap: Snapshot | None) -> None:
+        """Have :meth:`run_lkg_writer` save ``snap`` (``None``: touch the file), off the
+        apply path: a write serialises the whole config, which a delta must not wait for.
+        Writes coalesce: while one runs, only the newest snapshot waits for the next."""
+        if snap is None:
+            self._lkg_touch = True
+        else:
+            self._lkg_pending, self._lkg_touch = snap, False
+        self._lkg_due.set()
+
+    async def run_lkg_writer(self) -> None:
+        """Write what :meth:`save_later` left, newest first, one write at a time (each one
+        atomic: :func:`save_lkg`)."""
+        while True:
+            await self._lkg_due.wait()
+            self._lkg_due = trio.Event()
+            snap, touch = self._lkg_pending, self._lkg_touch
+            self._lkg_pending, self._lkg_touch = None, False
+            if snap is not None:
+                await self.write_lkg(snap)
+            elif touch:
+                await self.write_lkg(None)
+
     def on_invalid(self, kind: str, key: str, error: str) -> None:
         """Called from the watch thread for each record skipped (or enforced as DENY)."""
         self.metrics.invalid_records.labels(kind=kind).inc()
@@ -284,12 +320,13 @@ def _backoff(n: int) -> float:
 
 async def follow_federation(
     gw: Gateway, *, save: bool = True, report: bool = True, progress_interval: float = 5.0,
-    report_interval: float = REPORT_INTERVAL,
+    report_interval: float | None = None,
     task_status: trio.TaskStatus[Control] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the federation watch in a thread (restarted forever); apply its snapshots here.
 
-    ``progress_interval``: how often a quiet watch confirms that nothing changed.
+    ``progress_interval``: how often a quiet watch confirms that nothing changed;
+    ``report_interval``: how often to report at least (default: ``federation.report_interval``).
     Started with ``nursery.start`` it returns the :class:`Control`, whose
     :meth:`Control.rejected` is the gateway's hook for snapshots it cannot build.
     """
@@ -342,8 +379,10 @@ async def follow_federation(
     thread.start()
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(control.run_lkg_writer)
             if report:
-                nursery.start_soon(control.run_reporter, report_interval)
+                nursery.start_soon(control.run_reporter, report_interval or fed.report_interval)
+                nursery.start_soon(push_traffic, gw, client, control.instance)
             task_status.started(control)
             async with receive:
                 async for item in receive:
@@ -357,10 +396,10 @@ async def follow_federation(
                         snap = item if item is not None else snap
                     if snap is None:  # only progress: what we hold is current
                         gw.confirm_current()
-                        await control.write_lkg(None)
+                        control.save_later(None)
                         continue
                     if await control.apply(snap):
-                        await control.write_lkg(snap)
+                        control.save_later(snap)
             nursery.cancel_scope.cancel()
     finally:
         gw.on_rejected = previous_hook

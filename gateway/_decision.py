@@ -11,8 +11,9 @@ each inbound request.  A refusal's flag picks the HTTP status, gRPC status and t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,10 @@ class RequestAttrs:
     method: str
     path: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    # Socket addresses (host, port) of the connection as the inbound sees it: the peer
+    # gateway's end and this gateway's own; ("", 0) when unknown.
+    source_address: tuple[str, int] = ("", 0)
+    destination_address: tuple[str, int] = ("", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +41,7 @@ class Decision:
     ``reason``, else the flag's text) is the body the caller sees.  ``status`` and
     ``grpc_status`` of 0 mean "the flag's" (:data:`gateway._flags.FLAGS`).  ``pending``:
     not decided yet - the gateway parks the request and runs ``pending()`` in a worker
-    thread for the final decision (a JWKS fetch)."""
+    thread for the final decision (a JWKS fetch); ``check``: the same, awaited."""
 
     allow: bool
     reason: str = ""
@@ -51,6 +56,18 @@ class Decision:
     pending: Callable[[], Decision] | None = None
     # Request headers to remove before forwarding (a validated JWT not to be forwarded).
     strip_headers: frozenset[bytes] = frozenset()
+    # Not decided yet: an external authorizer is asked (CUSTOM, gateway/_extauthz.py); the
+    # gateway parks the request and awaits ``check(parked)`` in its task for the final
+    # decision (``parked`` holds the body, None when the request has none).
+    check: Callable[[Any], Awaitable[Decision]] | None = None
+    # A refusal's own body (an ext_authz denied_response): sent as is, with ``headers``.
+    body: bytes | None = None
+    # Request header changes before forwarding (an ext_authz ok_response).
+    mutate: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None
+    # Response header changes on the way back to the caller (ext_authz response_headers_to_add).
+    respond_mutate: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None
+    # A flag for the access log of an *allowed* request (UAEX: let through by fail_open).
+    log_flags: str = ""
 
 
 ALLOW = Decision(True)

@@ -8,8 +8,11 @@
 * Local ``protocol: HTTP`` services: HTTP/1.1 keep-alive connections
   (:mod:`gateway._h1io`); CONNECT tunnels: a TCP (or TLS) socket per tunnel.
 
-Peer choice: round-robin over the clusters that export a route, skipping those whose
-every address is backing off; within a cluster, its first address not backing off.
+Which cluster serves a request is :mod:`federation.traffic`'s choice; the dialer feeds it
+live health (:meth:`Dialer.health`): a peer cluster whose every gateway address is
+failing (its last dial failed and no connection is up) is out until a background
+re-dial (the pool's probe) succeeds, so requests are not spent discovering that a peer
+is still down.  Within a cluster, its first address not backing off.
 When the gateway's client certificate is renewed, both pools drain (no new streams on
 old connections; they close when idle), so the renewed identity is in use within about
 a second.
@@ -26,17 +29,19 @@ import structlog
 import trio
 from h2.errors import ErrorCodes
 
+from federation.traffic import UNREACHABLE, Out, Target
+
 from ._config import Limits
 from ._context import RequestContext
 from ._errors import UpstreamError
 from ._h1 import H1Upstream
 from ._h1io import H1Pool, run_h1_upstream
-from ._h2 import h2_connection
+from ._h2 import ConnectionFactory
 from ._half import Half, link
 from ._io import TcpHalf, pump_h2
 from ._pool import Pool
 from ._relay import H2Endpoint, H2Half
-from ._routes import LocalTarget, OutboundRoute, PeerCluster
+from ._routes import LocalTarget, PeerCluster
 from ._state import ConfigState
 from ._telemetry import Metrics, Recorder
 from ._tls import GatewayTls, session_of
@@ -58,8 +63,10 @@ class Dialer:
     """Owns the upstream pools; opens upstream halves for the request handlers."""
 
     def __init__(self, limits: Limits, tls: GatewayTls, state: Callable[[], ConfigState],
-                 metrics: Metrics, recorder: Recorder, endpoints: set[H2Endpoint]) -> None:
+                 metrics: Metrics, recorder: Recorder, endpoints: set[H2Endpoint],
+                 connect: ConnectionFactory) -> None:
         self.limits = limits
+        self.connect = connect  # HTTP/2 connections on the gateway's core
         self.tls = tls
         self.state = state
         self.metrics = metrics
@@ -68,43 +75,53 @@ class Dialer:
         self.peer_pool: Pool | None = None
         self.svc_pool: Pool | None = None
         self.h1_pool = H1Pool()
-        self._rr: dict[str, int] = {}
         self._sessions: dict[Any, Any] = {}  # peer key -> last TLS stream (session resumption)
 
     def start(self, nursery: trio.Nursery) -> None:
-        self.peer_pool = Pool(nursery, self.limits, self._dial_peer, self._pool_changed)
+        self.peer_pool = Pool(nursery, self.limits, self._dial_peer, self._pool_changed,
+                              probe=self._still_a_peer)
         self.svc_pool = Pool(nursery, self.limits, self._dial_service, self._pool_changed)
 
-    # -- peer choice ----------------------------------------------------------------------
-    def pick(self, route: OutboundRoute) -> PeerCluster | None:
-        """Round-robin over the exporting clusters, skipping ones backing off."""
-        clusters = [c for c in route.clusters if c.addresses]
-        if not clusters:
-            return None
-        n = self._rr.get(route.authority, 0)
-        self._rr[route.authority] = n + 1
+    # -- peer health and choice -----------------------------------------------------------
+    def health(self, target: Target) -> Out | None:
+        """Live health of a destination for :mod:`federation.traffic` (static reasons —
+        revoked, not exported, 0 ready endpoints — were decided when the routes compiled):
+        out when every gateway address of its cluster is failing, or (soft: used when
+        nothing else serves) when the federation streams the cluster as STALE."""
         pool = self.peer_pool
-        for i in range(len(clusters)):
-            pc = clusters[(n + i) % len(clusters)]
-            if pool is None or any(pool.healthy(("peer", pc.name, pc.trust_domain, a))
-                                   for a in pc.addresses):
-                return pc
-        return clusters[n % len(clusters)]
+        if pool is None:
+            return None
+        error = ""
+        for address in target.addresses:
+            why = pool.failing(("peer", target.cluster, target.trust_domain, address))
+            if why is None:
+                return self.state().traffic.stale.get(target.cluster)
+            error = error or f"{address}: {why}"
+        return Out(UNREACHABLE, error)
+
+    def _still_a_peer(self, key: PeerKey) -> bool:
+        """Whether a failing peer key is worth re-dialling: still a peer in force."""
+        pc = self.state().routes.peers_by_name.get(key[1])
+        return pc is not None and pc.trust_domain == key[2] and key[3] in pc.addresses
 
     def peer_key(self, pc: PeerCluster) -> PeerKey:
-        """Pool key of a peer: its first gateway address not backing off."""
+        """Pool key of a peer: its first gateway address neither failing nor backing off."""
         pool = self.peer_pool
+        fallback = None
         for address in pc.addresses:
             key = ("peer", pc.name, pc.trust_domain, address)
-            if pool is None or pool.healthy(key):
+            if pool is None or (pool.healthy(key) and pool.failing(key) is None):
                 return key
-        return ("peer", pc.name, pc.trust_domain, pc.addresses[0])
+            if fallback is None and pool.healthy(key):
+                fallback = key
+        return fallback or ("peer", pc.name, pc.trust_domain, pc.addresses[0])
 
     # -- opening upstream halves ----------------------------------------------------------
-    def open_peer(self, pc: PeerCluster, up: H2Half) -> None:
+    def open_peer(self, pc: PeerCluster, up: H2Half, cap: int | None = None) -> None:
+        """``cap``: the service's max_connections_per_peer (its TrafficPolicy), if any."""
         self._check_renewal()
         assert self.peer_pool is not None
-        self.peer_pool.open(self.peer_key(pc), up)
+        self.peer_pool.open(self.peer_key(pc), up, cap)
 
     def open_service(self, target: LocalTarget, up: H2Half) -> None:
         self._check_renewal()  # renewed certificate: drain the service pool too
@@ -170,6 +187,7 @@ class Dialer:
     # -- pooled HTTP/2 connections --------------------------------------------------------
     async def _dial_peer(self, key: PeerKey, nursery: trio.Nursery) -> H2Endpoint:
         _, name, td, address = key
+        conn = self.connect(True, True)  # first: a refused session leaves no socket open
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         with trio.fail_after(self.limits.connect_timeout):
@@ -179,7 +197,7 @@ class Dialer:
                                      revocations=self.state().revocations, require_gateway=True,
                                      session=session_of(self._sessions.get(key)))
         self._sessions[key] = tls
-        ep = H2Endpoint(h2_connection(True, self.limits, trusted=True), info=key)
+        ep = H2Endpoint(conn, info=key)
         assert self.peer_pool is not None
         nursery.start_soon(self._run_pooled, self.peer_pool, key, tls, ep)
         log.info("pool.connected", peer=name, address=address,
@@ -188,6 +206,7 @@ class Dialer:
 
     async def _dial_service(self, key: ServiceKey, nursery: trio.Nursery) -> H2Endpoint:
         _, host, port, use_tls = key
+        conn = self.connect(True, True)
         with trio.fail_after(self.limits.connect_timeout):
             tcp = await trio.open_tcp_stream(host, port)
         nodelay(tcp)
@@ -196,7 +215,7 @@ class Dialer:
             stream = await self.tls.connect(tcp, host, alpn="h2",
                                             allowed=frozenset({self.tls.trust_domain}),
                                             revocations=self.state().revocations)
-        ep = H2Endpoint(h2_connection(True, self.limits, trusted=True), info=key)
+        ep = H2Endpoint(conn, info=key)
         assert self.svc_pool is not None
         nursery.start_soon(self._run_pooled, self.svc_pool, key, stream, ep)
         return ep

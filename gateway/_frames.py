@@ -1,15 +1,32 @@
-"""HTTP/2 abuse rules for one server-side connection (sans-IO).
+"""HTTP/2 abuse rules for one server-side connection (sans-IO), on either core.
 
 Theory of operation
 -------------------
-:class:`FrameGuard` is sans-IO.  :meth:`FrameGuard.install` wraps two methods of one
-server-side ``h2`` connection *instance*: ``_receive_frame`` (called once per complete
-frame, including frames h2 answers on its own and never reports as events) and
-``receive_data`` (to look at the header block h2 is still assembling).  It counts what the
-client sends and, over a limit, raises :class:`AbuseDetected` — an h2
-``DenialOfServiceError`` — from inside ``receive_data``; h2 then queues
-``GOAWAY(ENHANCE_YOUR_CALM)`` itself and the relay fails every stream of the connection,
-exactly as for any other protocol error.  The rules:
+:class:`FrameGuard` is sans-IO.  It counts what the client sends and, over a limit,
+raises :class:`AbuseDetected` — an h2 ``DenialOfServiceError`` — from inside the
+connection's ``receive_data``, after ``GOAWAY(ENHANCE_YOUR_CALM)`` was queued; the relay
+then fails every stream of the connection, exactly as for any other protocol error.
+:meth:`FrameGuard.install` attaches it to one connection of either core:
+
+* **h2**: it wraps two methods of the connection *instance*: ``_receive_frame`` (called
+  once per complete frame, including frames h2 answers on its own and never reports as
+  events) and ``receive_data`` (to look at the header block h2 is still assembling);
+  h2 queues the GOAWAY itself when the error leaves ``_receive_frame``.
+* **nghttp2** (:class:`gateway.h2core.NgHttp2Connection`): no patching.  The core calls
+  the guard's :meth:`~FrameGuard.before_receive` with each read before nghttp2 parses
+  it — a walk over the frame headers counts frames by type and follows the header block
+  in progress — and :meth:`~FrameGuard.after_receive` with the events it produced (the
+  stream rules); the guard ends the session with ``conn.terminate``.  What nghttp2
+  enforces itself is left to it: the decoded header-list size (the core's own cap), the
+  CONTINUATION count, HPACK table sizes and indices, the SETTINGS entry count, and the
+  queue of unread PING/SETTINGS acknowledgements.  It has no per-second budget for
+  control frames or WINDOW_UPDATE, no rule on the share of streams reset early (its
+  token bucket is another rule, answered with INTERNAL_ERROR), and refuses an extra
+  stream with a connection error once SETTINGS are acknowledged; those rules are kept
+  here (the core refuses extra streams alone, ``refuse_streams_over``), with the same
+  figures as on h2.
+
+The rules:
 
 * rapid reset (CVE-2023-44487), Envoy's rule: once ``premature_reset_total_stream_count``
   streams were opened, close the connection when at least half of them were reset by the
@@ -34,13 +51,14 @@ The trio side (per-IP caps, memory shedding, closing the connection) is
 from __future__ import annotations
 
 import collections
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import h2.exceptions
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import RequestReceived
+from h2.events import RequestReceived, StreamReset
 from h2.settings import SettingCodes
 
 INF = float("inf")
@@ -49,6 +67,9 @@ _DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WINDOW, _CO
 _H2_STREAM_CAP = 2**31 - 1
 # Open-stream timestamps kept for the rapid-reset rule before old ones are pruned.
 _OPEN_TIMES_PRUNE = 4096
+_PREFACE_LEN = 24  # the client connection preface, before the first frame
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_FRAME_HEAD = struct.Struct(">IBI")  # length << 8 | type, flags, stream id
 
 
 class AbuseDetected(h2.exceptions.DenialOfServiceError):
@@ -95,10 +116,22 @@ class FrameGuard:
         # rule to each workload connection. Closing the shared connection would let one
         # abusive workload in a cluster cut off every other caller in it.
         self.close_on_rapid_reset = True
+        # nghttp2 core: where the frame walk is (see before_receive).
+        self._skip = _PREFACE_LEN  # bytes of the current frame's payload (or preface) left
+        self._head = b""  # a frame header split across reads
+        self._cur_type = -1  # type of the frame whose payload is being received
+        self._open_block = False  # HEADERS/CONTINUATION seen without END_HEADERS
+        self._block_size = 0
+        self._refused_seen = 0
 
     # -- wiring ---------------------------------------------------------------------------
-    def install(self, conn: H2Connection) -> None:
-        """Wrap ``conn`` (after ``initiate_connection``: the peer was told our real limit)."""
+    def install(self, conn: Any) -> None:
+        """Attach to ``conn`` (after ``initiate_connection``: the peer was told our real
+        limit): h2 connections are wrapped, nghttp2 ones call the guard themselves."""
+        if not isinstance(conn, H2Connection):
+            self.conn = conn
+            conn.guard = self
+            return
         self.conn = conn
         conn.local_settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = (
             collections.deque([_H2_STREAM_CAP]))
@@ -239,10 +272,156 @@ class FrameGuard:
         else:
             self.deadline = INF
 
+    # -- nghttp2 core -----------------------------------------------------------------------
+    def _abort(self, conn: Any, exc: AbuseDetected) -> AbuseDetected:
+        conn.terminate(ErrorCodes.ENHANCE_YOUR_CALM, exc)
+        return exc
+
+    def before_receive(self, conn: Any, data: bytes) -> None:
+        """Walk the frame headers of one read (before nghttp2 parses it): frame budgets,
+        the header block in progress, the first request's headers."""
+        n = len(data)
+        pos = 0
+        skip = self._skip
+        if self._head:  # a frame header split across reads (skip is 0 then)
+            data = self._head + data
+            n = len(data)
+            self._head = b""
+        unpack = _FRAME_HEAD.unpack_from
+        control = windows = 0
+        what = ""
+        while True:
+            if skip:
+                k = n - pos
+                if skip >= k:
+                    skip -= k
+                    break
+                pos += skip
+                skip = 0
+            if n - pos < 9:
+                self._head = data[pos:]
+                self._cur_type = -1
+                break
+            word, flags, sid = unpack(data, pos)
+            pos += 9
+            length, t = word >> 8, word & 0xFF
+            skip = length
+            self._cur_type = t
+            if t == _HEADERS or t == _CONT or t == _PUSH:
+                if t == _HEADERS:
+                    sid &= 0x7FFFFFFF
+                    if sid > self.last_sid and sid & 1:
+                        self.last_sid = sid
+                        if not self.got_headers:
+                            self.got_headers = True
+                            self._update_deadline()
+                    self._block_size = length
+                else:
+                    self._block_size += length
+                self._open_block = not flags & _END_HEADERS
+                if self._block_size > self.block_cap:
+                    self._skip = skip
+                    raise self._abort(conn, self._fail(
+                        "header_block_too_large",
+                        f"header block of {self._block_size} bytes exceeds "
+                        f"max_header_list_size {self.block_cap}"))
+                if t == _PUSH:
+                    control += 1
+                    what = "PUSH_PROMISE"
+            elif t == _WINDOW:
+                windows += 1
+            elif t == _DATA:
+                if not length and not flags & _END_STREAM:
+                    control += 1
+                    what = "empty DATA frame"
+            elif t != _RST:
+                control += 1
+                what = _FRAME_NAMES.get(t, "unknown frame type")
+        self._skip = skip
+        if control or windows:
+            self._count_frames(conn, control, windows, what)
+        in_block = self._open_block or (skip > 0 and self._cur_type in (_HEADERS, _CONT))
+        if in_block:
+            if self.block_start is None:
+                self.block_start = self.clock()
+                self._update_deadline()
+        elif self.block_start is not None:
+            self.block_start = None
+            self._update_deadline()
+
+    def _count_frames(self, conn: Any, control: int, windows: int, what: str) -> None:
+        now = self.clock()
+        if now - self.window_start >= 1.0:
+            self.window_start, self.control, self.windows = now, 0, 0
+        self.control += control
+        self.windows += windows
+        if self.windows > self.window_cap:
+            raise self._abort(conn, self._fail(
+                "window_update_flood",
+                f"more than {self.window_cap} WINDOW_UPDATE frames in a second"))
+        if self.control > self.control_cap:
+            raise self._abort(conn, self._fail(
+                "control_frame_flood",
+                f"more than {self.control_cap} control frames in a second (last: {what})"))
+
+    def after_receive(self, conn: Any, events: list[Any]) -> list[Any]:
+        """The stream rules over one read's events: rapid reset, refused streams, and
+        requests reset in the read that opened them (dropped: no upstream work)."""
+        gone: set[int] | None = None
+        times = self.open_times
+        for e in events:
+            t = type(e)
+            if t is RequestReceived:
+                sid = e.stream_id
+                self.opened += 1
+                now = self.clock()
+                times[sid] = now
+                if len(times) > _OPEN_TIMES_PRUNE:
+                    self._prune(now)
+            elif t is StreamReset and e.remote_reset:
+                if gone is None:
+                    gone = set()
+                gone.add(e.stream_id)
+                t0 = times.pop(e.stream_id, None)
+                if t0 is not None and self.clock() - t0 < self.reset_lifetime:
+                    self.premature += 1
+                    self._check_resets_ng(conn)
+        refused = conn.streams_refused - self._refused_seen
+        if refused:
+            self._refused_seen += refused
+            self.refused += refused
+            self.opened += refused
+            self.premature += refused
+            if self.on_refused is not None:
+                for _ in range(refused):
+                    self.on_refused()
+            self._check_resets_ng(conn)
+        if gone:
+            events = [e for e in events
+                      if not (type(e) is RequestReceived and e.stream_id in gone)]
+        return events
+
+    def _check_resets_ng(self, conn: Any) -> None:
+        try:
+            self._check_resets()
+        except AbuseDetected as exc:
+            raise self._abort(conn, exc) from None
+
+    def _prune(self, now: float) -> None:
+        times = self.open_times
+        horizon = now - self.reset_lifetime
+        for old in list(times):
+            if times[old] >= horizon or len(times) <= _OPEN_TIMES_PRUNE // 2:
+                break
+            del times[old]
+
     def headers_timed_out(self) -> AbuseDetected:
         what = "its first request headers" if not self.got_headers else "a header block"
         return self._fail("headers_timeout",
                           f"no complete {what} within {self.headers_timeout:g}s")
 
+
+_FRAME_NAMES = {_PRIORITY: "PriorityFrame", _SETTINGS: "SettingsFrame", _PING: "PingFrame",
+                _GOAWAY: "GoAwayFrame"}
 
 __all__ = ["AbuseDetected", "FrameGuard"]

@@ -10,7 +10,11 @@ A :class:`Gateway` owns:
   :class:`~gateway._handlers.Handlers`, and the :class:`~gateway._dialer.Dialer`
   (pools of upstream connections);
 * telemetry (:class:`~gateway._telemetry.Metrics`) and the admin endpoint
-  (:mod:`gateway._admin`).
+  (:mod:`gateway._admin`);
+* the HTTP/2 core its connections run on (:class:`~gateway._h2.ConnectionFactory`,
+  chosen once at construction: ``core`` or ``$ISTHMUS_HTTP2_CORE``, else nghttp2 where
+  it loads, else h2), shown in ``/config`` as ``http2_core`` and in the
+  ``isthmus_http2_core{core=...}`` gauge.
 
 A snapshot that cannot be built is rejected, never fatal: the state in force stays, the
 rejection is logged (``config.rejected``), counted (``isthmus_config_rejected_total``),
@@ -33,22 +37,27 @@ import structlog
 import trio
 
 from federation.models import Snapshot
+from federation.traffic import Request
 
 from ._abuse import Shield
 from ._admin import AdminView, serve_admin
 from ._authz import Authz
+from ._extauthz_io import ExtAuthzClients
 from ._config import GatewayConfig, config_json
 from ._deadlines import Deadlines
 from ._decision import Authorizer, Decision, allow_all
 from ._dialer import Dialer
 from ._errors import ConfigError, SnapshotRejected
+from ._h2 import start_core
+from ._guards import Guards
 from ._handlers import Handlers
 from ._listeners import ConnectionGuard, Listeners, listen
 from ._normalize import PathOptions
 from ._relay import H2Endpoint
-from ._state import ConfigState, Rejected, build_state, empty_state
+from ._state import ConfigState, Rejected, build_state, empty_state, retire
 from ._telemetry import Metrics, Recorder
 from ._tls import GatewayTls
+from ._tracing import Tracing, TracingSettings
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -119,7 +128,8 @@ class Gateway:
 
     def __init__(self, cfg: GatewayConfig, *, authorize: Authorizer = allow_all,
                  jwks_store: Any = None, guard: ConnectionGuard | None = None,
-                 reuse_port: bool = False, on_rejected: RejectedHook | None = None) -> None:
+                 reuse_port: bool = False, on_rejected: RejectedHook | None = None,
+                 core: str | None = None) -> None:
         self.cfg = cfg
         self.limits = cfg.limits
         self.reuse_port = reuse_port
@@ -127,13 +137,23 @@ class Gateway:
         self.identity = self.tls.identity
         self.trust_domain = self.tls.trust_domain
         self.cluster = cfg.cluster or self.trust_domain.split(".", 1)[0]
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.cluster)
         self.metrics.cert_expiry.set_function(self.tls.leaf_expiry)
-        self.recorder = Recorder(self.metrics, cfg.access_log)
+        self.http2 = start_core(self.limits, core, on_change=self._core_changed)
+        self._core_changed(self.http2.info)
+        t = cfg.tracing
+        self.tracing_base = TracingSettings(t.collector, t.protocol, t.random_sampling_percentage,
+                                            t.max_queue_size, t.max_export_batch_size,
+                                            t.schedule_delay, t.export_timeout)
+        # Spans over OTLP (see _tracing); the federation's Telemetry changes them live.
+        self.tracing = Tracing(self.cluster, self.metrics.registry, self.tracing_base)
+        self.recorder = Recorder(self.metrics, cfg.access_log, self.tracing)
         # Abuse containment: per-IP / per-peer caps, memory shedding (see _abuse).
         self.shield = Shield(self.limits, self.metrics.overload)
         # Federation AuthorizationPolicy + JWT; ``authorize`` runs after it (see _authz).
-        self.authz = Authz(authorize, jwks_store, cluster=self.cluster)
+        # CUSTOM policies' external authorizers (gateway/_extauthz.py): channels kept across revisions.
+        self.ext_authz = ExtAuthzClients(self.cluster, str(self.identity), self.metrics.ext_authz)
+        self.authz = Authz(authorize, jwks_store, cluster=self.cluster, ext_authz=self.ext_authz)
         self.state: ConfigState = empty_state(self.cluster, cfg.dns_suffix, self.authz)
         self.last_rejected: Rejected | None = None
         self.on_rejected = on_rejected
@@ -145,16 +165,18 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         self._updating = trio.Lock()
         self.dialer = Dialer(self.limits, self.tls, self._current, self.metrics, self.recorder,
-                             self.endpoints)
+                             self.endpoints, self.http2)
+        # Breakers, retry budgets, outlier detection: state that outlives config changes.
+        self.guards = Guards(self.metrics.registry, trio.current_time, self.dialer.health)
         self.handlers = Handlers(
             cluster=self.cluster, identity=str(self.identity), limits=self.limits,
             recorder=self.recorder, state=self._current, upstreams=self.dialer,
             clock=trio.current_time, spawn=self._spawn, in_thread=_decide_in_thread,
-            add_deadline=self.deadlines.add,
+            add_deadline=self.deadlines.add, guards=self.guards,
             paths=PathOptions(cfg.path_normalization.merge_slashes,
                               cfg.path_normalization.escaped_slashes))
         self.listeners = Listeners(cfg, self.tls, self._current, self.handlers, self.shield,
-                                   self.metrics, guard, self.endpoints)
+                                   self.metrics, guard, self.endpoints, self.http2)
         if cfg.static is not None:
             try:
                 self._install(self._build(cfg.static, "file"))
@@ -176,7 +198,8 @@ class Gateway:
     def _build(self, snap: Snapshot, source: str) -> ConfigState:
         return build_state(snap, source, cluster=self.cluster, dns_suffix=self.cfg.dns_suffix,
                            crl_file=self.cfg.tls.crl_file, authz=self.authz,
-                           previous=self.state, bundle_file=self.cfg.tls.bundle_file)
+                           previous=self.state, bundle_file=self.cfg.tls.bundle_file,
+                           tracing=self.tracing_base)
 
     def apply_snapshot(self, snap: Snapshot, source: str = "federation") -> bool:
         """Build the state of ``snap`` on this thread and swap it in; False if rejected.
@@ -203,14 +226,16 @@ class Gateway:
                     return False
                 retired = [self.state]
                 self._install(state)
-                # Freeing the old state (tens of thousands of objects) is work too: not here.
-                await trio.to_thread.run_sync(retired.clear)
+                # Freeing the old state (tens of thousands of objects) is work too: not
+                # here, and in small steps (see retire).
+                await trio.to_thread.run_sync(retire, retired)
             return True
 
     def _install(self, state: ConfigState) -> None:
         # One assignment: every request reads routes, policies and revocations of one state.
         self.state = state
         self.authz.adopt(state.policy)
+        self.tracing.apply(state.tracing or self.tracing_base)
         m = self.metrics
         m.policy_revision.set(state.policy.revision)
         m.policy_errors.set(len(state.policy.failed))
@@ -219,7 +244,7 @@ class Gateway:
         routes = state.routes
         log.info("config.applied", revision=state.revision, source=state.source,
                  imported=len(routes.outbound), exported=len(routes.inbound),
-                 peers=len(routes.peers_by_td))
+                 peers=len(routes.peers_by_td), traffic_routes=len(state.traffic))
 
     def _rejected(self, revision: int, source: str, exc: Exception) -> None:
         if isinstance(exc, SnapshotRejected):
@@ -238,6 +263,10 @@ class Gateway:
             except Exception:  # noqa: BLE001 - a reporting hook must not take the gateway down
                 log.error("config.rejected_hook_failed", exc_info=True)
 
+    def _core_changed(self, info: Any) -> None:
+        for name in ("nghttp2", "h2"):
+            self.metrics.http2_core.labels(name).set(1 if name == info.name else 0)
+
     def confirm_current(self) -> None:
         self.last_confirmed = time.time()
 
@@ -248,13 +277,32 @@ class Gateway:
             "cluster": self.cluster,
             "identity": str(self.identity),
             **state.document(),
+            "resilience": self._guards_document(state),
             "staleness_seconds": round(time.time() - self.last_confirmed, 3),
             "last_rejected": None if rejected is None else {
                 "revision": rejected.revision, "reason": rejected.reason,
                 "source": rejected.source},
             "ports": self.ports,
+            "http2_core": self.http2.info.as_dict(),
+            "tracing": self.tracing.document(),
             "config": config_json(self.cfg),
         }
+
+    def _guards_document(self, state: ConfigState) -> dict[str, Any]:
+        self.guards.sync(state.guards)
+        return self.guards.document()
+
+    def explain(self, host: str, method: str = "GET", path: str = "/",
+                headers: list[tuple[str, str]] | None = None, tcp: bool = False) -> dict[str, Any]:
+        """Where a request to ``host`` would go from here, and why (the admin ``/explain``):
+        this gateway's routes and its live peer health, as selection sees them."""
+        state = self.state
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers or ()]
+        self.guards.sync(state.guards)
+        doc = state.traffic.explain(host, Request(method, path, raw=raw, tcp=tcp), self.guards.health)
+        doc["ejections"] = [e.as_dict(trio.current_time()) for e in self.guards.outlier.ejections()]
+        return {"source": "gateway", "cluster": self.cluster, "applied_revision": state.revision,
+                "config_source": state.source, **doc}
 
     def buffered_bytes(self) -> int:
         """Bytes held by the relay right now (queued in halves + h2 output buffers)."""
@@ -278,8 +326,17 @@ class Gateway:
         for t, lst in tcp:
             self.ports[f"tcp:{t.target}"] = lst.socket.getsockname()[1]
         view = AdminView(ready=lambda: self.ready, config=self.config_document,
-                         registry=self.metrics.registry)
+                         registry=self.metrics.registry, explain=self.explain)
         _freeze_startup_objects()
+        try:
+            await self._serve(inbound, outbound, admin, tcp, view, extra, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.ext_authz.aclose()
+
+    async def _serve(self, inbound: Any, outbound: Any, admin: Any, tcp: Any, view: AdminView,
+                     extra: Callable[[Gateway, trio.Nursery], None] | None,
+                     task_status: trio.TaskStatus[Gateway]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.dialer.start(nursery)
@@ -302,6 +359,7 @@ class Gateway:
     def stop(self) -> None:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+        self.tracing.apply(TracingSettings())  # the queued spans are flushed in a thread
 
     async def _refresh_jwks(self) -> None:
         """Refresh due JWKS key sets in a worker thread: at start, after a snapshot naming

@@ -20,6 +20,7 @@ when the other side fails, the context decides whether this half answers with an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
@@ -44,6 +45,8 @@ class Context(Protocol):
     def record(self) -> Record: ...
 
     method: str  # the request's method (a response to HEAD has no body)
+    # Changes to the response headers on their way to the caller (an ext_authz allow's), if any.
+    response_mutate: Callable[[Headers], Headers] | None
 
     def peer_failed(self, half: Half, code: int, flags: str, message: str) -> None:
         """The other side failed: answer on ``half`` or reset it."""

@@ -166,9 +166,10 @@ async def pump_h2(stream: trio.abc.Stream, ep: H2Endpoint, idle_timeout: float,
                 on_abuse("outbound_buffer", f"more than {ep.out_limit} bytes queued for a "
                          "peer that does not read")
             elif ep.error:
-                # h2's own limits (HPACK bombs, CONTINUATION backlog, frame sizes) and
-                # plain protocol violations.
-                on_abuse("protocol_error", ep.error)
+                # The core's own limits (HPACK bombs, CONTINUATION backlog, frame sizes:
+                # under their reason where the core names one) and plain protocol
+                # violations.
+                on_abuse(ep.abuse or "protocol_error", ep.error)
         ep.terminate()
         ep.wake = _closed_wake
         if overflowed:

@@ -10,7 +10,9 @@
 Every accepted connection is counted per source IP from accept (so handshakes in
 progress count, see :class:`gateway._abuse.Shield`), then admitted against the
 downstream-connection cap and the optional ``guard`` hook; HTTP/2 downstreams get a
-:class:`~gateway._frames.FrameGuard`.  Requests are handed to :mod:`gateway._handlers`.
+:class:`~gateway._frames.FrameGuard`, on a connection of the core the gateway runs
+(:class:`gateway._h2.ConnectionFactory`; a session the core refuses to create refuses
+that connection).  Requests are handed to :mod:`gateway._handlers`.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from h2.errors import ErrorCodes
 
 import trust
 
+from . import h2core
 from ._abuse import HeadersDeadlineStream, Shield, refuse_connection
 from ._config import GatewayConfig
 from ._errors import GatewayError
 from ._frames import FrameGuard
-from ._h2 import h2_connection
+from ._h2 import ConnectionFactory
 from ._h1io import H1Connection
 from ._handlers import Handlers
 from ._io import PrefixedStream, TcpHalf, pump_h2
@@ -87,6 +90,18 @@ def sniff(first: bytes) -> str:
     return "http/1.1"
 
 
+def socket_addresses(stream: Any) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(peer, local) (host, port) of a socket stream; ("", 0) for what is unknown."""
+    out = []
+    for name in ("getpeername", "getsockname"):
+        try:
+            addr = getattr(stream.socket, name)()
+            out.append((str(addr[0]), int(addr[1])))
+        except (AttributeError, OSError, IndexError, TypeError, ValueError):
+            out.append(("", 0))
+    return out[0], out[1]
+
+
 def remote_ip(stream: Any) -> str:
     try:
         return str(stream.socket.getpeername()[0])
@@ -99,8 +114,10 @@ class Listeners:
 
     def __init__(self, cfg: GatewayConfig, tls: GatewayTls, state: Callable[[], ConfigState],
                  handlers: Handlers, shield: Shield, metrics: Metrics,
-                 guard: ConnectionGuard | None, endpoints: set[H2Endpoint]) -> None:
+                 guard: ConnectionGuard | None, endpoints: set[H2Endpoint],
+                 connect: ConnectionFactory) -> None:
         self.cfg = cfg
+        self.connect = connect
         self.limits = cfg.limits
         self.tls = tls
         self.state = state
@@ -174,6 +191,16 @@ class Listeners:
 
         return guard, on_abuse
 
+    async def _new_endpoint(self, stream: trio.abc.Stream, listener: str,
+                            trusted: bool) -> H2Endpoint | None:
+        """A server-side endpoint on the gateway's core, or None (connection refused)."""
+        try:
+            return H2Endpoint(self.connect(False, trusted))
+        except h2core.SessionInitError:
+            # Logged by the factory (which falls back to h2 after a few of these).
+            await refuse_connection(stream, True, "HTTP/2 session could not be created")
+            return None
+
     def _opened(self, listener: str) -> None:
         self.downstream[listener] += 1
         self.metrics.downstream_connections.labels(listener).inc()
@@ -204,8 +231,11 @@ class Listeners:
         if not self.shield.admit_peer(str(sid)):
             await refuse_connection(tls, True, "too many connections from this peer")
             return
-        ep = H2Endpoint(h2_connection(False, self.limits, trusted=True))
-        ep.on_request = functools.partial(self.handlers.inbound_request, sid)
+        ep = await self._new_endpoint(tls, "inbound", trusted=True)
+        if ep is None:
+            self.shield.release_peer(str(sid))
+            return
+        ep.on_request = functools.partial(self.handlers.inbound_request, sid, addresses=socket_addresses(stream))
         guard, on_abuse = self._guard_h2(ep, "inbound", str(sid), remote_ip(stream))
         self._opened("inbound")
         self.endpoints.add(ep)
@@ -262,7 +292,9 @@ class Listeners:
             self._closed("outbound")
 
     async def _outbound_h2(self, s: trio.abc.Stream, caller: str, remote: str) -> None:
-        ep = H2Endpoint(h2_connection(False, self.limits, trusted=False))
+        ep = await self._new_endpoint(s, "outbound", trusted=False)
+        if ep is None:
+            return
         ep.on_request = functools.partial(self.handlers.outbound_request, caller, "HTTP/2")
         guard, on_abuse = self._guard_h2(ep, "outbound", caller, remote)
         self.endpoints.add(ep)
@@ -287,8 +319,8 @@ class Listeners:
 
     # -- opaque TCP ports -----------------------------------------------------------------
     async def tcp_port(self, target: str, stream: trio.SocketStream) -> None:
-        ctx, route, pc = self.handlers.tcp_route(target)
-        if route is None or pc is None:
+        ctx, route, dest = self.handlers.tcp_route(target)
+        if route is None or dest is None:
             await trio.aclose_forcefully(stream)
             ctx.finish()
             return
@@ -296,7 +328,7 @@ class Listeners:
             await trio.aclose_forcefully(stream)
             return
         down = TcpHalf(stream, self.limits.tcp_buffer)
-        up = self.handlers.tcp_open(ctx, route, pc, down)
+        up = self.handlers.tcp_open(ctx, route, dest, down)
         self.downstream["tcp"] += 1
         try:
             await down.run()

@@ -1,9 +1,10 @@
 """Per-request decisions of both listeners, as pure functions of headers and tables.
 
 Outbound (local workload -> peer gateway): route the ``:authority``/Host of an imported
-name (see :mod:`gateway._routes` for the scheme), strip anything a workload must not set
-(``isthmus-source-identity``), assert the caller's verified SPIFFE ID, continue or start a
-W3C trace.
+name (see :mod:`gateway._routes` for the scheme), choose its destination (a pin's cluster,
+or for a federated name :mod:`federation.traffic`'s selection: :func:`destination`),
+strip anything a workload must not set (``isthmus-source-identity``), assert the caller's
+verified SPIFFE ID, continue or start a W3C trace.
 
 Inbound (peer gateway -> local service): the service must be exported to the peer's
 cluster; the caller identity the peer asserts must lie in the peer's own trust domain (a
@@ -17,22 +18,24 @@ Both answer a :class:`Forward` (rewritten headers and the route) or a refusing
 
 from __future__ import annotations
 
-import random
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from hpack import NeverIndexedHeaderTuple
-
+from federation.traffic import Health, Request, RouteSet, all_healthy
 from trust import InvalidSpiffeId, SpiffeId
 
-from ._context import TRACEPARENT, RequestContext
+from ._context import RequestContext
 from ._decision import ALLOW, Authorizer, Decision, RequestAttrs, refuse
 from ._flags import flag
+from ._mirror import SHADOW, unshadow
 from ._half import Headers
 from ._normalize import DEFAULT as DEFAULT_PATHS
 from ._normalize import PathOptions, normalize_target
-from ._routes import PeerCluster, RouteTable
+from ._propagation import TRACE_HEADERS, Hop, begin, parse_traceparent
+from ._routes import Destination, OutboundRoute, PeerCluster, RouteTable
+from ._telemetry import Exchange
 from ._sanitize import (
     XFCC,
     Refused,
@@ -43,10 +46,12 @@ from ._sanitize import (
 )
 
 log = structlog.get_logger("isthmus.gateway")
+# Peer gateways assert the same few caller identities over and over: parse each once (an
+# invalid one raises each time; lru_cache keeps only results).  SpiffeId is immutable.
+_parse_id = functools.lru_cache(maxsize=1024)(SpiffeId.parse)
 
 SOURCE_IDENTITY = b"isthmus-source-identity"
 DEFAULT_HEADER_LIMIT = 60 * 1024  # Limits.max_header_list_size's default
-_HEX = frozenset(b"0123456789abcdef")
 
 
 @dataclass(slots=True)
@@ -58,26 +63,50 @@ class Forward:
     route: Any
     connect: bool = False
     decision: Decision = ALLOW  # inbound: the allowing (or still pending) decision
+    dest: Destination | None = None  # outbound: where it goes
 
 
 def traceparent(incoming: bytes | None) -> tuple[bytes, str]:
     """(header value for the next hop, trace id): continue ``incoming`` if valid."""
-    # Trace and span ids need uniqueness, not secrecy: no syscall per request.
-    span = f"{random.getrandbits(64):016x}"
-    if incoming is not None and len(incoming) == 55:
-        parts = incoming.split(b"-")
-        if (len(parts) == 4 and parts[0] == b"00" and len(parts[1]) == 32
-                and len(parts[2]) == 16 and len(parts[3]) == 2
-                and _HEX.issuperset(parts[1]) and _HEX.issuperset(parts[3])
-                and parts[1] != b"0" * 32):
-            trace = parts[1].decode()
-            return f"00-{trace}-{span}-{parts[3].decode()}".encode(), trace
-    trace = f"{random.getrandbits(128):032x}"
-    return f"00-{trace}-{span}-01".encode(), trace
+    hop = begin(parse_traceparent(incoming) if incoming is not None else None)
+    return hop.traceparent(), hop.trace_hex
+
+
+def _hop(ctx: RequestContext) -> Hop:
+    """The request's hop of its trace (begun when its headers were parsed)."""
+    x = ctx.record
+    if x.trace is None:  # a context made without parse (tests)
+        x.trace = begin(parse_traceparent(ctx.traceparent) if ctx.traceparent else None)
+    x.trace_id = x.trace.trace_hex
+    return x.trace
+
+
+def destination(route: OutboundRoute, table: RouteTable, traffic: RouteSet | None, req: Request,
+                health: Health, x: Exchange) -> Destination | Decision:
+    """Where a request (or connection) to ``route`` goes: a pin's cluster, or the
+    destination the federated name's TrafficRoute (or even spread) selects; a refusal
+    when no rule matches (404 ``NR``) or nothing is healthy (503 ``UH``)."""
+    if not route.federated or traffic is None:
+        return route.pin
+    sel = traffic.select(route.namespace, route.service, route.port, req, health)
+    if sel is None:  # the route table and the routes come from one snapshot: not expected
+        return refuse("NR", f"no imported service is named {x.authority!r}")
+    x.route_name = sel.route
+    x.route_rule = sel.rule
+    t = sel.target
+    if t is None:
+        if sel.tier == "no-rule":
+            return refuse("NR", f"no rule of route {sel.route!r} matches this request", 404)
+        return refuse("UH", f"no healthy cluster serves {x.authority}", 503)
+    peer = table.peers_by_name.get(t.cluster)
+    if peer is None:
+        return refuse("UH", f"no healthy cluster serves {x.authority}", 503)
+    return Destination(peer, t.authority, t.destination_service, t.port, sel.route, sel.rule)
 
 
 def outbound(headers: Headers, table: RouteTable, caller: str, ctx: RequestContext,
-             header_limit: int = DEFAULT_HEADER_LIMIT) -> Forward | Decision:
+             header_limit: int = DEFAULT_HEADER_LIMIT, traffic: RouteSet | None = None,
+             health: Health = all_healthy) -> Forward | Decision:
     x = ctx.record
     auth = ctx.authority
     if not auth:
@@ -86,29 +115,35 @@ def outbound(headers: Headers, table: RouteTable, caller: str, ctx: RequestConte
     # Identity headers in any letter case, hop-by-hop fields: never from a workload.
     out = outbound_request(headers)
     try:
-        check_request(out)
+        # HTTP/1.1 may carry hop-by-hop fields (dropped above); in HTTP/2 they make the
+        # request malformed (RFC 9113 §8.2.2), whichever HTTP/2 core parsed it.
+        check_request(headers if x.protocol == "HTTP/2" else out)
     except Refused as exc:
         return _refused(exc)
     route = table.outbound_route(auth)
     if route is None:
         return refuse("NR", f"no imported service is named {auth!r}")
-    x.destination_service = route.destination_service
+    x.to_service(route)
     if ctx.connect and route.protocol != "TCP":
         return _connect_refused(auth, route.protocol)
-    tpv, x.trace_id = traceparent(ctx.traceparent)
-    new_auth = route.authority.encode()
-    out = [(k, new_auth) if k == b":authority" else (k, v) for k, v in out if k != TRACEPARENT]
+    dest = destination(route, table, traffic, Request(ctx.method, ctx.path, raw=headers, tcp=ctx.connect),
+                       health, x)
+    if isinstance(dest, Decision):
+        return dest
+    x.destination_service = dest.destination_service
+    trace = _hop(ctx).headers()
+    new_auth = dest.authority.encode()
+    out = [(k, new_auth) if k == b":authority" else (k, v) for k, v in out if k not in TRACE_HEADERS]
     if not any(k == b":authority" for k, _ in out):
         out.insert(1, (b":authority", new_auth))
     if caller:
         out.append((SOURCE_IDENTITY, caller.encode()))
-    # Unique per request: never indexed, so it doesn't churn the HPACK dynamic tables.
-    out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
+    out.extend(trace)
     try:
         check_size(out, header_limit)  # counted as the peer will: what we added included
     except Refused as exc:
         return _refused(exc)
-    return Forward(out, route, ctx.connect)
+    return Forward(out, route, ctx.connect, dest=dest)
 
 
 def _refused(exc: Refused) -> Decision:
@@ -123,7 +158,8 @@ def _connect_refused(authority: str, protocol: str) -> Decision:
 
 def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_principal: str,
             authorize: Authorizer, ctx: RequestContext, paths: PathOptions = DEFAULT_PATHS,
-            header_limit: int = DEFAULT_HEADER_LIMIT, local_id: str = "") -> Forward | Decision:
+            header_limit: int = DEFAULT_HEADER_LIMIT, local_id: str = "",
+            addresses: tuple[tuple[str, int], tuple[str, int]] = (("", 0), ("", 0))) -> Forward | Decision:
     x = ctx.record
     x.source_cluster = peer.name
     x.peer_principal = peer_principal
@@ -149,16 +185,18 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
             return refuse("RBAC", str(exc), 403)
         return _refused(exc)
     target = table.inbound_target(auth)
+    if target is None and SHADOW in auth:  # a mirror's copy names the service itself
+        target = table.inbound_target(unshadow(auth))
     if target is None or not target.visible_to(peer.name):
         # Same answer whether the service does not exist or is not exported to the peer.
         return refuse("NR", f"no service {auth!r} is exported to cluster {peer.name!r}")
-    x.destination_service = target.destination_service
+    x.to_service(target)
     if connect and target.protocol != "TCP":
         return _connect_refused(auth, target.protocol)
     source = asserted.decode("latin-1") if asserted else ""
     if source:
         try:
-            sid = SpiffeId.parse(source)
+            sid = _parse_id(source)
         except InvalidSpiffeId:
             log.warning("inbound.bad_source_identity", peer=peer_principal, asserted=source)
             return refuse("RBAC", "isthmus-source-identity is not a valid SPIFFE ID", 403)
@@ -170,18 +208,18 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
         x.source_principal = source
     decision = authorize(RequestAttrs(peer.name, peer_principal, source, target.namespace,
                                       target.service, target.port, ctx.method, ctx.path,
-                                      tuple(headers)))
-    if decision.pending is None:
+                                      tuple(headers), *addresses))
+    if decision.pending is None and decision.check is None:
         denied = settle(decision, ctx, peer_principal)
         if denied is not None:
             return denied
-    tpv, x.trace_id = traceparent(ctx.traceparent)
-    out: Headers = [(k, v) for k, v in headers if k != TRACEPARENT and k != XFCC]
+    trace = _hop(ctx).headers()
+    out: Headers = [(k, v) for k, v in headers if k not in TRACE_HEADERS and k != XFCC]
     out = strip(out, decision.strip_headers)
     if source and local_id and not connect:
         # Envoy's SANITIZE_SET: the service learns the verified caller, never a forwarded one.
         out.append((XFCC, f"By={local_id};URI={source}".encode()))
-    out.append(NeverIndexedHeaderTuple(TRACEPARENT, tpv))
+    out.extend(trace)
     try:
         check_size(out, header_limit)
     except Refused as exc:
@@ -208,4 +246,5 @@ def settle(decision: Decision, ctx: RequestContext, peer_principal: str) -> Deci
     return decision
 
 
-__all__ = ["Forward", "SOURCE_IDENTITY", "inbound", "outbound", "settle", "strip", "traceparent"]
+__all__ = ["Forward", "SOURCE_IDENTITY", "destination", "inbound", "outbound", "settle", "strip",
+           "traceparent"]

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-An :class:`H2Endpoint` wraps one ``h2`` connection (either side).  The shell feeds it
+An :class:`H2Endpoint` wraps one HTTP/2 connection (either side, either core: the
+:class:`gateway._h2.H2Conn` surface, made by :class:`gateway._h2.ConnectionFactory`).  The shell feeds it
 bytes (:meth:`H2Endpoint.receive`) and, when told to through the ``wake`` callback, writes
 ``conn.data_to_send()`` to the socket.  Nothing here awaits or touches a socket.
 
@@ -27,16 +28,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h2.events as ev
 import h2.exceptions
 import structlog
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from hpack.exceptions import OversizedHeaderListError
 
 from ._half import Half, Headers, Sink
 from ._sanitize import BodyFraming, request_trailers
+
+if TYPE_CHECKING:
+    from ._h2 import H2Conn
 
 log = structlog.get_logger("isthmus.gateway")
 
@@ -51,9 +55,10 @@ class H2Endpoint:
     """One HTTP/2 connection and the relayed halves on it."""
 
     __slots__ = ("conn", "halves", "blocked", "wake", "dirty", "closed", "on_request",
-                 "info", "on_idle", "draining", "out_limit", "on_overflow", "error")
+                 "info", "on_idle", "draining", "out_limit", "on_overflow", "error",
+                 "abuse")
 
-    def __init__(self, conn: H2Connection, *,
+    def __init__(self, conn: H2Conn, *,
                  on_request: Callable[[Half, Headers, bool], None] | None = None,
                  info: Any = None) -> None:
         self.conn = conn
@@ -66,11 +71,14 @@ class H2Endpoint:
         self.on_request = on_request
         self.info = info  # shell-owned: peer identity, pool key, ...
         self.on_idle: Callable[[H2Endpoint], None] | None = None
-        # Output ceiling (abuse containment): called once h2's unsent bytes exceed
+        # Output ceiling (abuse containment): called once the core's unsent bytes exceed
         # ``out_limit`` while the writer is still busy, i.e. the peer does not read.
         self.out_limit = 0
         self.on_overflow: Callable[[], None] | None = None
         self.error = ""  # the protocol error that ended the connection, if one did
+        # The abuse reason of that error when the core (or the frame guard) named one
+        # (a DenialOfServiceError with a ``reason``: header_block_too_large, ...).
+        self.abuse = ""
 
     # -- shell entry points ---------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -79,6 +87,12 @@ class H2Endpoint:
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued a GOAWAY; tell every stream and let the shell flush and close.
             self.error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, h2.exceptions.DenialOfServiceError):
+                self.abuse = str(getattr(exc, "reason", ""))
+                if not self.abuse and isinstance(exc.__cause__, OversizedHeaderListError):
+                    # h2's own limit on the decoded list: the same reason as the block cap
+                    # and as nghttp2's decoded-list limit (so the same cooldown).
+                    self.abuse = "header_block_too_large"
             self.mark()
             self.terminate(ErrorCodes.PROTOCOL_ERROR)
             return
@@ -145,7 +159,7 @@ class H2Endpoint:
         if not self.dirty:
             self.dirty = True
             self.wake()
-        elif self.on_overflow is not None and len(self.conn._data_to_send) > self.out_limit:
+        elif self.on_overflow is not None and self.conn.bytes_to_send > self.out_limit:
             self.on_overflow()
 
     def take_output(self) -> bytes:
@@ -153,8 +167,8 @@ class H2Endpoint:
         return self.conn.data_to_send()
 
     def buffered_bytes(self) -> int:
-        """Bytes held for this connection: h2's output buffer and its streams' queues."""
-        return len(self.conn._data_to_send) + sum(h.queued_bytes() for h in self.halves.values())
+        """Bytes held for this connection: the core's output buffer and its streams' queues."""
+        return self.conn.bytes_to_send + sum(h.queued_bytes() for h in self.halves.values())
 
     @property
     def active_streams(self) -> int:
@@ -315,6 +329,8 @@ class H2Half(Half):
             return
         ctx = self.ctx
         if ctx is not None:
+            if ctx.response_mutate is not None and not _informational(headers):
+                headers = ctx.response_mutate(headers)  # an ext_authz allow's response headers
             ctx.record.on_response_headers(headers, end)
         if not _informational(headers):
             fr = self.framing = BodyFraming(headers, ctx.method if ctx is not None else "")

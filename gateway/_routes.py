@@ -22,6 +22,10 @@ Naming scheme (stable API — workloads and the agent's mirror Services use thes
   one, else its first port.  The label count tells the two forms apart (2 vs 3 labels in
   front of the suffix), which is why namespaces and services are single DNS labels.
 
+  A per-cluster name is a pin: it leads to its cluster, whatever routes say.  Where a
+  federated name leads, request by request, is :mod:`federation.traffic`'s decision (its
+  TrafficRoute, or an even spread over the healthy exporting clusters).
+
 :func:`build_routes` is pure: a :class:`~federation.models.Snapshot` and the local cluster
 name in, a :class:`RouteTable` out (or :class:`~gateway._errors.SnapshotRejected`); the
 gateway swaps whole tables atomically (:mod:`gateway._state`), so a request sees one
@@ -30,11 +34,15 @@ revision from start to end.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot
 from federation.names import DNS_SUFFIX as DEFAULT_DNS_SUFFIX
-from federation.names import LOCAL_SUFFIX, mirror_hosts
+from federation.names import LOCAL_SUFFIX, service_hosts, split_authority
+from federation.snapshot_index import CowMap, ServiceIndex
+from federation.traffic import default_port
 
 from ._errors import SnapshotRejected
 
@@ -48,6 +56,18 @@ class PeerCluster:
     addresses: tuple[str, ...]
 
 
+class Destination(NamedTuple):
+    """Where one request (or TCP connection) goes: a peer cluster's gateway, naming the
+    service as that cluster knows it."""
+
+    peer: PeerCluster
+    authority: str  # what the peer's inbound listener expects as :authority
+    destination_service: str  # <svc>.<ns>.svc.cluster.local
+    port: int
+    route: str = ""  # the TrafficRoute that chose it ("" : none)
+    rule: int | None = None  # that route's rule index
+
+
 @dataclass(frozen=True, slots=True)
 class OutboundRoute:
     namespace: str
@@ -58,10 +78,17 @@ class OutboundRoute:
     clusters: tuple[PeerCluster, ...]
     # What the peer's inbound listener expects as :authority.
     authority: str
+    # The federated name (routed by federation.traffic); else a per-cluster pin.
+    federated: bool = False
 
     @property
     def destination_service(self) -> str:
         return f"{self.service}.{self.namespace}.{LOCAL_SUFFIX}"
+
+    @property
+    def pin(self) -> Destination:
+        """A per-cluster name's one destination."""
+        return Destination(self.clusters[0], self.authority, self.destination_service, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +117,19 @@ class RouteTable:
     revision: int
     local_cluster: str
     dns_suffix: str = DEFAULT_DNS_SUFFIX
-    # (host, port or None) -> route; the None entry is the default port.
-    outbound: dict[tuple[str, int | None], OutboundRoute] = field(default_factory=dict)
-    inbound: dict[tuple[str, int | None], LocalTarget] = field(default_factory=dict)
+    # (host, port or None) -> route; the None entry is the default port.  Built as
+    # CowMaps (federation/snapshot_index.py): a change copies only what it touches.
+    outbound: Mapping[tuple[str, int | None], OutboundRoute] = field(default_factory=dict)
+    inbound: Mapping[tuple[str, int | None], LocalTarget] = field(default_factory=dict)
     # trust domain -> peer cluster, for every joined, non-revoked cluster but ours.
     peers_by_td: dict[str, PeerCluster] = field(default_factory=dict)
+    # the same peers by cluster name
+    peers_by_name: dict[str, PeerCluster] = field(default_factory=dict)
+    # What the next build derives from (gateway/_state.py): the services it was built
+    # from, and whether an entry of one (namespace, name) replaced another's (then the
+    # next build is a full one).
+    index: ServiceIndex | None = field(default=None, compare=False, repr=False)
+    shadowed: bool = field(default=False, compare=False, repr=False)
 
     def outbound_route(self, authority: str) -> OutboundRoute | None:
         host, port = split_authority(authority)
@@ -111,23 +146,6 @@ class RouteTable:
         return frozenset(self.peers_by_td)
 
 
-def split_authority(authority: str) -> tuple[str, int | None]:
-    """``host[:port]`` -> (lowercase host without a trailing dot, port or None)."""
-    host, sep, port = authority.rpartition(":")
-    # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses) and "١٢"
-    if not sep or not (port.isascii() and port.isdigit()):
-        host, port = authority, ""
-    host = host.lower().rstrip(".")
-    return host, (int(port) if port else None)
-
-
-def _default_port(ports: tuple[ServicePort, ...]) -> ServicePort:
-    for p in ports:
-        if p.port == 80:
-            return p
-    return ports[0]
-
-
 def _target(svc: ExportedService, p: ServicePort) -> tuple[str, int]:
     if not p.target:
         return svc.hostname, p.port
@@ -141,9 +159,16 @@ def _target(svc: ExportedService, p: ServicePort) -> tuple[str, int]:
 
 
 def build_routes(
-    snapshot: Snapshot, local_cluster: str, dns_suffix: str = DEFAULT_DNS_SUFFIX
+    snapshot: Snapshot, local_cluster: str, dns_suffix: str = DEFAULT_DNS_SUFFIX,
+    index: ServiceIndex | None = None, previous: RouteTable | None = None,
 ) -> RouteTable:
-    """The routing table of ``local_cluster``'s gateway for ``snapshot``."""
+    """The routing table of ``local_cluster``'s gateway for ``snapshot``.
+
+    ``index``: the snapshot's :class:`~federation.snapshot_index.ServiceIndex`; when it was
+    derived from ``previous``'s index (and the clusters, the cluster and the suffix are
+    the same), only the entries of the changed ``(namespace, name)`` groups are rebuilt
+    and the rest is shared with ``previous``: the same table a full build makes.
+    """
     peers: dict[str, PeerCluster] = {}
     by_name: dict[str, PeerCluster] = {}
     for c in snapshot.clusters:
@@ -152,55 +177,172 @@ def build_routes(
         pc = _peer(c)
         peers[c.trust_domain] = pc
         by_name[c.name] = pc
+    if index is None:
+        index = ServiceIndex.of(snapshot.services)
+    if (previous is not None and index.derived_from(previous.index) and not previous.shadowed
+            and previous.local_cluster == local_cluster and previous.dns_suffix == dns_suffix
+            and previous.peers_by_name == by_name):
+        table = _update_routes(snapshot.revision, index, previous, previous.peers_by_td,
+                               previous.peers_by_name)
+        if table is not None:
+            return table
+    return _full_routes(snapshot, local_cluster, dns_suffix, index, peers, by_name)
 
+
+def _full_routes(snapshot: Snapshot, local_cluster: str, dns_suffix: str, index: ServiceIndex,
+                 peers: dict[str, PeerCluster], by_name: dict[str, PeerCluster]) -> RouteTable:
     outbound: dict[tuple[str, int | None], OutboundRoute] = {}
     inbound: dict[tuple[str, int | None], LocalTarget] = {}
     federated: dict[tuple[str, str, int], list[PeerCluster]] = {}
     fed_ports: dict[tuple[str, str], dict[int, ServicePort]] = {}
+    shadowed = False  # an entry of one (namespace, name) replaced another's
+
+    def put(table: dict[tuple[str, int | None], Any], key: tuple[str, int | None], value: Any) -> None:
+        nonlocal shadowed
+        old = table.get(key)
+        if old is not None and (old.namespace, old.service) != (value.namespace, value.service):
+            shadowed = True
+        table[key] = value
+
     # Sorted so that the same snapshot always yields the same table (and spread order).
     for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name, s.cluster)):
         if not svc.ports:
             continue
         if svc.cluster == local_cluster:
-            default = _default_port(svc.ports)
+            default = default_port(svc.ports)
             for p in svc.ports:
                 host, tport = _target(svc, p)
                 t = LocalTarget(svc.namespace, svc.name, p.port, p.protocol, host, tport,
                                 p.target_tls == "mtls", svc.export_to)
-                inbound[(svc.hostname, p.port)] = t
+                put(inbound, (svc.hostname, p.port), t)
                 if p is default:
-                    inbound[(svc.hostname, None)] = t
+                    put(inbound, (svc.hostname, None), t)
             continue
         pc = by_name.get(svc.cluster)
         if pc is None or not svc.visible_to(local_cluster):
             continue
-        hosts = (f"{svc.name}.{svc.namespace}.{svc.cluster}.{dns_suffix}",
-                 *mirror_hosts(svc.name, svc.namespace, svc.cluster))
-        default = _default_port(svc.ports)
+        hosts = service_hosts(svc.name, svc.namespace, svc.cluster, dns_suffix)
+        default = default_port(svc.ports)
         for p in svc.ports:
             r = OutboundRoute(svc.namespace, svc.name, p.port, p.protocol, (pc,),
                               f"{svc.hostname}:{p.port}")
             for host in hosts:
-                outbound[(host, p.port)] = r
+                put(outbound, (host, p.port), r)
                 if p is default:
-                    outbound[(host, None)] = r
+                    put(outbound, (host, None), r)
             federated.setdefault((svc.namespace, svc.name, p.port), []).append(pc)
             fed_ports.setdefault((svc.namespace, svc.name), {})[p.port] = p
 
     for (ns, name), ports in fed_ports.items():
-        hosts = (f"{name}.{ns}.{dns_suffix}", *mirror_hosts(name, ns, None))
+        hosts = service_hosts(name, ns, None, dns_suffix)
         plist = tuple(ports.values())
-        default = _default_port(plist)
+        default = default_port(plist)
         for p in plist:
             r = OutboundRoute(ns, name, p.port, p.protocol,
                               tuple(federated[(ns, name, p.port)]),
-                              f"{name}.{ns}.{LOCAL_SUFFIX}:{p.port}")
+                              f"{name}.{ns}.{LOCAL_SUFFIX}:{p.port}", federated=True)
             for host in hosts:
-                outbound[(host, p.port)] = r
+                put(outbound, (host, p.port), r)
                 if p is default:
-                    outbound[(host, None)] = r
-    return RouteTable(snapshot.revision, local_cluster, dns_suffix, outbound, inbound, peers)
+                    put(outbound, (host, None), r)
+    return RouteTable(snapshot.revision, local_cluster, dns_suffix, CowMap(outbound), CowMap(inbound),
+                      peers, by_name, index=index, shadowed=shadowed)
+
+
+_Entries = list[tuple[tuple[str, int | None], Any]]
+
+
+def _group_routes(members: Mapping[str, ExportedService], local_cluster: str, dns_suffix: str,
+                  by_name: Mapping[str, PeerCluster]) -> tuple[_Entries, _Entries]:
+    """The (inbound, outbound) entries of one (namespace, name): what :func:`_full_routes`
+    makes for it, in the same order."""
+    inbound: _Entries = []
+    outbound: _Entries = []
+    federated: dict[int, list[PeerCluster]] = {}
+    fed_ports: dict[int, ServicePort] = {}
+    ns = name = ""
+    for svc in members.values():  # in cluster order
+        if not svc.ports:
+            continue
+        ns, name = svc.namespace, svc.name
+        if svc.cluster == local_cluster:
+            default = default_port(svc.ports)
+            for p in svc.ports:
+                host, tport = _target(svc, p)
+                t = LocalTarget(svc.namespace, svc.name, p.port, p.protocol, host, tport,
+                                p.target_tls == "mtls", svc.export_to)
+                inbound.append(((svc.hostname, p.port), t))
+                if p is default:
+                    inbound.append(((svc.hostname, None), t))
+            continue
+        pc = by_name.get(svc.cluster)
+        if pc is None or not svc.visible_to(local_cluster):
+            continue
+        hosts = service_hosts(svc.name, svc.namespace, svc.cluster, dns_suffix)
+        default = default_port(svc.ports)
+        for p in svc.ports:
+            r = OutboundRoute(svc.namespace, svc.name, p.port, p.protocol, (pc,),
+                              f"{svc.hostname}:{p.port}")
+            for host in hosts:
+                outbound.append(((host, p.port), r))
+                if p is default:
+                    outbound.append(((host, None), r))
+            federated.setdefault(p.port, []).append(pc)
+            fed_ports[p.port] = p
+    if fed_ports:
+        hosts = service_hosts(name, ns, None, dns_suffix)
+        plist = tuple(fed_ports.values())
+        default = default_port(plist)
+        for p in plist:
+            r = OutboundRoute(ns, name, p.port, p.protocol, tuple(federated[p.port]),
+                              f"{name}.{ns}.{LOCAL_SUFFIX}:{p.port}", federated=True)
+            for host in hosts:
+                outbound.append(((host, p.port), r))
+                if p is default:
+                    outbound.append(((host, None), r))
+    return inbound, outbound
+
+
+def _update_routes(revision: int, index: ServiceIndex, previous: RouteTable,
+                   peers: dict[str, PeerCluster], by_name: dict[str, PeerCluster]) -> RouteTable | None:
+    """``previous`` with the entries of ``index.changed`` rebuilt; None when a new entry
+    would replace another (namespace, name)'s (a full build decides those)."""
+    assert previous.index is not None and index.changed is not None
+    if not index.changed:
+        return RouteTable(revision, previous.local_cluster, previous.dns_suffix, previous.outbound,
+                          previous.inbound, peers, by_name, index=index)
+    local, suffix = previous.local_cluster, previous.dns_suffix
+    in_old: list[tuple[str, int | None]] = []
+    out_old: list[tuple[str, int | None]] = []
+    in_new: _Entries = []
+    out_new: _Entries = []
+    for g in index.changed:
+        before = previous.index.groups.get(g)
+        if before:
+            i, o = _group_routes(before, local, suffix, by_name)
+            in_old.extend(k for k, _ in i)
+            out_old.extend(k for k, _ in o)
+        after = index.groups.get(g)
+        if after:
+            i, o = _group_routes(after, local, suffix, by_name)
+            in_new.extend(i)
+            out_new.extend(o)
+    inbound = previous.inbound.evolve(in_old)
+    outbound = previous.outbound.evolve(out_old)
+    for table, entries in ((inbound, in_new), (outbound, out_new)):
+        owners: dict[tuple[str, int | None], tuple[str, str]] = {}
+        for k, v in entries:
+            owner = (v.namespace, v.service)
+            old = table.get(k)
+            if (old is not None and (old.namespace, old.service) != owner) or owners.setdefault(k, owner) != owner:
+                return None
+    return RouteTable(revision, local, suffix, outbound.evolve(put=out_new), inbound.evolve(put=in_new),
+                      peers, by_name, index=index)
 
 
 def _peer(c: ClusterRecord) -> PeerCluster:
     return PeerCluster(c.name, c.trust_domain, tuple(c.gateway_addresses))
+
+
+__all__ = ["Destination", "LocalTarget", "OutboundRoute", "PeerCluster", "RouteTable", "build_routes",
+           "split_authority"]

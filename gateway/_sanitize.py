@@ -34,6 +34,7 @@ import re
 from collections.abc import Iterable
 
 from ._errors import GatewayError
+from ._resilience import DEADLINE_HEADER
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -48,7 +49,8 @@ NO_BODY_STATUS = frozenset({204, 304})
 
 
 class Refused(GatewayError):
-    """A request the gateway will not forward; ``status`` is 400 or 431."""
+    """A request the gateway will not forward; ``status`` is 400, 403 (a peer asserting
+    identities wrongly) or 431."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -119,7 +121,10 @@ def check_request(headers: Iterable[tuple[bytes, bytes]]) -> None:
         raise Refused("bad request: :path contains a space or control character")
 
 
-_DROP_OUTBOUND = CONNECTION_SPECIFIC | {b"host", XFCC}
+# x-isthmus-deadline is the outbound gateway's to set (from the route's timeout, see
+# gateway/_retry.py): a workload's would bound the work at the exporting cluster as it
+# pleases, so it is never forwarded (nor trusted here: gateway/_context.py).
+_DROP_OUTBOUND = CONNECTION_SPECIFIC | {b"host", XFCC, DEADLINE_HEADER}
 
 
 def outbound_request(headers: Iterable[tuple[bytes, bytes]]) -> Headers:

@@ -114,3 +114,31 @@ def test_federation_by_hand_runs_as_written_and_ends_in_a_call_through_both_gate
     assert "hello from east" in r.stdout, r.stdout + logs
     assert "would publish 1 service(s) for east" in r.stdout
     assert "default/web" in r.stdout and "SYNCED" in r.stdout
+    lines = r.stdout.splitlines()
+    # `isthmus status`: west has a gateway but no exporter, so it is LIVE with no exports;
+    # gateways are named <cluster>/<host>-<pid>; the file export's READY is unknown: "-".
+    assert any("│ west " in x and "LIVE" in x and "no exports" in x for x in lines), r.stdout
+    synced = [x for x in lines if "SYNCED" in x]
+    assert synced and not any("spiffe://" in x for x in synced), r.stdout
+    [web] = [x for x in lines if "default/web" in x and "│" in x]
+    assert [c.strip() for c in web.split("│")][-2] == "-", web
+
+
+def test_traffic_routes_block_runs_against_the_walkthroughs_federation(tmp_path: Path) -> None:
+    """"Traffic routes" runs after the walkthrough's first two blocks (a federation, east
+    and west joined): apply, get, set-weights and get -o yaml, as written."""
+    setup = shell_blocks("A federation by hand (no Kubernetes)")[:2]
+    [block] = shell_blocks("Traffic routes")
+    if not _can_isolate() and os.environ.get("CI") is None:
+        pytest.skip("needs root (a network namespace for the walkthrough's fixed ports) or CI")
+    r = _run("\n".join([*setup, block]), tmp_path, isolate=_can_isolate(), timeout=240)
+    logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                   for p in sorted((tmp_path / "work").glob("*.log")))
+    assert r.returncode == 0, r.stdout + r.stderr + logs
+    assert_clean(r)
+    assert re.search(r"^TrafficRoute/web created \(revision \d+\)$", r.stdout, re.M), r.stdout
+    # Nothing exports default/web in this part of the walkthrough: warnings, not refusals.
+    assert "warning: document 0: rules[0].destinations[0]: no cluster exports default/web yet" in r.stderr
+    assert "default/web" in r.stdout and "east/web=90 west/web=10 failover *" in r.stdout  # get routes
+    assert re.search(r"^TrafficRoute/web rules\[1\]: east/web=50 west/web=50 \(revision \d+\)$", r.stdout, re.M)
+    assert "kind: TrafficRoute\nname: web\n" in r.stdout and "weight: 50" in r.stdout

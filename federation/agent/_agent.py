@@ -204,10 +204,14 @@ class Agent:
             try:
                 await trio.to_thread.run_sync(self._federation_thread, send, abandon_on_cancel=True)
                 return
-            except RemoteError as exc:  # the client reconnects by itself; only auth failures get here
+            except Exception as exc:  # noqa: BLE001 - the watch must outlive any one failure
+                # The client reconnects by itself: a RemoteError here is a refusal (auth);
+                # anything else is unexpected (a bug, or a message we cannot cope with).
+                # Either way: log it, back off, watch again; never end the agent.
                 delay = _backoff(attempt, 1.0, self.cfg.backoff_max)
                 attempt += 1
-                self.log.error("federation.watch_refused", error=str(exc), retry_in=round(delay, 2))
+                event = "federation.watch_refused" if isinstance(exc, RemoteError) else "federation.watch_failed"
+                self.log.error(event, error=str(exc) or type(exc).__name__, retry_in=round(delay, 2))
                 await trio.sleep(delay)
 
     def _federation_thread(self, send: trio.MemorySendChannel[Event]) -> None:

@@ -154,6 +154,7 @@ def _export_one(cluster: str, svc: Obj, slices: Iterable[Obj]) -> ExportedServic
             ports=tuple(sorted(ports, key=lambda p: p.port)),
             export_to=export_to,
             ready_endpoints=ready_endpoints(ns, name, slices),
+            endpoints_known=True,  # counted from the EndpointSlices: a 0 here is a real 0
         )
     except ValidationError as exc:  # names are already RFC 1123: only a bad cluster gets here
         raise ValueError("; ".join(e["msg"] for e in exc.errors())) from None

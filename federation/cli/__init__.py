@@ -7,6 +7,8 @@
 ``isthmus revoke-cluster``             and revoking a cluster through the federation
 ``isthmus policy ...``                 ``_policy`` (apply, list, delete) and
                                        ``_policy_check`` (``policy check``)
+``isthmus route ...``                  ``_route``: set-weights, explain
+``isthmus apply|get|delete``           ``_apply``: every document kind (policies, routes)
 ``isthmus export``                     ``_export``: the agent for clusters without Kubernetes
 ``isthmus join-cluster|leave-cluster`` ``_k8s``: a thin layer over :mod:`federation.agent`
 ``isthmus check``, ``isthmus agent``
@@ -39,8 +41,13 @@ COMMANDS: dict[str, str] = {
     "clusters": "federation.cli._ops:clusters",
     "services": "federation.cli._ops:services",
     "status": "federation.cli._ops:status",
+    "top": "federation.cli._top:top",
     "revoke-cluster": "federation.cli._ops:revoke_cluster",
     "policy": "federation.cli._policy:policy",
+    "route": "federation.cli._route:route",
+    "apply": "federation.cli._apply:apply",
+    "get": "federation.cli._apply:get",
+    "delete": "federation.cli._apply:delete",
     "export": "federation.cli._export:export",
     "join-cluster": "federation.cli._k8s:join_cluster",
     "leave-cluster": "federation.cli._k8s:leave_cluster",

@@ -33,12 +33,35 @@ def federation() -> None:
               help="Join (server-auth TLS) address; default: the --listen port + 1.")
 @click.option("--etcd", default="", help="etcd endpoints URL[,URL...]; none: start an embedded etcd.")
 @click.option("--etcd-prefix", default="/isthmus/", show_default=True, help="Key prefix in etcd.")
+@click.option("--etcd-ca", type=click.Path(dir_okay=False),
+              help="CA certificate (PEM) that signed etcd's certificates: client TLS to https:// endpoints.")
+@click.option("--etcd-cert", type=click.Path(dir_okay=False),
+              help="Client certificate (PEM) for etcd's --client-cert-auth (with --etcd-key).")
+@click.option("--etcd-key", type=click.Path(dir_okay=False), help="Client key (PEM, mode 0600) for --etcd-cert.")
+@click.option("--etcd-server-name", default="",
+              help="Name checked in every etcd member's certificate; default: the first endpoint's host.")
+@click.option("--etcd-wait", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for etcd at start (it may still be starting) before exiting with the reason.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="State folder (embedded etcd, server TLS); default: one per federation root in the user data dir.")
 @click.option("--advertise", multiple=True, help="Extra DNS name or IP for the server certificate (repeatable).")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="File with the root key passphrase.")
 @click.option("--trust-sync-interval", default=5.0, show_default=True, help="Seconds between checks of the trust folder (bundle, CRL).")
+@click.option("--liveness-interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between looks for clusters turned STALE (streamed to gateways, which leave them out of splits).")
 @click.option("--metrics-listen", default="", help="Serve Prometheus metrics on HOST:PORT (/metrics); default: off.")
+@click.option("--status-ttl", default=60, show_default=True, metavar="SECONDS",
+              help="Lease of a gateway's status entry: a gateway that stops reporting shows STALE after 2/3 of it "
+                   "and disappears after it (5-3600; gateways must report at least every third of it: "
+                   "federation.report_interval).")
+@click.option("--web-listen", default="auto", show_default=True, metavar="HOST:PORT|auto|off",
+              help="The topology page (HTML, and its JSON at /api/v1/topology); auto: 127.0.0.1 at the --listen "
+                   "port + 2. A non-loopback address needs --web-token-file.")
+@click.option("--web-token-file", type=click.Path(dir_okay=False, exists=True),
+              help="File with the page's login token (at least 16 characters).")
+@click.option("--prometheus", default="", metavar="URL",
+              help="The page reads the traffic graph from this Prometheus (the gateways' istio_* metrics) instead "
+                   "of the gateways' pushed summaries.")
 @log_level_option
 def serve(
     trust_dir: str,
@@ -46,32 +69,56 @@ def serve(
     join_listen: str | None,
     etcd: str,
     etcd_prefix: str,
+    etcd_ca: str | None,
+    etcd_cert: str | None,
+    etcd_key: str | None,
+    etcd_server_name: str,
+    etcd_wait: float,
     data_dir: str | None,
     advertise: tuple[str, ...],
     passphrase_file: str | None,
     trust_sync_interval: float,
+    liveness_interval: float,
     metrics_listen: str,
+    status_ttl: int,
+    web_listen: str,
+    web_token_file: str | None,
+    prometheus: str,
     log_level: str,
 ) -> None:
     """Serve the federation API (stops on SIGTERM/SIGINT)."""
     setup_logging(log_level)
     from trust import read_passphrase
 
-    from ..server import DataDirLock, ServeConfig, default_data_dir, serve as run
+    from ..server import DataDirLock, EtcdTls, ServeConfig, default_data_dir, serve as run
 
     def main() -> None:
+        tls = None
+        if etcd_ca or etcd_cert or etcd_key or etcd_server_name:
+            if not etcd_ca:
+                raise click.UsageError("--etcd-cert, --etcd-key and --etcd-server-name need --etcd-ca "
+                                       "(the CA that signed etcd's certificates)")
+            tls = EtcdTls(Path(etcd_ca), Path(etcd_cert) if etcd_cert else None,
+                          Path(etcd_key) if etcd_key else None, etcd_server_name)
         cfg = ServeConfig(
             trust_dir=Path(trust_dir),
             listen=listen,
             join_listen=join_listen or "",
             etcd=etcd,
             etcd_prefix=etcd_prefix,
+            etcd_tls=tls,
+            etcd_wait=etcd_wait,
             # Scoped to this federation's root, held by this server (federation/server/_datadir.py).
             data_dir=Path(data_dir) if data_dir else default_data_dir(trust_dir),
             advertise=advertise,
             passphrase=read_passphrase(passphrase_file),
             trust_sync_interval=trust_sync_interval,
+            liveness_interval=liveness_interval,
             metrics_listen=metrics_listen,
+            status_ttl=status_ttl,
+            web_listen=web_listen,
+            web_token_file=Path(web_token_file) if web_token_file else None,
+            prometheus=prometheus,
         )
         lock = DataDirLock(cfg.data_dir).acquire()
         try:

@@ -130,8 +130,9 @@ def check(
     """Would a request be allowed, and by which policy?  (No traffic is sent.)
 
     Without -f the policies come from the federation (--federation, --cert-dir).
-    Exit status 0 when allowed, 1 when denied, 2 on bad input (or when the
-    federation's policies cannot be fetched).
+    Exit status 0 when allowed, 1 when denied, 3 when allowed only if a CUSTOM
+    policy's external authorizer allows (it cannot be asked offline), 2 on bad input (or
+    when the federation's policies cannot be fetched).
     """
     principal = _parse_from(source)
     namespace, service = parse_service(dest)
@@ -175,6 +176,12 @@ def check(
     )
     decision = policy_set.evaluate(attrs)
     verdict = "ALLOWED" if decision.allowed else "DENIED"
+    # CUSTOM: an external authorizer is asked first, and no one can know its answer
+    # offline; a local deny stands whatever it says.
+    providers = list(dict.fromkeys(p for _, p in decision.custom))
+    depends = bool(providers) and decision.allowed
+    if depends:
+        verdict = "DEPENDS"
     if output == "json":
         click.echo(json.dumps({
             "allowed": decision.allowed,
@@ -184,6 +191,8 @@ def check(
             "reason": decision.reason,
             "audit": decision.audit,
             "audit_policy": decision.audit_policy,
+            "custom": [{"policy": pol, "provider": prov} for pol, prov in decision.custom],
+            "depends_on_custom": depends,
             "revision": revision,
             "policies_from": origin,
             "request": {
@@ -201,9 +210,14 @@ def check(
                    + (f" port {port}" if port else ""))
         click.echo(f"  policy:  {decision.policy or '(none)'} ({decision.action})")
         click.echo(f"  reason:  {decision.reason}")
+        if decision.custom:
+            names = ", ".join(f"{prov!r} (policy {pol})" for pol, prov in decision.custom)
+            click.echo(f"  custom:  asked first: {names}; "
+                       + ("allowed only if it allows (its answer cannot be known offline)" if depends
+                          else "denied whatever it answers"))
         if decision.audit:
             click.echo(f"  audit:   yes ({decision.audit_policy})")
         n = len(policy_set)
         click.echo(f"  checked: {n} polic{'y' if n == 1 else 'ies'} from {origin}"
                    + (f" at revision {revision}" if revision else ""))
-    ctx.exit(0 if decision.allowed else 1)
+    ctx.exit(3 if depends else 0 if decision.allowed else 1)

@@ -74,7 +74,8 @@ def _describe(kind: str, stream: bool) -> str:
 def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, CallResult]],
              next_steps: bool = True) -> None:
     mode = "network namespaces" if lf.use_netns else "loopback ports"
-    _echo(f"\nIsthmus demo — {len(names)} clusters on {mode}, federation at {lf.fed_address} (mTLS)\n")
+    _echo(f"\nIsthmus demo — {len(names)} clusters on {mode}, federation at {lf.fed_address} (mTLS)")
+    _echo(f"etcd: {_etcd_line(lf)}\n")
     _echo("Clusters")
     for n in names:
         c = lf.clusters[n]
@@ -118,8 +119,32 @@ def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, 
                f"http://{ca.outbound}/")
     _echo(f"  gRPC from {a}:        {ns}{sys.executable} -m federation.demo.probe grpc {ca.outbound} "
                f"--authority {outbound_host('greeter', 'default', b)}:9090")
+    _echo(f"  topology page:       {lf.web_url}   (live traffic graph; JSON at {lf.web_url}api/v1/topology)")
+    _echo(f"  live edges:          isthmus top --federation {lf.fed_address} --cert-dir {lf.admin_dir}")
     _echo(f"  federation status:   isthmus status --federation {lf.fed_address} --cert-dir {lf.admin_dir}")
+    _echo(f"  etcd members:        {_etcdctl()} --endpoints {_etcd_endpoints(lf)} endpoint status -w table")
     _echo(f"  logs:                {lf.workdir}/logs, {lf.workdir}/<cluster>/logs")
+
+
+def _etcd_endpoints(lf: LocalFederation) -> str:
+    return lf.etcd.endpoint if lf.etcd is not None else "-"
+
+
+def _etcdctl() -> str:
+    from ..server import etcdctl_binary
+
+    return etcdctl_binary()
+
+
+def _etcd_line(lf: LocalFederation) -> str:
+    from ..server import EtcdCluster, etcd_binary_version
+
+    version = ".".join(map(str, etcd_binary_version()))
+    if isinstance(lf.etcd, EtcdCluster):
+        leader = lf.etcd.leader()
+        who = f"leader m{leader + 1}" if leader is not None else "no leader"
+        return f"{version}, {lf.etcd.size} members ({who}) at {lf.etcd.endpoint}"
+    return f"{version}, one member at {_etcd_endpoints(lf)}"
 
 
 @click.command("demo")
@@ -128,7 +153,10 @@ def _summary(lf: LocalFederation, names: list[str], calls: list[tuple[str, str, 
 @click.option("--smoke", is_flag=True, help="Run the scenario once; exit 0 if every cross-cluster call succeeded, else 1.")
 @click.option("--loopback", is_flag=True, help="Use loopback ports even when network namespaces are available.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Where to keep state (default: a temp dir, removed at exit).")
-def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
+@click.option("--etcd-members", type=click.IntRange(1, 7), default=1, show_default=True,
+              help="etcd members: 3 or 5 run a real raft cluster on loopback (each its own data dir) "
+                   "that survives the loss of one or two members.")
+def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None, etcd_members: int) -> None:
     """Run a whole federation on this machine: etcd, the federation service, N clusters
     each with a gateway and sample HTTP, gRPC and TCP services; export them, call across
     clusters, and print what happened. Runs until Ctrl-C (or once, with --smoke).
@@ -152,7 +180,8 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
     lf: LocalFederation | None = None
     failed: list[str] = []
     try:
-        lf = LocalFederation(wd, use_netns=False if loopback else None, progress=lambda s: _say(s, t0))
+        lf = LocalFederation(wd, use_netns=False if loopback else None, progress=lambda s: _say(s, t0),
+                             etcd_members=etcd_members)
         if not lf.use_netns:
             _say(f"network namespaces not used ({lf.fallback_reason}); clusters share loopback, on separate ports", t0)
         _check_prerequisites()
@@ -176,7 +205,8 @@ def demo(n: int, smoke: bool, loopback: bool, workdir: Path | None) -> None:
             else:
                 _echo(f"\nsmoke: all {len(calls)} cross-cluster calls succeeded")
         else:
-            _echo("\nRunning. Press Ctrl-C to stop and clean up.", nl=True)
+            _echo(f"\nTopology page: {lf.web_url}  (kept up while the demo runs)")
+            _echo("Running. Press Ctrl-C to stop and clean up.", nl=True)
             with contextlib.suppress(OSError):
                 sys.stdout.flush()
             while True:

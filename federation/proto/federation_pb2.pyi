@@ -15,12 +15,16 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY: _ClassVar[Kind]
     BUNDLE: _ClassVar[Kind]
     CRL: _ClassVar[Kind]
+    TRAFFIC: _ClassVar[Kind]
+    LIVENESS: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 CLUSTER: Kind
 SERVICE: Kind
 POLICY: Kind
 BUNDLE: Kind
 CRL: Kind
+TRAFFIC: Kind
+LIVENESS: Kind
 
 class JoinRequest(_message.Message):
     __slots__ = ("token", "name", "csr_pem", "gateway_addresses", "labels", "validity")
@@ -185,6 +189,32 @@ class ReportAppliedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReportTrafficRequest(_message.Message):
+    __slots__ = ("gateway_id", "summary_json")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    summary_json: str
+    def __init__(self, gateway_id: _Optional[str] = ..., summary_json: _Optional[str] = ...) -> None: ...
+
+class ReportTrafficResponse(_message.Message):
+    __slots__ = ("ttl_seconds", "edges")
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    ttl_seconds: int
+    edges: int
+    def __init__(self, ttl_seconds: _Optional[int] = ..., edges: _Optional[int] = ...) -> None: ...
+
+class GetTrafficRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetTrafficResponse(_message.Message):
+    __slots__ = ("traffic_json",)
+    TRAFFIC_JSON_FIELD_NUMBER: _ClassVar[int]
+    traffic_json: str
+    def __init__(self, traffic_json: _Optional[str] = ...) -> None: ...
+
 class ApplyPolicyRequest(_message.Message):
     __slots__ = ("policy_json", "policies_json")
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -194,14 +224,18 @@ class ApplyPolicyRequest(_message.Message):
     def __init__(self, policy_json: _Optional[str] = ..., policies_json: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ApplyPolicyResponse(_message.Message):
-    __slots__ = ("revision", "changed", "changed_each")
+    __slots__ = ("revision", "changed", "changed_each", "warnings", "created_each")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     CHANGED_EACH_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_EACH_FIELD_NUMBER: _ClassVar[int]
     revision: int
     changed: bool
     changed_each: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ..., changed_each: _Optional[_Iterable[bool]] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    created_each: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ..., changed_each: _Optional[_Iterable[bool]] = ..., warnings: _Optional[_Iterable[str]] = ..., created_each: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()
@@ -230,6 +264,50 @@ class DeletePolicyResponse(_message.Message):
     revision: int
     deleted: int
     def __init__(self, revision: _Optional[int] = ..., deleted: _Optional[int] = ...) -> None: ...
+
+class ListDocumentsRequest(_message.Message):
+    __slots__ = ("kinds",)
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kinds: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListDocumentsResponse(_message.Message):
+    __slots__ = ("documents_json", "revision")
+    DOCUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    documents_json: _containers.RepeatedScalarFieldContainer[str]
+    revision: int
+    def __init__(self, documents_json: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class RouteWeight(_message.Message):
+    __slots__ = ("cluster", "service", "weight")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    service: str
+    weight: int
+    def __init__(self, cluster: _Optional[str] = ..., service: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class SetRouteWeightsRequest(_message.Message):
+    __slots__ = ("name", "rule", "weights")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rule: int
+    weights: _containers.RepeatedCompositeFieldContainer[RouteWeight]
+    def __init__(self, name: _Optional[str] = ..., rule: _Optional[int] = ..., weights: _Optional[_Iterable[_Union[RouteWeight, _Mapping]]] = ...) -> None: ...
+
+class SetRouteWeightsResponse(_message.Message):
+    __slots__ = ("revision", "route_json", "rule")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_JSON_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    route_json: str
+    rule: int
+    def __init__(self, revision: _Optional[int] = ..., route_json: _Optional[str] = ..., rule: _Optional[int] = ...) -> None: ...
 
 class ListClustersRequest(_message.Message):
     __slots__ = ()
@@ -260,7 +338,7 @@ class ListServicesResponse(_message.Message):
     def __init__(self, services_json: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
-    __slots__ = ("cluster", "gateway_id", "applied_revision", "reported_at", "synced", "enforces_policy", "rejected_revision", "rejected_reason", "confirmed_at")
+    __slots__ = ("cluster", "gateway_id", "applied_revision", "reported_at", "synced", "enforces_policy", "rejected_revision", "rejected_reason", "confirmed_at", "routes_applied", "no_report")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +348,8 @@ class GatewayStatus(_message.Message):
     REJECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
     REJECTED_REASON_FIELD_NUMBER: _ClassVar[int]
     CONFIRMED_AT_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    NO_REPORT_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     gateway_id: str
     applied_revision: int
@@ -279,7 +359,9 @@ class GatewayStatus(_message.Message):
     rejected_revision: int
     rejected_reason: str
     confirmed_at: float
-    def __init__(self, cluster: _Optional[str] = ..., gateway_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., reported_at: _Optional[float] = ..., synced: _Optional[bool] = ..., enforces_policy: _Optional[bool] = ..., rejected_revision: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., confirmed_at: _Optional[float] = ...) -> None: ...
+    routes_applied: bool
+    no_report: bool
+    def __init__(self, cluster: _Optional[str] = ..., gateway_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., reported_at: _Optional[float] = ..., synced: _Optional[bool] = ..., enforces_policy: _Optional[bool] = ..., rejected_revision: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., confirmed_at: _Optional[float] = ..., routes_applied: _Optional[bool] = ..., no_report: _Optional[bool] = ...) -> None: ...
 
 class ClusterLiveness(_message.Message):
     __slots__ = ("cluster", "exports", "lease_ttl", "lease_remaining", "last_heartbeat_age", "published_at", "state")
@@ -304,18 +386,20 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("config_revision", "gateways", "clusters", "policy_revision", "liveness")
+    __slots__ = ("config_revision", "gateways", "clusters", "policy_revision", "liveness", "route_revision")
     CONFIG_REVISION_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REVISION_FIELD_NUMBER: _ClassVar[int]
     config_revision: int
     gateways: _containers.RepeatedCompositeFieldContainer[GatewayStatus]
     clusters: _containers.RepeatedScalarFieldContainer[str]
     policy_revision: int
     liveness: _containers.RepeatedCompositeFieldContainer[ClusterLiveness]
-    def __init__(self, config_revision: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayStatus, _Mapping]]] = ..., clusters: _Optional[_Iterable[str]] = ..., policy_revision: _Optional[int] = ..., liveness: _Optional[_Iterable[_Union[ClusterLiveness, _Mapping]]] = ...) -> None: ...
+    route_revision: int
+    def __init__(self, config_revision: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayStatus, _Mapping]]] = ..., clusters: _Optional[_Iterable[str]] = ..., policy_revision: _Optional[int] = ..., liveness: _Optional[_Iterable[_Union[ClusterLiveness, _Mapping]]] = ..., route_revision: _Optional[int] = ...) -> None: ...
 
 class RevokeClusterRequest(_message.Message):
     __slots__ = ("name",)

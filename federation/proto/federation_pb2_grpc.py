@@ -69,6 +69,16 @@ class FederationStub:
                 request_serializer=federation_dot_proto_dot_federation__pb2.ReportAppliedRequest.SerializeToString,
                 response_deserializer=federation_dot_proto_dot_federation__pb2.ReportAppliedResponse.FromString,
                 _registered_method=True)
+        self.ReportTraffic = channel.unary_unary(
+                '/isthmus.federation.v1.Federation/ReportTraffic',
+                request_serializer=federation_dot_proto_dot_federation__pb2.ReportTrafficRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_federation__pb2.ReportTrafficResponse.FromString,
+                _registered_method=True)
+        self.GetTraffic = channel.unary_unary(
+                '/isthmus.federation.v1.Federation/GetTraffic',
+                request_serializer=federation_dot_proto_dot_federation__pb2.GetTrafficRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_federation__pb2.GetTrafficResponse.FromString,
+                _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/isthmus.federation.v1.Federation/ApplyPolicy',
                 request_serializer=federation_dot_proto_dot_federation__pb2.ApplyPolicyRequest.SerializeToString,
@@ -83,6 +93,16 @@ class FederationStub:
                 '/isthmus.federation.v1.Federation/DeletePolicy',
                 request_serializer=federation_dot_proto_dot_federation__pb2.DeletePolicyRequest.SerializeToString,
                 response_deserializer=federation_dot_proto_dot_federation__pb2.DeletePolicyResponse.FromString,
+                _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/isthmus.federation.v1.Federation/ListDocuments',
+                request_serializer=federation_dot_proto_dot_federation__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_federation__pb2.ListDocumentsResponse.FromString,
+                _registered_method=True)
+        self.SetRouteWeights = channel.unary_unary(
+                '/isthmus.federation.v1.Federation/SetRouteWeights',
+                request_serializer=federation_dot_proto_dot_federation__pb2.SetRouteWeightsRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_federation__pb2.SetRouteWeightsResponse.FromString,
                 _registered_method=True)
         self.ListClusters = channel.unary_unary(
                 '/isthmus.federation.v1.Federation/ListClusters',
@@ -146,22 +166,43 @@ class FederationServicer:
 
     def Watch(self, request, context):
         """A full snapshot first (or, when resuming, the changes since from_revision), then
-        deltas, each tagged with its etcd revision.
+        deltas, each tagged with its etcd revision.  Every revision on the stream is a
+        config revision: a snapshot, a resume and a progress message carry the revision of
+        the newest config change, not etcd's current one (which status writes also move).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReportApplied(self, request, context):
-        """A gateway's applied (and rejected) revision; kept under a lease its reports renew,
-        so a gateway that stops reporting disappears from GetStatus within a minute.
+        """A gateway's applied (and rejected) revision; kept under a lease its reports renew
+        (the server's --status-ttl, 60 s by default), so a gateway that stops reporting
+        shows as not synced, then disappears from GetStatus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTraffic(self, request, context):
+        """A gateway's per-edge traffic since its last push (every 5 s), kept for a minute
+        under a short lease (federation/topology.py), so any replica sees every gateway and
+        a gateway that stops pushing ages out.  Authorized like ReportApplied; size-capped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTraffic(self, request, context):
+        """Any caller: the per-edge figures of the last minute (the topology page's data).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ApplyPolicy(self, request, context):
-        """Admin only for writes.
+        """Admin only for writes.  ApplyPolicy and DeletePolicy take every document kind
+        (AuthorizationPolicy, RequestAuthentication, TrafficRoute); ListPolicies lists
+        policies only (older clients read every entry as a policy), ListDocuments every kind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,6 +216,20 @@ class FederationServicer:
 
     def DeletePolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDocuments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRouteWeights(self, request, context):
+        """Admin only: one rule's destination weights of a TrafficRoute, in one step
+        (compare-and-swap on the stored route: concurrent calls never lose an update).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -243,6 +298,16 @@ def add_FederationServicer_to_server(servicer, server):
                     request_deserializer=federation_dot_proto_dot_federation__pb2.ReportAppliedRequest.FromString,
                     response_serializer=federation_dot_proto_dot_federation__pb2.ReportAppliedResponse.SerializeToString,
             ),
+            'ReportTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTraffic,
+                    request_deserializer=federation_dot_proto_dot_federation__pb2.ReportTrafficRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_federation__pb2.ReportTrafficResponse.SerializeToString,
+            ),
+            'GetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTraffic,
+                    request_deserializer=federation_dot_proto_dot_federation__pb2.GetTrafficRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_federation__pb2.GetTrafficResponse.SerializeToString,
+            ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPolicy,
                     request_deserializer=federation_dot_proto_dot_federation__pb2.ApplyPolicyRequest.FromString,
@@ -257,6 +322,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.DeletePolicy,
                     request_deserializer=federation_dot_proto_dot_federation__pb2.DeletePolicyRequest.FromString,
                     response_serializer=federation_dot_proto_dot_federation__pb2.DeletePolicyResponse.SerializeToString,
+            ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=federation_dot_proto_dot_federation__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_federation__pb2.ListDocumentsResponse.SerializeToString,
+            ),
+            'SetRouteWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRouteWeights,
+                    request_deserializer=federation_dot_proto_dot_federation__pb2.SetRouteWeightsRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_federation__pb2.SetRouteWeightsResponse.SerializeToString,
             ),
             'ListClusters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListClusters,
@@ -479,6 +554,60 @@ class Federation:
             _registered_method=True)
 
     @staticmethod
+    def ReportTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/isthmus.federation.v1.Federation/ReportTraffic',
+            federation_dot_proto_dot_federation__pb2.ReportTrafficRequest.SerializeToString,
+            federation_dot_proto_dot_federation__pb2.ReportTrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/isthmus.federation.v1.Federation/GetTraffic',
+            federation_dot_proto_dot_federation__pb2.GetTrafficRequest.SerializeToString,
+            federation_dot_proto_dot_federation__pb2.GetTrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ApplyPolicy(request,
             target,
             options=(),
@@ -549,6 +678,60 @@ class Federation:
             '/isthmus.federation.v1.Federation/DeletePolicy',
             federation_dot_proto_dot_federation__pb2.DeletePolicyRequest.SerializeToString,
             federation_dot_proto_dot_federation__pb2.DeletePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/isthmus.federation.v1.Federation/ListDocuments',
+            federation_dot_proto_dot_federation__pb2.ListDocumentsRequest.SerializeToString,
+            federation_dot_proto_dot_federation__pb2.ListDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRouteWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/isthmus.federation.v1.Federation/SetRouteWeights',
+            federation_dot_proto_dot_federation__pb2.SetRouteWeightsRequest.SerializeToString,
+            federation_dot_proto_dot_federation__pb2.SetRouteWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

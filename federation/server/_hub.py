@@ -1,7 +1,7 @@
 """The watch hub: one etcd watch per replica, fanned out to every gRPC watcher.
 
 Theory of operation.  The hub lists the config families (clusters, exports, policies,
-trust) once, then follows a single etcd watch on the whole prefix from the next
+traffic, trust) once, then follows a single etcd watch on the whole prefix from the next
 revision.  It keeps the current config in memory (key -> (mod_revision, JSON)) and its
 ``revision``: every event under the prefix up to it has been applied.  Each etcd
 revision that touched config becomes one :class:`WatchEvent` (a delta) which is put,
@@ -29,8 +29,17 @@ each valid value (re-encoded when unknown fields were dropped), which is what sn
 are spliced from and what deltas carry, and the parsed cluster and trust records, from
 which the revocations for caller checks are built once per config revision.
 
+Revisions on the stream are *config* revisions: a delta carries the etcd revision of
+its change, and a snapshot, a resume delta and a progress message carry
+``config_revision``, the newest config change (status reports, tokens and leases move
+etcd's revision but not the config).  So the revision a gateway holds, shows in
+``/config`` and reports is the one ``GetStatus`` calls LATEST when it is current: a
+gateway is in sync exactly when its revision equals it (or is above it: another replica
+has seen a newer change).  Resuming from a revision at or past ``config_revision`` is
+"nothing changed since" and needs no etcd read.
+
 Progress: a watcher whose queue stays empty for its progress interval gets a
-``progress`` message at ``revision`` (no changes).  Sent only when the queue is empty,
+``progress`` message at ``config_revision`` (no changes).  Sent only when the queue is empty,
 so it never overtakes a queued delta; it lets a gateway tell "nothing changed" from
 "the stream is dead" (its config staleness stays small in a quiet federation).
 """
@@ -59,7 +68,14 @@ log = structlog.get_logger("federation.hub")
 DEFAULT_QUEUE = 256
 DEFAULT_PROGRESS_INTERVAL = 5.0
 MIN_PROGRESS_INTERVAL, MAX_PROGRESS_INTERVAL = 0.2, 300.0
-_KIND = {"clusters": pb.CLUSTER, "exports": pb.SERVICE, "policies": pb.POLICY}
+_KIND = {"clusters": pb.CLUSTER, "exports": pb.SERVICE, "policies": pb.POLICY, "traffic": pb.TRAFFIC,
+         "liveness": pb.LIVENESS}
+# The API key prefixes (kind/) of the changes route_revision follows: TrafficRoutes and
+# TrafficPolicies (a policy's locality, breakers and outlier detection steer traffic too).
+_ROUTE_KEYS = ("TrafficRoute/", "TrafficPolicy/")
+# ExtensionProviders decide requests (CUSTOM policies ask them): a change to one is a
+# policy change too (policy_revision, what `isthmus status` checks enforcement against).
+_PROVIDER_KEY = "ExtensionProvider/"
 _PARSED = ("clusters", "trust")
 
 
@@ -86,9 +102,10 @@ class Hub:
         self.queue_size = queue_size
         self.state: dict[bytes, tuple[int, bytes]] = {}  # valid config values (their JSON)
         self.records: dict[bytes, Record] = {}  # clusters and trust, parsed
-        self.revision = 0
-        self.config_revision = 0
-        self.policy_revision = 0  # newest revision that applied or deleted a policy
+        self.revision = 0  # every etcd event under the prefix up to it is applied
+        self.config_revision = 0  # newest revision that changed the config (what watchers hold)
+        self.policy_revision = 0  # newest revision that applied or deleted a policy or ExtensionProvider
+        self.route_revision = 0  # newest revision that applied or deleted a TrafficRoute or TrafficPolicy
         self.ready = asyncio.Event()
         self.stats = HubStats()
         self._watchers: set[_Watcher] = set()
@@ -157,7 +174,12 @@ class Hub:
             self.state = state
             self.revision = rev
             self.config_revision = await self._last_config_change(rev, state)
-            self.policy_revision = await self._last_config_change(rev, state, ("policies/",))
+            # A policy change is a config change: when unsure, the newest of those.
+            self.policy_revision = min(await self._last_config_change(rev, state,
+                                                                      ("policies/", "traffic/" + _PROVIDER_KEY)),
+                                       self.config_revision)
+            self.route_revision = min(await self._last_config_change(rev, state, tuple("traffic/" + k for k in _ROUTE_KEYS)),
+                                      self.config_revision)
             self.ready.set()
             log.info("hub.listed", revision=rev, config_revision=self.config_revision, keys=len(state))
 
@@ -238,8 +260,10 @@ class Hub:
         if not changes:
             return
         self.config_revision = rev
-        if any(c.kind == pb.POLICY for c in changes):
+        if any(c.kind == pb.POLICY or (c.kind == pb.TRAFFIC and c.key.startswith(_PROVIDER_KEY)) for c in changes):
             self.policy_revision = rev
+        if any(c.kind == pb.TRAFFIC and c.key.startswith(_ROUTE_KEYS) for c in changes):
+            self.route_revision = rev
         self.stats.events += 1
         event = pb.WatchEvent(revision=rev, changes=changes)
         for w in self._watchers:
@@ -289,9 +313,9 @@ class Hub:
         return sorted((r.value for k, r in self.records.items() if k.startswith(p)), key=lambda c: c.name)
 
     def snapshot_json(self) -> tuple[int, bytes]:
-        """The models.Snapshot JSON at ``revision``, spliced from the validated values' JSON."""
+        """The models.Snapshot JSON at ``config_revision``, spliced from the validated values' JSON."""
         rev, cached = self._snapshot_cache
-        if rev == self.revision:
+        if rev == self.config_revision:
             return rev, cached
 
         def pem(name: str) -> str:
@@ -300,12 +324,22 @@ class Hub:
 
         body = b"".join(
             [
-                b'{"revision":%d,"clusters":[' % self.revision,
+                b'{"revision":%d,"clusters":[' % self.config_revision,
                 b",".join(self.values("clusters/")),
                 b'],"services":[',
                 b",".join(self.values("exports/")),
                 b'],"policies":[',
                 b",".join(self.values("policies/")),
+                b'],"routes":[',
+                b",".join(self.values("traffic/TrafficRoute/")),
+                b'],"liveness":[',
+                b",".join(self.values("liveness/")),
+                b'],"traffic_policies":[',
+                b",".join(self.values("traffic/TrafficPolicy/")),
+                b'],"telemetry":[',
+                b",".join(self.values("traffic/Telemetry/")),
+                b'],"extension_providers":[',
+                b",".join(self.values("traffic/ExtensionProvider/")),
                 b'],"bundle_pem":',
                 json.dumps(pem("bundle")).encode(),
                 b',"crl_pem":',
@@ -313,8 +347,8 @@ class Hub:
                 b"}",
             ]
         )
-        self._snapshot_cache = (self.revision, body)
-        return self.revision, body
+        self._snapshot_cache = (self.config_revision, body)
+        return self.config_revision, body
 
     def snapshot_event(self) -> pb.WatchEvent:
         # Cached per revision: a herd of (re)connecting watchers shares one message.
@@ -358,9 +392,9 @@ class Hub:
     # ------------------------------------------------------------------ watchers
     async def _resume_event(self, from_revision: int) -> pb.WatchEvent:
         """The delta from ``from_revision`` to now, or a snapshot when etcd compacted past it."""
-        rev = self.revision
-        if from_revision == rev:
-            return pb.WatchEvent(revision=rev)
+        rev = self.config_revision
+        if from_revision >= rev:
+            return pb.WatchEvent(revision=from_revision)  # no config change since
         current = {k: v for k, v in self.state.items()}  # consistent copy at ``rev`` (no await above)
         try:
             old: set[bytes] = set()
@@ -421,8 +455,10 @@ class Hub:
                 try:
                     item = await asyncio.wait_for(w.queue.get(), interval)
                 except asyncio.TimeoutError:
+                    if not w.queue.empty():
+                        continue  # a delta came as the wait timed out: send it, not a progress past it
                     # Queue empty: every change up to ``revision`` has been sent already.
-                    sent = max(sent, self.revision)
+                    sent = max(sent, self.config_revision)
                     yield pb.WatchEvent(revision=sent, progress=True)
                     continue
                 if item is None:

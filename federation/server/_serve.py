@@ -29,6 +29,7 @@ import ipaddress
 import os
 import signal
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,12 @@ from grpc_reflection.v1alpha import reflection
 import trust
 
 from ._embedded import EmbeddedEtcd
-from .._errors import FederationError, StoreUnavailable
-from ._etcd import Etcd
+from .._errors import FederationError, InvalidRequest, StoreUnavailable
+from .._hostport import is_loopback
+from ._etcd import Etcd, EtcdTls
 from ._hub import Hub
 from ._server import FederationService
-from ._store import Store
+from ._store import MAX_STATUS_TTL, MIN_STATUS_TTL, STATUS_TTL, Store
 from ..proto import federation_pb2 as pb
 from ..proto import federation_pb2_grpc as pb_grpc
 
@@ -85,12 +87,42 @@ class ServeConfig:
     join_listen: str = ""
     etcd: str = ""  # empty: embedded etcd
     etcd_prefix: str = "/isthmus/"
+    etcd_tls: EtcdTls | None = None  # client TLS to https:// endpoints
+    etcd_wait: float = 60.0  # seconds to wait for etcd at start before giving up
     data_dir: Path = field(default_factory=_base_data_dir)  # the CLI scopes it to the root
     advertise: tuple[str, ...] = ()
     passphrase: bytes | None = None
     queue_size: int = 256
     trust_sync_interval: float = 5.0
+    liveness_interval: float = 2.0  # how often the leader looks for clusters turned STALE
     metrics_listen: str = ""  # HOST:PORT for Prometheus metrics; empty: off
+    status_ttl: int = STATUS_TTL  # lease of a gateway's status entry (seconds)
+    # The topology page (_web): HOST:PORT; "auto": 127.0.0.1 at the --listen port + 2
+    # (not fatal when taken); "" or "off": none.
+    web_listen: str = ""
+    web_token_file: Path | None = None
+    prometheus: str = ""  # the page reads traffic from this Prometheus instead of the summaries
+
+    def web_address(self) -> str:
+        if self.web_listen in ("", "off"):
+            return ""
+        if self.web_listen == "auto":
+            _, port = split_hostport(self.listen, "--listen address")
+            return f"127.0.0.1:{port + 2}"
+        return self.web_listen
+
+    def __post_init__(self) -> None:
+        web = self.web_address()
+        if web and not self.web_token_file:
+            host, _ = split_hostport(web, "--web-listen address")
+            if not is_loopback(host):
+                raise InvalidRequest(
+                    f"--web-listen {web}: the topology page binds to a non-loopback address only with "
+                    "--web-token-file (a login token); or bind it to 127.0.0.1 and use kubectl port-forward")
+        if not MIN_STATUS_TTL <= self.status_ttl <= MAX_STATUS_TTL:
+            raise InvalidRequest(
+                f"invalid --status-ttl {self.status_ttl}: use between {MIN_STATUS_TTL} and {MAX_STATUS_TTL} seconds"
+            )
 
     def join_address(self) -> str:
         if self.join_listen:
@@ -161,7 +193,9 @@ class Election:
 
     def __init__(self, etcd: Etcd, key: bytes, ttl: int = 5) -> None:
         self.etcd, self.key, self.ttl = etcd, key, ttl
-        self.me = uuid.uuid4().hex.encode()
+        # Who holds it, readable by an operator (`etcdctl get <prefix>election/trust-sync`):
+        # host and pid, and a nonce (a pid is reused across restarts).
+        self.me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}".encode()
         self.leader = False
         self._lease = 0
 
@@ -171,13 +205,16 @@ class Election:
             if await self.etcd.keepalive_once(self._lease) > 0:
                 return True
             self.leader = False
+            log.warning("election.lost", key=self.key.decode(), id=self.me.decode())
         self._lease, _ = await self.etcd.grant(self.ttl)
         resp = await self.etcd.txn(
             compare=[self.etcd.cmp_missing(self.key)],
             success=[self.etcd.op_put(self.key, self.me, self._lease)],
         )
         self.leader = resp.succeeded
-        if not self.leader:
+        if self.leader:
+            log.info("election.won", key=self.key.decode(), id=self.me.decode(), ttl=self.ttl)
+        else:
             await self.etcd.revoke(self._lease)
         return self.leader
 
@@ -290,6 +327,35 @@ async def _trust_sync(store: Store, td: trust.TrustDir, interval: float) -> None
         await asyncio.sleep(interval)
 
 
+async def _liveness_sync(store: Store, interval: float) -> None:
+    """Keep the ``liveness/`` records current (leader only): which clusters are STALE."""
+    election = Election(store.etcd, store.keys.k("election", "liveness"))
+    while True:
+        try:
+            if await election.step():
+                await store.sync_liveness()
+        except FederationError as exc:
+            log.warning("liveness_sync.failed", error=str(exc))
+        await asyncio.sleep(interval)
+
+
+async def _start_web(cfg: ServeConfig, service: FederationService) -> object:
+    """The topology page (federation/server/_web.py), or None.  A taken port is fatal only
+    when the address was given (the "auto" default logs it and serves on without)."""
+    address = cfg.web_address()
+    if not address:
+        return None
+    from ._web import WebListenFailed, start_web
+
+    try:
+        return await start_web(service, address, cfg.web_token_file, cfg.prometheus)
+    except WebListenFailed as exc:
+        if cfg.web_listen != "auto":
+            raise
+        log.warning("web.not_serving", error=str(exc), message="the topology page is off; pass --web-listen")
+        return None
+
+
 async def serve(cfg: ServeConfig) -> None:
     td = trust.TrustDir(cfg.trust_dir, cfg.passphrase)
     if not td.exists():
@@ -302,6 +368,9 @@ async def serve(cfg: ServeConfig) -> None:
 
     embedded: EmbeddedEtcd | None = None
     endpoints = cfg.etcd
+    if not endpoints and cfg.etcd_tls is not None:
+        raise FederationError("etcd client TLS options need --etcd https://HOST:PORT[,...] (the embedded etcd "
+                              "listens on loopback only, without TLS)")
     if not endpoints:
         embedded = EmbeddedEtcd(cfg.data_dir / "etcd-embedded")
         embedded.start()
@@ -313,13 +382,14 @@ async def serve(cfg: ServeConfig) -> None:
             endpoint=endpoints,
             data_dir=str(embedded.data_dir),
         )
-    etcd = Etcd(endpoints)
+    etcd = Etcd(endpoints, tls=cfg.etcd_tls)
     await etcd.connect()
-    store = Store(etcd, cfg.etcd_prefix)
+    store = Store(etcd, cfg.etcd_prefix, cfg.status_ttl)
     hub = Hub(etcd, store.keys, cfg.queue_size)
     tasks: list[asyncio.Task[None]] = []
     metrics: object = None
     join_front: asyncio.Server | None = None
+    web_runner: object = None
     join_server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", JOIN_MAX_MESSAGE),
@@ -340,17 +410,26 @@ async def serve(cfg: ServeConfig) -> None:
         ]
     )
     try:
-        # etcd may still be starting (or briefly away): publishing trust waits for it.
-        for attempt in range(100):
+        # etcd may still be starting (or briefly away): publishing trust waits for it,
+        # up to --etcd-wait, saying why every few seconds (a TLS mistake shows here).
+        deadline = time.monotonic() + cfg.etcd_wait
+        said = 0.0
+        while True:
             try:
                 await store.publish_trust(td.bundle_pem(), td.crl_pem())
                 break
-            except StoreUnavailable:
-                if attempt == 99:
-                    raise
+            except StoreUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"{exc} (waited {cfg.etcd_wait:g}s at start; check --etcd, and for https:// endpoints "
+                        "--etcd-ca, --etcd-cert and --etcd-key)") from None
+                if time.monotonic() - said >= 5:
+                    said = time.monotonic()
+                    log.warning("etcd.waiting", error=str(exc), endpoints=endpoints)
                 await asyncio.sleep(0.2)
         tasks.append(asyncio.create_task(hub.run(), name="hub"))
         tasks.append(asyncio.create_task(_trust_sync(store, td, cfg.trust_sync_interval), name="trust-sync"))
+        tasks.append(asyncio.create_task(_liveness_sync(store, cfg.liveness_interval), name="liveness-sync"))
         await asyncio.wait_for(hub.ready.wait(), 30)
 
         if cfg.metrics_listen:
@@ -383,6 +462,7 @@ async def serve(cfg: ServeConfig) -> None:
             revision=hub.revision,
             pid=os.getpid(),
         )
+        web_runner = await _start_web(cfg, service)  # after the API: the page is no part of it
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -394,6 +474,8 @@ async def serve(cfg: ServeConfig) -> None:
                 raise t.exception()  # type: ignore[misc]
         log.info("federation.stopping")
     finally:
+        if web_runner is not None:
+            await web_runner.cleanup()  # type: ignore[attr-defined]
         if join_front is not None:
             join_front.close()
         await join_server.stop(grace=0.5)

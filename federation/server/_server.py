@@ -4,7 +4,8 @@ Every handler starts by naming its caller (:meth:`FederationService._caller`): t
 peer's leaf from the mTLS handshake, re-checked against the SPIFFE rules and the CRL.
 Admins are ``spiffe://<td>/admin/<name>``; a cluster is its gateway or agent identity
 ``spiffe://<cluster>.<td>/ns/isthmus-system/sa/isthmus-{gateway,agent}``.  A cluster
-writes only its own records; only admins write policies and create tokens.  Join is
+writes only its own records; only admins write policies (and every other document
+kind: traffic routes) and create tokens.  Join is
 the one call that may come without a certificate (on the join port) — the token is
 its authentication.  Errors are converted to gRPC status codes in one place
 (:func:`_rpc`), and refusals are logged with the caller.
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,17 +32,28 @@ import trust
 
 from .. import models, names
 from .._errors import FederationError, InvalidRequest, NotFound, PermissionDenied, Unauthenticated
-from ..policy import PolicyError, validate_policy
+from ..documents import check_batch, parse_document, with_weights
 from ..proto import federation_pb2 as pb
 from ..proto import federation_pb2_grpc as pb_grpc
 from ._hub import Hub
-from ._store import DEFAULT_TTL, Liveness, Store
+from ._summaries import Summaries, check_summary, traffic_json
+from ._store import (
+    DEFAULT_INSTANCE,
+    DEFAULT_TTL,
+    TRAFFIC_KINDS,
+    Liveness,
+    Store,
+    StatusBody,
+    Stored,
+    legacy_instance,
+    report_is_recent,
+)
 
 log = structlog.get_logger("federation.server")
 
 DEFAULT_CLUSTER_VALIDITY = 90 * 86400.0
 DEFAULT_TOKEN_TTL = 3600
-MAX_GATEWAY_ID = 256  # the SPIFFE ID and "#<instance>"
+MAX_GATEWAY_ID = 256  # the older form: the SPIFFE ID and "#<instance>"
 MAX_REASON = 500  # characters of a rejected snapshot's reason that are kept
 
 
@@ -82,6 +95,7 @@ class FederationService(pb_grpc.FederationServicer):
         self.trust_dir = trust_dir
         self.trust_domain = trust_dir.trust_domain
         self._sign_lock = asyncio.Lock()
+        self.summaries = Summaries(store)
 
     # ------------------------------------------------------------------ identity
     def _caller(self, context: grpc.aio.ServicerContext, required: bool = True) -> Caller | None:
@@ -288,13 +302,7 @@ class FederationService(pb_grpc.FederationServicer):
         assert caller is not None
         if not caller.cluster:
             raise PermissionDenied(f"{caller.spiffe_id} is not a cluster gateway or agent: it has no config to report")
-        gateway_id = request.gateway_id or caller.spiffe_id
-        ident, sep, instance = gateway_id.partition("#")
-        if ident != caller.spiffe_id or (sep and not instance) or len(gateway_id) > MAX_GATEWAY_ID:
-            raise PermissionDenied(
-                f"{caller.spiffe_id} may report only as itself: gateway_id must be its SPIFFE ID, optionally "
-                f"followed by '#<instance>' (at most {MAX_GATEWAY_ID} characters)"
-            )
+        instance = self._reporting_instance(caller, request.gateway_id)
         for what, rev in (("revision", request.revision), ("rejected_revision", request.rejected_revision)):
             if rev < 0:
                 raise InvalidRequest(f"invalid report: {what} {rev} is negative")
@@ -303,7 +311,7 @@ class FederationService(pb_grpc.FederationServicer):
         reason = "".join(ch if ch.isprintable() else " " for ch in request.rejected_reason[:MAX_REASON])
         await self.store.report_applied(
             caller.cluster,
-            gateway_id,
+            instance,
             request.revision,
             confirmed_at=request.confirmed_at,
             rejected_revision=request.rejected_revision,
@@ -312,28 +320,85 @@ class FederationService(pb_grpc.FederationServicer):
         return pb.ReportAppliedResponse()
 
     @_rpc
+    async def ReportTraffic(self, request: pb.ReportTrafficRequest, context: grpc.aio.ServicerContext) -> pb.ReportTrafficResponse:
+        caller = self._caller(context)
+        assert caller is not None
+        if not caller.cluster:
+            raise PermissionDenied(f"{caller.spiffe_id} is not a cluster gateway: it has no traffic to report")
+        instance = self._reporting_instance(caller, request.gateway_id)
+        summary = check_summary(caller.cluster, request.summary_json)
+        ttl = await self.summaries.push(caller.cluster, instance, summary)
+        return pb.ReportTrafficResponse(ttl_seconds=ttl, edges=len(summary.edges))
+
+    @_rpc
+    async def GetTraffic(self, request: pb.GetTrafficRequest, context: grpc.aio.ServicerContext) -> pb.GetTrafficResponse:
+        self._caller(context)
+        doc = traffic_json(await self.summaries.windows())
+        return pb.GetTrafficResponse(traffic_json=json.dumps(doc, separators=(",", ":")))
+
+    @staticmethod
+    def _reporting_instance(caller: Caller, gateway_id: str) -> str:
+        """The instance a report is for: ``gateway_id`` is ``<caller's cluster>/<instance>``
+        (names.gateway_name); older gateways send their SPIFFE ID, optionally with
+        ``#<host>``, or nothing."""
+        if not gateway_id or gateway_id == caller.spiffe_id:
+            return DEFAULT_INSTANCE
+        if gateway_id.startswith("spiffe://"):
+            ident, _, instance = gateway_id.partition("#")
+            if ident != caller.spiffe_id or not instance or len(gateway_id) > MAX_GATEWAY_ID:
+                raise PermissionDenied(
+                    f"{caller.spiffe_id} may report only as itself: gateway_id must be "
+                    f"{caller.cluster}/<instance> (or, from older gateways, its own SPIFFE ID with '#<instance>')"
+                )
+            return legacy_instance(gateway_id)
+        try:
+            cluster, instance = names.parse_gateway_name(gateway_id)
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid report: {exc}") from None
+        if cluster != caller.cluster:
+            raise PermissionDenied(
+                f"{caller.spiffe_id} may report only for its own cluster: gateway_id must be {caller.cluster}/<instance>"
+            )
+        return instance
+
+    @_rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         self._caller(context)
+        return await self.status()
+
+    async def status(self, catch_up: bool = True) -> pb.GetStatusResponse:
+        """What GetStatus answers (also the topology page's clusters and gateways, which
+        polls: it skips the catch-up, a write to etcd)."""
         # Read-your-writes: a change the caller just made must count as the latest config.
         try:
-            await self.hub.catch_up(timeout=2.0)
+            if catch_up:
+                await self.hub.catch_up(timeout=2.0)
         except FederationError:
             pass  # etcd away: report what this replica knows
+        # One revision notion: the stream tags everything with config revisions (see
+        # _hub), so a gateway is in sync when it holds config_revision; above it, another
+        # replica saw a newer change first.  A gateway whose reports stopped is not known
+        # to be in sync: synced is false (the CLI shows STALE) until its entry lapses.
         config_rev = self.hub.config_revision
         policy_rev = self.hub.policy_revision
+        reports = await self.store.list_status()
+        now = time.time()
+        route_rev = self.hub.route_revision
         gateways = [
             pb.GatewayStatus(
                 cluster=cluster,
                 gateway_id=body.gateway_id,
                 applied_revision=body.revision,
                 reported_at=body.reported_at,
-                synced=body.revision >= config_rev,
+                synced=body.revision >= config_rev and report_is_recent(body.reported_at, now, self.store.status_ttl),
+                no_report=not report_is_recent(body.reported_at, now, self.store.status_ttl),
                 enforces_policy=body.revision >= policy_rev,
                 rejected_revision=body.rejected_revision if body.rejected_revision > body.revision else 0,
                 rejected_reason=body.rejected_reason if body.rejected_revision > body.revision else "",
                 confirmed_at=body.confirmed_at,
+                routes_applied=body.revision >= route_rev,
             )
-            for cluster, body in await self.store.list_status()
+            for cluster, body in reports
         ]
         records = self._hub_clusters()
         return pb.GetStatusResponse(
@@ -341,35 +406,43 @@ class FederationService(pb_grpc.FederationServicer):
             gateways=gateways,
             clusters=[r.name for r in records],
             policy_revision=policy_rev,
-            liveness=await self._liveness(records),
+            liveness=await self._liveness(records, reports),
+            route_revision=route_rev,
         )
 
     def _hub_clusters(self) -> list[models.ClusterRecord]:
         return self.hub.clusters()
 
-    async def _liveness(self, records: list[models.ClusterRecord]) -> list[pb.ClusterLiveness]:
+    async def _liveness(
+        self, records: list[models.ClusterRecord], reports: list[tuple[str, StatusBody]]
+    ) -> list[pb.ClusterLiveness]:
         exports: dict[str, int] = {}
         prefix = self.store.keys.family("exports/")
         for k in self.hub.state:
             if k.startswith(prefix):
                 c = k[len(prefix) :].split(b"/", 1)[0].decode()
                 exports[c] = exports.get(c, 0) + 1
-        return [_liveness_pb(lv, exports.get(lv.cluster, 0)) for lv in await self.store.liveness(records)]
+        return [_liveness_pb(lv, exports.get(lv.cluster, 0)) for lv in await self.store.liveness(records, reports)]
 
     # ------------------------------------------------------------------ policies
     @_rpc
     async def ApplyPolicy(self, request: pb.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> pb.ApplyPolicyResponse:
-        caller = self._admin(context, "write policies")
+        caller = self._admin(context, "write policies or routes")
         if request.policies_json:  # a whole file: every document valid, one transaction
-            batch = [_checked_policy(text, f"document {i}: ") for i, text in enumerate(request.policies_json)]
-            rev, each = await self.store.apply_policies(batch)
-            log.info("policy.applied", policies=[f"{p.kind}/{p.name}" for p in batch], changed=sum(each),
-                     by=caller.spiffe_id, revision=rev)
-            return pb.ApplyPolicyResponse(revision=rev, changed=any(each), changed_each=each)
-        policy = _checked_policy(request.policy_json)
-        rev, changed = await self.store.apply_policy(policy)
-        log.info("policy.applied", kind=policy.kind, name=policy.name, changed=changed, by=caller.spiffe_id, revision=rev)
-        return pb.ApplyPolicyResponse(revision=rev, changed=changed)
+            batch = [_checked_document(text, f"document {i}: ") for i, text in enumerate(request.policies_json)]
+        else:
+            batch = [_checked_document(request.policy_json)]
+
+        def check(stored: Stored) -> list[str]:
+            return check_batch(batch, clusters=stored.clusters, services=stored.services, stored_routes=stored.routes,
+                               stored_providers=stored.providers)
+
+        rev, outcomes, warnings = await self.store.apply_documents(batch, check)
+        each = [o != "unchanged" for o in outcomes]
+        log.info("policy.applied", documents=[f"{d.kind}/{d.name}" for d in batch], changed=sum(each),
+                 warnings=len(warnings), by=caller.spiffe_id, revision=rev)
+        return pb.ApplyPolicyResponse(revision=rev, changed=any(each), changed_each=each if request.policies_json else [],
+                                      created_each=[o == "created" for o in outcomes], warnings=warnings)
 
     @_rpc
     async def ListPolicies(self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext) -> pb.ListPoliciesResponse:
@@ -379,10 +452,39 @@ class FederationService(pb_grpc.FederationServicer):
 
     @_rpc
     async def DeletePolicy(self, request: pb.DeletePolicyRequest, context: grpc.aio.ServicerContext) -> pb.DeletePolicyResponse:
-        caller = self._admin(context, "delete policies")
-        rev, deleted = await self.store.delete_policy(request.name, request.kind)
+        caller = self._admin(context, "delete policies or routes")
+        if request.kind in TRAFFIC_KINDS:
+            rev, deleted = await self.store.delete_document(request.kind, request.name)
+        else:
+            rev, deleted = await self.store.delete_policy(request.name, request.kind)
         log.info("policy.deleted", name=request.name, kind=request.kind or "*", by=caller.spiffe_id, revision=rev)
         return pb.DeletePolicyResponse(revision=rev, deleted=deleted)
+
+    @_rpc
+    async def ListDocuments(self, request: pb.ListDocumentsRequest, context: grpc.aio.ServicerContext) -> pb.ListDocumentsResponse:
+        self._caller(context)
+        unknown = [k for k in request.kinds if k not in models.DOCUMENT_KINDS]
+        if unknown:
+            raise InvalidRequest(f"invalid kind {unknown[0]!r}: use one of {', '.join(models.DOCUMENT_KINDS)}")
+        docs, rev = await self.store.list_documents(request.kinds)
+        return pb.ListDocumentsResponse(documents_json=[d.model_dump_json(by_alias=True) for d in docs], revision=rev)
+
+    @_rpc
+    async def SetRouteWeights(self, request: pb.SetRouteWeightsRequest, context: grpc.aio.ServicerContext) -> pb.SetRouteWeightsResponse:
+        caller = self._admin(context, "change route weights")
+        weights = [(w.cluster, w.service, w.weight) for w in request.weights]
+        rule = request.rule if request.HasField("rule") else None
+        chosen: list[int] = []
+
+        def change(route: models.TrafficRoute) -> models.TrafficRoute:
+            new, r = with_weights(route, weights, rule)
+            chosen[:] = [r]
+            return new
+
+        rev, route = await self.store.update_document("TrafficRoute", request.name, change)
+        log.info("route.weights_set", name=request.name, rule=chosen[0], weights=[f"{c}{'/' + s if s else ''}={w}"
+                 for c, s, w in weights], by=caller.spiffe_id, revision=rev)
+        return pb.SetRouteWeightsResponse(revision=rev, route_json=route.model_dump_json(by_alias=True), rule=chosen[0])
 
     # ------------------------------------------------------------------ listings
     @_rpc
@@ -393,8 +495,10 @@ class FederationService(pb_grpc.FederationServicer):
             await self.hub.catch_up(timeout=2.0)  # export counts include the caller's own writes
         except FederationError:
             pass
+        reports = await self.store.list_status()
         return pb.ListClustersResponse(
-            clusters_json=[c.model_dump_json() for c in clusters], revision=rev, liveness=await self._liveness(clusters)
+            clusters_json=[c.model_dump_json() for c in clusters], revision=rev,
+            liveness=await self._liveness(clusters, reports),
         )
 
     @_rpc
@@ -404,16 +508,13 @@ class FederationService(pb_grpc.FederationServicer):
         return pb.ListServicesResponse(services_json=[s.model_dump_json() for s in services], revision=rev)
 
 
-def _checked_policy(text: str, where: str = "") -> models.AuthorizationPolicy | models.RequestAuthentication:
+def _checked_document(text: str, where: str = "") -> Any:
+    """A document of any kind, validated as the gateways will use it (policies: as they
+    will enforce it); refused with ``where`` (``document N: ``) and the field path."""
     try:
-        policy = models.parse_input(models.Policy, text)
+        return parse_document(text)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{where}{exc}") from None
-    try:
-        validate_policy(policy)  # what the gateways could not enforce is refused here
-    except PolicyError as exc:
-        raise InvalidRequest(f"{where}invalid {policy.kind}: {str(exc).removeprefix(f'policy {policy.name!r}: ')}") from None
-    return policy
 
 
 def _liveness_pb(lv: Liveness, exports: int) -> pb.ClusterLiveness:

@@ -16,20 +16,34 @@ and newer replicas read it; only ever add new key families.
                                                   export lease, bound to itself
     <prefix>policies/<kind>/<name>                models.AuthorizationPolicy or
                                                   models.RequestAuthentication (JSON)
+    <prefix>traffic/<kind>/<name>                 models.TrafficRoute, models.TrafficPolicy,
+                                                  models.Telemetry, models.ExtensionProvider
+                                                  (by their kind).  Not under policies/:
+                                                  a gateway enforces a policy kind it cannot
+                                                  read as DENY, and a route is no reason to
+                                                  deny anything
+    <prefix>liveness/<cluster>                    models.ClusterLiveness, while the cluster is
+                                                  STALE (written by the background-job leader)
     <prefix>trust/bundle                          {"pem": ...}: the federation trust bundle
     <prefix>trust/crl                             {"pem": ...}: the root-signed CRL
     <prefix>tokens/<sha256(token) hex>            {"cluster": "", "expires_at": t}; bound to
                                                   a lease of the token's TTL; deleted on use
-    <prefix>status/<cluster>/<url-quoted id>      {"gateway_id", "revision", "reported_at",
+    <prefix>status/<cluster>/<instance>           {"gateway_id", "revision", "reported_at",
                                                   "confirmed_at", "rejected_revision",
                                                   "rejected_reason", "lease"}; bound to
-                                                  that lease (STATUS_TTL)
+                                                  that lease (status TTL); gateway_id is
+                                                  "<cluster>/<instance>" (names.gateway_name).
+                                                  Older replicas wrote the url-quoted
+                                                  "<spiffe id>#<host>" as the last part:
+                                                  read as that host (legacy_instance)
     <prefix>election/<job>                        a replica's id, bound to its lease: the
                                                   leader of a background job (trust-sync)
     <prefix>meta/sync                             empty; a replica writes it to flush its own
                                                   watch up to "now" (see _hub.Hub.catch_up)
+    <prefix>summaries/<cluster>/<instance>        a gateway's traffic summaries of the last
+                                                  minute, under a short lease (_summaries)
 
-The watch stream carries the *config* families (clusters, exports, policies, trust);
+The watch stream carries the *config* families (clusters, exports, policies, traffic, trust);
 tokens, leases and status never reach gateways.  Values are the models' JSON
 (``model_dump_json(by_alias=True)``), so what a gateway receives is what etcd holds.
 
@@ -48,7 +62,8 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -58,8 +73,9 @@ from cryptography import x509
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import models
+from .. import models, names
 from .._errors import (
+    InUse,
     InvalidRecord,
     InvalidRequest,
     NotFound,
@@ -79,18 +95,41 @@ MIN_TTL, MAX_TTL, DEFAULT_TTL = 2, 3600, 30
 # Gateway status keys: bound to a lease a gateway's reports renew (it reports at least
 # every STATUS_TTL / 3), and at most this many per cluster.
 STATUS_TTL = 60
+MIN_STATUS_TTL, MAX_STATUS_TTL = 5, 3600
+DEFAULT_INSTANCE = "gateway"  # the instance of a report that names none (older gateways)
 MAX_GATEWAYS_PER_CLUSTER = 64
-CONFIG_FAMILIES = ("clusters/", "exports/", "policies/", "trust/")
+CONFIG_FAMILIES = ("clusters/", "exports/", "policies/", "traffic/", "trust/", "liveness/")
+# The document kinds kept under traffic/ (every other kind of models.DOCUMENT_KINDS is a
+# policy, under policies/).
+TRAFFIC_KINDS = tuple(k for k in models.DOCUMENT_KINDS if k not in models.POLICY_KINDS)
+MAX_UPDATE_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What a batch of documents is checked against: the valid records at one revision."""
+
+    revision: int
+    clusters: tuple[models.ClusterRecord, ...] = ()
+    services: tuple[models.ExportedService, ...] = ()
+    routes: tuple[models.TrafficRoute, ...] = ()
+    providers: tuple[str, ...] = ()  # names of the stored ExtensionProviders
+
+
+# Checks a batch against what is stored; raises to refuse it, returns the warnings.
+BatchCheck = Callable[[Stored], list[str]]
 
 @dataclass(frozen=True)
 class Liveness:
-    """A cluster's liveness as its etcd lease tells it."""
+    """A cluster's liveness as its export lease and its gateways' reports tell it."""
 
     cluster: str
     lease_ttl: int = 0  # granted TTL; 0: no live lease
     lease_remaining: int = -1  # whole seconds left (etcd rounds down); -1: no live lease
     published_at: float = 0.0
     revoked: bool = False
+    gateways_live: int = 0  # gateways that reported recently (report_is_recent)
+    gateways_silent: int = 0  # gateways whose status entry is there, but not recent
 
     @property
     def last_heartbeat_age(self) -> float:
@@ -104,8 +143,25 @@ class Liveness:
         return max(0.0, self.lease_ttl - self.lease_remaining - 0.5)
 
     @property
+    def lease_state(self) -> str:
+        """The export lease alone: LIVE, STALE or EXPIRED (see :func:`liveness_state`)."""
+        return liveness_state(self.lease_ttl, self.lease_remaining)
+
+    @property
     def state(self) -> str:
-        return liveness_state(self.lease_ttl, self.lease_remaining, self.revoked)
+        """The cluster's: the best sign of life, its export lease or a gateway's report.
+
+        A cluster whose gateway reports is LIVE even with no exporter (its exports are
+        gone, it still imports); EXPIRED means neither: no live lease and no gateway.
+        """
+        if self.revoked:
+            return "REVOKED"
+        lease = self.lease_state
+        if lease == "LIVE" or self.gateways_live:
+            return "LIVE"
+        if lease == "STALE" or self.gateways_silent:
+            return "STALE"
+        return "EXPIRED"
 
 
 def liveness_state(lease_ttl: int, lease_remaining: int, revoked: bool = False) -> str:
@@ -119,6 +175,20 @@ def liveness_state(lease_ttl: int, lease_remaining: int, revoked: bool = False) 
     if (lease_remaining + 0.5) * 3 < lease_ttl:
         return "STALE"
     return "LIVE"
+
+
+def report_is_recent(reported_at: float, now: float, status_ttl: int = STATUS_TTL) -> bool:
+    """Whether a gateway's last report is recent: it reports every status_ttl/3 at least,
+    so one more than two intervals old means it missed two (the lease rule above); its
+    entry vanishes when the status lease runs out, status_ttl after that report."""
+    return (now - reported_at) * 3 <= 2 * status_ttl
+
+
+def legacy_instance(text: str) -> str:
+    """The instance in a gateway ID of the older form: its SPIFFE ID, optionally followed
+    by ``#<instance>`` (older gateways send it, older replicas used it in status keys)."""
+    _, sep, instance = text.partition("#")
+    return names.gateway_instance(instance) if sep and instance else DEFAULT_INSTANCE
 
 
 def dump(model: BaseModel) -> bytes:
@@ -231,6 +301,8 @@ def read_record(keys: Keys, key: bytes, raw: bytes) -> Record | None:
         return Record(family, svc, body)
     if family == "policies":
         return _read_policy(rest, raw)
+    if family == "traffic":
+        return _read_traffic(rest, raw)
     if family == "trust" and rest in ("bundle", "crl"):
         body = _body(PemBody, raw, f"trust {rest}")
         if rest == "bundle" and not _certs((body.pem,), "trust bundle"):
@@ -241,6 +313,11 @@ def read_record(keys: Keys, key: bytes, raw: bytes) -> Record | None:
             except ValueError:
                 raise BadRecord("invalid trust crl: not a PEM CRL") from None
         return Record(family, body.pem, json.dumps({"pem": body.pem}).encode())
+    if family == "liveness":
+        lv, body = _model(models.ClusterLiveness, raw, "cluster liveness")
+        if lv.cluster != rest:
+            raise BadRecord(f"invalid cluster liveness: cluster {lv.cluster!r} does not match its key")
+        return Record(family, lv, body)
     if family == "tokens":
         return Record(family, _body(TokenBody, raw, "join token"), raw)
     if family == "leases":
@@ -265,6 +342,18 @@ def _read_policy(rest: str, raw: bytes) -> Record:
         except BadRecord:
             pass
     return Record("policies", None, json.dumps(obj, separators=(",", ":")).encode(), understood=False)
+
+
+def _read_traffic(rest: str, raw: bytes) -> Record:
+    kind, _, name = rest.partition("/")
+    if kind not in TRAFFIC_KINDS:
+        # A kind a newer replica wrote: not config this replica can serve (it is no
+        # policy: skipping it denies nothing).
+        raise BadRecord(f"invalid traffic record: unknown kind {kind!r} (written by a newer Isthmus?)")
+    doc, body = _model(models.DOCUMENT_KINDS[kind], raw, kind)
+    if doc.name != name:
+        raise BadRecord(f"invalid {kind}: name {doc.name!r} does not match its key")
+    return Record("traffic", doc, body)
 
 
 _LOGGED_BAD: dict[bytes, int] = {}  # key -> mod_revision already logged and counted
@@ -326,11 +415,21 @@ class Keys:
     def policy(self, kind: str, name: str) -> bytes:
         return self.k("policies", kind, name)
 
+    def traffic(self, kind: str, name: str) -> bytes:
+        return self.k("traffic", kind, name)
+
+    def document(self, kind: str, name: str) -> bytes:
+        """The key of a document of any kind ``isthmus apply`` takes."""
+        return self.traffic(kind, name) if kind in TRAFFIC_KINDS else self.policy(kind, name)
+
+    def liveness(self, cluster: str) -> bytes:
+        return self.k("liveness", cluster)
+
     def token(self, digest: str) -> bytes:
         return self.k("tokens", digest)
 
-    def status(self, cluster: str, gateway_id: str) -> bytes:
-        return self.k("status", cluster, quote(gateway_id, safe=""))
+    def status(self, cluster: str, instance: str) -> bytes:
+        return self.k("status", cluster, quote(instance, safe=""))
 
     def split(self, key: bytes) -> tuple[str, str] | None:
         """``(family, rest)`` for a key under the prefix, e.g. ``("exports", "east/ns/svc")``."""
@@ -341,16 +440,26 @@ class Keys:
         return family, rest
 
     @staticmethod
-    def unquote_gateway(part: str) -> str:
-        return unquote(part)
+    def status_instance(part: str) -> str:
+        """The instance a status key's last part names (older layouts mapped)."""
+        text = unquote(part)
+        return text if names.gateway_instance(text) == text else legacy_instance(text)
 
 
 class Store:
     """The writes and reads behind the API.  Stateless: every replica may run every call."""
 
-    def __init__(self, etcd: Etcd, prefix: str = "/isthmus/") -> None:
+    def __init__(self, etcd: Etcd, prefix: str = "/isthmus/", status_ttl: int = STATUS_TTL) -> None:
+        if not MIN_STATUS_TTL <= status_ttl <= MAX_STATUS_TTL:
+            raise InvalidRequest(
+                f"invalid status TTL {status_ttl}s: use between {MIN_STATUS_TTL}s and {MAX_STATUS_TTL}s"
+            )
         self.etcd = etcd
         self.keys = Keys(prefix)
+        self.status_ttl = status_ttl
+        # Updates of one record from this replica queue up instead of racing each other
+        # (their compare-and-swap then only meets other replicas' writes): key -> (lock, users).
+        self._updating: dict[bytes, tuple[asyncio.Lock, int]] = {}
 
     # ------------------------------------------------------------------ trust material
     async def publish_trust(self, bundle_pem: bytes, crl_pem: bytes) -> None:
@@ -538,8 +647,17 @@ class Store:
                 return left
         raise NotFound(f"no live export lease for cluster {cluster!r}: it lapsed; publish the export set again")
 
-    async def liveness(self, clusters: Sequence[models.ClusterRecord]) -> list[Liveness]:
-        """Each cluster's lease, as etcd's LeaseTimeToLive reports it (one read per cluster)."""
+    async def liveness(
+        self, clusters: Sequence[models.ClusterRecord], reports: Sequence[tuple[str, StatusBody]] = ()
+    ) -> list[Liveness]:
+        """Each cluster's lease, as etcd's LeaseTimeToLive reports it (one read per cluster),
+        and how many of its gateways (``reports``: :meth:`list_status`) report recently."""
+        now = time.time()
+        live: dict[str, int] = {}
+        silent: dict[str, int] = {}
+        for cluster, body in reports:
+            into = live if report_is_recent(body.reported_at, now, self.status_ttl) else silent
+            into[cluster] = into.get(cluster, 0) + 1
         resp = await self.etcd.get_prefix(self.keys.family("leases/"))
         bodies: dict[str, LeaseBody] = {}
         for kv in resp.kvs:
@@ -550,12 +668,46 @@ class Store:
 
         async def one(c: models.ClusterRecord) -> Liveness:
             body = bodies.get(c.name)
+            gws = {"gateways_live": live.get(c.name, 0), "gateways_silent": silent.get(c.name, 0)}
             if body is None:
-                return Liveness(c.name, revoked=c.revoked)
+                return Liveness(c.name, revoked=c.revoked, **gws)
             ttl, remaining = await self.etcd.time_to_live(body.lease)
-            return Liveness(c.name, ttl, remaining, body.published_at, c.revoked)
+            return Liveness(c.name, ttl, remaining, body.published_at, c.revoked, **gws)
 
         return list(await asyncio.gather(*(one(c) for c in clusters)))
+
+    async def sync_liveness(self, clusters: Sequence[models.ClusterRecord] | None = None) -> list[str]:
+        """Make the ``liveness/`` records say which clusters are STALE now (the
+        background-job leader calls it): one written when a cluster turns STALE, deleted
+        when it is LIVE again, revoked, gone or EXPIRED (whose exports have lapsed anyway).
+        Returns the clusters that changed.  Gateways receive these records in their
+        snapshots and leave STALE clusters out of their splits."""
+        if clusters is None:
+            clusters, _ = await self.list_clusters()
+        now = time.time()
+        current = {lv.cluster: lv for lv in await self.list_liveness()}
+        changed: list[str] = []
+        for lv in await self.liveness(clusters, await self.list_status()):
+            have = current.pop(lv.cluster, None)
+            if lv.state == "STALE":
+                if have is None:
+                    rec = models.ClusterLiveness(cluster=lv.cluster, state="STALE", since=now,
+                                                 last_heartbeat_age=round(lv.last_heartbeat_age, 1))
+                    await self.etcd.put(self.keys.liveness(lv.cluster), dump(rec))
+                    changed.append(lv.cluster)
+                    log.warning("cluster.stale", cluster=lv.cluster, last_heartbeat_age=rec.last_heartbeat_age)
+            elif have is not None:
+                await self.etcd.txn(success=[self.etcd.op_delete(self.keys.liveness(lv.cluster))])
+                changed.append(lv.cluster)
+                log.info("cluster.not_stale", cluster=lv.cluster, state=lv.state)
+        for gone in current:  # the record of a cluster no longer joined
+            await self.etcd.txn(success=[self.etcd.op_delete(self.keys.liveness(gone))])
+            changed.append(gone)
+        return changed
+
+    async def list_liveness(self) -> list[models.ClusterLiveness]:
+        resp = await self.etcd.get_prefix(self.keys.family("liveness/"))
+        return self._valid(resp.kvs)
 
     async def drop_lease(self, cluster: str) -> None:
         """Revoke a cluster's export lease: its exports vanish at once."""
@@ -581,39 +733,155 @@ class Store:
         return self._valid(resp.kvs), resp.header.revision
 
     # ------------------------------------------------------------------ policies
-    async def apply_policy(self, policy: models.AuthorizationPolicy | models.RequestAuthentication) -> tuple[int, bool]:
-        key = self.keys.policy(policy.kind, policy.name)
-        value = dump(policy)
-        kv = await self.etcd.get(key)
-        if kv is not None and kv.value == value:
-            return kv.mod_revision, False
-        resp = await self.etcd.put(key, value)
-        return resp.header.revision, True
-
     async def apply_policies(
         self, policies: Sequence[models.AuthorizationPolicy | models.RequestAuthentication]
     ) -> tuple[int, list[bool]]:
-        """Write every policy in one etcd transaction, or none (``kubectl apply -f`` of a
-        multi-document file).  The transaction compares each key with what was read, so a
-        concurrent write makes it retry instead of overwriting half of the set."""
-        if len(policies) > MAX_TXN_OPS:
-            raise InvalidRequest(f"invalid policy file: {len(policies)} policies; apply at most {MAX_TXN_OPS} at once")
-        keys = [self.keys.policy(p.kind, p.name) for p in policies]
+        """:meth:`apply_documents` for policies: per policy, whether it changed."""
+        rev, outcomes, _ = await self.apply_documents(policies)
+        return rev, [o != "unchanged" for o in outcomes]
+
+    async def apply_documents(
+        self, docs: Sequence[Any], check: BatchCheck | None = None
+    ) -> tuple[int, list[str], list[str]]:
+        """Write every document (any kind of models.DOCUMENT_KINDS) in one etcd
+        transaction, or none (``kubectl apply -f`` of a multi-document file).
+
+        Returns the revision, per document ``created``, ``configured`` or ``unchanged``,
+        and the warnings of ``check``.  ``check`` sees the clusters, exports and routes
+        stored at the revision the batch was read at; the transaction commits only if
+        none of the batch's keys, and no route, changed since (else it reads and checks
+        again), so two concurrent applies cannot each add a route for the same host.
+        """
+        if len(docs) > MAX_TXN_OPS:
+            raise InvalidRequest(f"invalid file: {len(docs)} documents; apply at most {MAX_TXN_OPS} at once")
+        for i, d in enumerate(docs):
+            if d.kind not in models.DOCUMENT_KINDS:
+                raise InvalidRequest(f"document {i}: kind: {d.kind!r} is not a kind Isthmus stores")
+        keys = [self.keys.document(d.kind, d.name) for d in docs]
         if len(set(keys)) != len(keys):
-            raise InvalidRequest("invalid policy file: a policy name appears twice for the same kind")
-        values = [dump(p) for p in policies]
-        for _ in range(5):
-            current = {kv.key: kv for kv in (await self.etcd.get_prefix(self.keys.family("policies/"))).kvs}
-            changed = [k not in current or current[k].value != v for k, v in zip(keys, values)]
+            raise InvalidRequest("invalid file: a name appears twice for the same kind")
+        values = [dump(d) for d in docs]
+        routes = self.keys.family("traffic/TrafficRoute/")
+        for attempt in range(MAX_UPDATE_ATTEMPTS):
+            first = await self.etcd.get_prefix(self.keys.family("policies/"))
+            rev = first.header.revision
+            fam = {f: (await self.etcd.get_prefix(self.keys.family(f), revision=rev)).kvs
+                   for f in ("traffic/", "clusters/", "exports/")}
+            current = {kv.key: kv for kv in [*first.kvs, *fam["traffic/"]]}
+            warnings: list[str] = []
+            if check is not None:
+                traffic = self._valid(fam["traffic/"])
+                warnings = check(Stored(
+                    rev,
+                    tuple(self._valid(fam["clusters/"])),
+                    tuple(self._valid(fam["exports/"])),
+                    tuple(v for v in traffic if isinstance(v, models.TrafficRoute)),
+                    tuple(v.name for v in traffic if isinstance(v, models.ExtensionProvider)),
+                ))
+            outcomes = ["created" if k not in current else "unchanged" if current[k].value == v else "configured"
+                        for k, v in zip(keys, values)]
+            changed = [o != "unchanged" for o in outcomes]
             if not any(changed):
-                return max((current[k].mod_revision for k in keys), default=0), changed
+                return max((current[k].mod_revision for k in keys), default=rev), outcomes, warnings
             compare = [self.etcd.cmp_mod(k, current[k].mod_revision) if k in current else self.etcd.cmp_missing(k)
                        for k, c in zip(keys, changed) if c]
+            if any(k.startswith(routes) for k in keys):
+                compare.append(self.etcd.cmp_unchanged_since(routes, prefix_end(routes), rev))
+            # A CUSTOM policy's provider that is not in the batch: still there at commit
+            # (a concurrent delete of it makes this read and check again).
+            compare += [self.etcd.cmp_exists(self.keys.document("ExtensionProvider", p)) for p in sorted(
+                {d.provider for d in docs if isinstance(d, models.AuthorizationPolicy) and d.provider}
+                - {d.name for d in docs if isinstance(d, models.ExtensionProvider)})
+                if self.keys.document("ExtensionProvider", p) in current]
             puts = [self.etcd.op_put(k, v) for k, v, c in zip(keys, values, changed) if c]
             resp = await self.etcd.txn(compare=compare, success=puts)
             if resp.succeeded:
-                return resp.header.revision, changed
-        raise StoreUnavailable("policies changed concurrently five times in a row: apply again")
+                return resp.header.revision, outcomes, warnings
+            await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise StoreUnavailable("the documents changed concurrently too often in a row: apply again")
+
+    async def list_documents(self, kinds: Iterable[str] = ()) -> tuple[list[Any], int]:
+        """The valid documents of ``kinds`` (empty: every kind), policies first, by key."""
+        first = await self.etcd.get_prefix(self.keys.family("policies/"))
+        rev = first.header.revision
+        traffic = await self.etcd.get_prefix(self.keys.family("traffic/"), revision=rev)
+        wanted = set(kinds)
+        docs = self._valid([*first.kvs, *traffic.kvs])
+        return [d for d in docs if not wanted or d.kind in wanted], rev
+
+    async def delete_document(self, kind: str, name: str) -> tuple[int, int]:
+        """Delete the document ``kind``/``name``; NotFound when there is none.  An
+        ExtensionProvider a stored CUSTOM AuthorizationPolicy names is not deleted
+        (:class:`InUse`, naming the policies); the delete commits only if no policy
+        changed since they were read."""
+        if kind not in models.DOCUMENT_KINDS:
+            raise InvalidRequest(f"invalid kind {kind!r}: use one of {', '.join(models.DOCUMENT_KINDS)}")
+        key = self.keys.document(kind, name)
+        if kind != "ExtensionProvider":
+            resp = await self.etcd.txn(success=[self.etcd.op_delete(key)])
+            return self._deleted(resp, kind, name)
+        policies = self.keys.family("policies/")
+        for attempt in range(MAX_UPDATE_ATTEMPTS):
+            first = await self.etcd.get_prefix(policies)
+            rev = first.header.revision
+            users = sorted(p.name for p in self._valid(first.kvs)
+                           if isinstance(p, models.AuthorizationPolicy) and p.action == "CUSTOM" and p.provider == name)
+            if users:
+                raise InUse(f"ExtensionProvider {name!r} is in use: the CUSTOM AuthorizationPolicy "
+                            f"{', '.join(repr(u) for u in users)} names it; delete {'them' if len(users) > 1 else 'it'} "
+                            f"or point {'them' if len(users) > 1 else 'it'} at another provider first")
+            resp = await self.etcd.txn(compare=[self.etcd.cmp_unchanged_since(policies, prefix_end(policies), rev)],
+                                       success=[self.etcd.op_delete(key)])
+            if resp.succeeded:
+                return self._deleted(resp, kind, name)
+            await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise StoreUnavailable("the policies changed concurrently too often in a row: delete again")
+
+    @staticmethod
+    def _deleted(resp: Any, kind: str, name: str) -> tuple[int, int]:
+        deleted = resp.responses[0].response_delete_range.deleted
+        if not deleted:
+            raise NotFound(f"no {kind} named {name!r}")
+        return resp.header.revision, int(deleted)
+
+    async def update_document(self, kind: str, name: str, change: Callable[[Any], Any]) -> tuple[int, Any]:
+        """Read ``kind``/``name``, apply ``change`` (model -> model; it raises to refuse),
+        and write the result only if the record is still the one read (compare-and-swap
+        on its mod revision); on a conflict read again and re-apply ``change``, so
+        concurrent updates of one record never lose each other.  Returns (revision, model)."""
+        key = self.keys.document(kind, name)
+        lock, users = self._updating.get(key) or (asyncio.Lock(), 0)
+        self._updating[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._update(key, kind, name, change)
+        finally:
+            lock, users = self._updating[key]
+            if users == 1:
+                del self._updating[key]
+            else:
+                self._updating[key] = (lock, users - 1)
+
+    async def _update(self, key: bytes, kind: str, name: str, change: Callable[[Any], Any]) -> tuple[int, Any]:
+        for attempt in range(MAX_UPDATE_ATTEMPTS):
+            kv = await self.etcd.get(key)
+            if kv is None:
+                raise NotFound(f"no {kind} named {name!r}")
+            rec = read_valid(self.keys, kv)
+            if rec is None or not rec.understood:
+                k = key.decode(errors="replace")
+                raise UnreadableRecord(f"invalid {kind} record {k} in etcd (see the federation log, record.invalid): "
+                                       f"apply it again whole (isthmus apply -f) or delete it (isthmus delete {kind} {name})")
+            new = change(rec.value)
+            value = dump(new)
+            if value == kv.value:
+                return kv.mod_revision, new
+            resp = await self.etcd.txn(compare=[self.etcd.cmp_mod(key, kv.mod_revision)],
+                                       success=[self.etcd.op_put(key, value)])
+            if resp.succeeded:
+                return resp.header.revision, new
+            await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise StoreUnavailable(f"{kind} {name!r} changed concurrently too often in a row: try again")
 
     async def list_policies(self) -> tuple[list[models.AuthorizationPolicy | models.RequestAuthentication], int]:
         resp = await self.etcd.get_prefix(self.keys.family("policies/"))
@@ -633,19 +901,20 @@ class Store:
     async def report_applied(
         self,
         cluster: str,
-        gateway_id: str,
+        instance: str,
         revision: int,
         *,
         confirmed_at: float = 0.0,
         rejected_revision: int = 0,
         rejected_reason: str = "",
     ) -> None:
-        """Record what a gateway applied, under a lease that its next reports renew.
+        """Record what gateway ``<cluster>/<instance>`` applied, under a lease that its next
+        reports renew.
 
-        A gateway that stops reporting disappears after :data:`STATUS_TTL`; a cluster
+        A gateway that stops reporting disappears after the status TTL; a cluster
         has at most :data:`MAX_GATEWAYS_PER_CLUSTER` status keys.
         """
-        key = self.keys.status(cluster, gateway_id)
+        key = self.keys.status(cluster, instance)
         kv = await self.etcd.get(key)
         old = read_valid(self.keys, kv) if kv is not None else None
         if kv is None:
@@ -654,15 +923,15 @@ class Store:
             if count >= MAX_GATEWAYS_PER_CLUSTER:
                 raise ResourceExhausted(
                     f"cluster {cluster!r} already reports {count} gateways (at most {MAX_GATEWAYS_PER_CLUSTER}); "
-                    f"stale ones disappear {STATUS_TTL}s after their last report"
+                    f"stale ones disappear {self.status_ttl}s after their last report"
                 )
         lease = 0
         if old is not None and old.value.lease and await self.etcd.keepalive_once(old.value.lease) > 0:
             lease = old.value.lease
         if not lease:
-            lease, _ = await self.etcd.grant(STATUS_TTL)
+            lease, _ = await self.etcd.grant(self.status_ttl)
         body = StatusBody(
-            gateway_id=gateway_id,
+            gateway_id=names.gateway_name(cluster, instance),
             revision=revision,
             reported_at=time.time(),
             confirmed_at=confirmed_at,
@@ -673,11 +942,19 @@ class Store:
         await self.etcd.put(key, body.model_dump_json().encode(), lease=lease)
 
     async def list_status(self) -> list[tuple[str, StatusBody]]:
+        """``(cluster, body)`` per gateway, by name; ``body.gateway_id`` is the name its key
+        gives (``<cluster>/<instance>``), whatever an older replica wrote in the value."""
         resp = await self.etcd.get_prefix(self.keys.family("status/"))
-        out = []
+        newest: dict[str, tuple[str, StatusBody]] = {}
         for kv in resp.kvs:
             split = self.keys.split(kv.key)
             rec = read_valid(self.keys, kv)
-            if split is not None and rec is not None:
-                out.append((split[1].partition("/")[0], rec.value))
-        return out
+            if split is None or rec is None:
+                continue
+            cluster, _, part = split[1].partition("/")
+            name = names.gateway_name(cluster, self.keys.status_instance(part))
+            body = rec.value.model_copy(update={"gateway_id": name})
+            # An older replica's key and ours may name the same gateway: the newest report wins.
+            if name not in newest or newest[name][1].reported_at < body.reported_at:
+                newest[name] = (cluster, body)
+        return [newest[n] for n in sorted(newest)]

@@ -64,7 +64,8 @@ class CallbackState:
 
     __slots__ = ("events", "hdrs", "hsize", "hlimit", "cat", "client", "open", "ended",
                  "local_reset", "reported", "expect_final", "out", "goaway_recv",
-                 "remote", "pending_local", "frame_max", "fail", "error", "frames", "held")
+                 "remote", "pending_local", "frame_max", "fail", "error", "frames", "held",
+                 "stream_cap", "refused")
 
     def __init__(self, client: bool, hlimit: int) -> None:
         self.events: list[Any] = []
@@ -88,6 +89,10 @@ class CallbackState:
         self.error: BaseException | None = None  # a callback's unexpected exception
         self.frames = [0] * 10  # frames received by type (abuse counters)
         self.held = 0  # DATA bytes given to send_data and not yet serialised
+        # Server sessions: requests beyond this many open streams are refused one by one
+        # (REFUSED_STREAM) instead of nghttp2's connection error; 0 leaves it to nghttp2.
+        self.stream_cap = 0
+        self.refused = 0  # streams refused for stream_cap
 
 
 def drop_out(st: CallbackState, sid: int) -> None:
@@ -116,7 +121,17 @@ def make_callbacks(L: Library, st: CallbackState) -> dict[str, Any]:
         st.hsize = 0
         cat = st.cat = frame.headers.cat
         if cat == 0:  # a request opens the stream
-            st.open.add(frame.hd.stream_id)
+            sid = frame.hd.stream_id
+            if st.stream_cap and len(st.open) >= st.stream_cap:
+                # Over our advertised MAX_CONCURRENT_STREAMS: refuse this stream alone.
+                # nghttp2 still decodes the block (HPACK state stays in step, and the
+                # header-list cap still applies); its events are dropped.
+                lib.nghttp2_submit_rst_stream(session, 0, sid, ErrorCodes.REFUSED_STREAM)
+                st.local_reset.add(sid)
+                st.refused += 1
+                st.cat = -1
+                return 0
+            st.open.add(sid)
         return 0
 
     def on_header(session: Any, frame: Any, name: Any, nlen: int, value: Any, vlen: int,
@@ -150,6 +165,8 @@ def make_callbacks(L: Library, st: CallbackState) -> dict[str, Any]:
         if t == 1:  # HEADERS
             sid = hd.stream_id
             cat = st.cat
+            if cat < 0:
+                return 0  # a refused stream
             hdrs = st.hdrs
             if cat == 0:
                 e = _NEW(RequestReceived)

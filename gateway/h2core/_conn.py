@@ -78,14 +78,14 @@ class SettingsView:
     def __getitem__(self, code: int) -> int:
         return int(self._get(self._s, int(code)))
 
-    header_table_size = property(lambda self: self[SettingCodes.HEADER_TABLE_SIZE])
-    enable_push = property(lambda self: self[SettingCodes.ENABLE_PUSH])
-    initial_window_size = property(lambda self: self[SettingCodes.INITIAL_WINDOW_SIZE])
-    max_frame_size = property(lambda self: self[SettingCodes.MAX_FRAME_SIZE])
-    max_concurrent_streams = property(lambda self: self[SettingCodes.MAX_CONCURRENT_STREAMS])
-    max_header_list_size = property(lambda self: self[SettingCodes.MAX_HEADER_LIST_SIZE])
-    enable_connect_protocol = property(
-        lambda self: self[SettingCodes.ENABLE_CONNECT_PROTOCOL])
+    # Plain ints, not SettingCodes: the pool reads max_concurrent_streams per request.
+    header_table_size = property(lambda self: self._get(self._s, 1))
+    enable_push = property(lambda self: self._get(self._s, 2))
+    max_concurrent_streams = property(lambda self: self._get(self._s, 3))
+    initial_window_size = property(lambda self: self._get(self._s, 4))
+    max_frame_size = property(lambda self: self._get(self._s, 5))
+    max_header_list_size = property(lambda self: self._get(self._s, 6))
+    enable_connect_protocol = property(lambda self: self._get(self._s, 8))
 
 
 class NgHttp2Connection:
@@ -98,12 +98,23 @@ class NgHttp2Connection:
     knobs map onto nghttp2 options where the loaded library has them
     (:attr:`Library.protections`); ``reset_rate_limit=(burst, per_second)`` applies to
     server sessions only.
+
+    ``refuse_streams_over`` (server sessions): advertise that MAX_CONCURRENT_STREAMS but
+    refuse each request beyond it alone with REFUSED_STREAM, as RFC 9113 §5.1.2 allows,
+    where nghttp2 would end the whole connection once the client acknowledged the
+    setting.  nghttp2 itself is told no limit; the value is written into the SETTINGS
+    frame as it leaves (see :meth:`initiate_connection`).
+
+    ``guard`` (optional) sees every read: ``guard.before_receive(conn, data)`` before
+    nghttp2 parses it and ``guard.after_receive(conn, events) -> events`` after; either
+    may end the session with :meth:`terminate` and raise (the gateway's
+    :class:`gateway._frames.FrameGuard` keeps the abuse rules nghttp2 lacks this way).
     """
 
     __slots__ = ("_L", "_lib", "_ffi", "_s", "_st", "_cbs", "_prd", "_pp", "_dirty",
                  "_out_len", "_closing", "_terminated", "client_side", "_settings",
                  "local_settings", "remote_settings", "_nv_pad", "_buf", "_window", "_fast",
-                 "__weakref__")
+                 "_cap", "guard", "__weakref__")
 
     def __init__(self, client: bool, *, settings: dict[int, int] | None = None,
                  connection_window: int | None = None,
@@ -112,6 +123,7 @@ class NgHttp2Connection:
                  reset_rate_limit: tuple[int, int] | None = None,
                  max_continuations: int | None = None,
                  max_outbound_ack: int | None = None, max_settings: int | None = None,
+                 refuse_streams_over: int | None = None,
                  library: Library | None = None) -> None:
         if connection_window is not None and not 65535 <= connection_window <= 2**31 - 1:
             raise ValueError(f"invalid connection_window {connection_window}: it must be "
@@ -130,7 +142,11 @@ class NgHttp2Connection:
         self._buf: list[bytes] = []
         self._window = connection_window
         self._closing = False
-        self._terminated: SessionTerminated | None = None
+        self._terminated: h2.exceptions.ProtocolError | None = None
+        self.guard: Any = None
+        self._cap = 0
+        if refuse_streams_over is not None and not client:
+            self._cap = st.stream_cap = int(refuse_streams_over)
         self._nv_pad = ffi.sizeof("nghttp2_nv") - struct.calcsize("PPNNB")
         self._fast = (_from_buffer or _ffi_from_buffer(ffi), _cast or ffi.cast,
                       ffi.typeof("char[]"), ffi.typeof("uintptr_t"),
@@ -181,13 +197,31 @@ class NgHttp2Connection:
     def initiate_connection(self) -> None:
         """Queue our SETTINGS (a client's preface goes with them) and widen the
         connection window to ``connection_window``."""
-        self._submit_settings(self._settings)
+        values = self._settings
+        cap = self._cap
+        if cap:
+            values = {**values, SettingCodes.MAX_CONCURRENT_STREAMS: _NO_STREAM_LIMIT}
+        self._submit_settings(values)
         if self._window is not None and self._window > 65535:
             _check(self._lib.nghttp2_session_set_local_window_size(self._s, 0, 0,
                                                                    self._window),
                    "set_local_window_size")
         self._flush()
+        if cap:
+            self._advertise_cap(cap)
 
+    def _advertise_cap(self, cap: int) -> None:
+        """Write ``cap`` over the MAX_CONCURRENT_STREAMS entry of our first SETTINGS
+        frame (a server's first frame): the peer is told the real limit."""
+        for i, chunk in enumerate(self._buf):
+            if len(chunk) >= 9 and chunk[3] == 4 and not chunk[4] & 1:
+                frame = bytearray(chunk)
+                for off in range(9, 9 + int.from_bytes(chunk[:3], "big"), 6):
+                    if frame[off:off + 2] == b"\x00\x03":
+                        frame[off + 2:off + 6] = cap.to_bytes(4, "big")
+                        self._buf[i] = bytes(frame)
+                        return
+        raise SessionInitError("nghttp2 sent no SETTINGS frame with MAX_CONCURRENT_STREAMS")
     def update_settings(self, new_settings: dict[int, int]) -> None:
         self._submit_settings(new_settings)
         self._dirty = True
@@ -427,13 +461,31 @@ class NgHttp2Connection:
         events = st.events = []
         if type(data) is not bytes:
             data = bytes(data)
+        guard = self.guard
+        if guard is not None:
+            guard.before_receive(self, data)
         rv = self._lib.nghttp2_session_mem_recv(self._s, data, len(data))
         if rv < 0:
             self._fatal(rv)
         self._flush()
         if self._terminated is not None:
             raise self._terminated
+        if guard is not None:
+            return guard.after_receive(self, events)  # type: ignore[no-any-return]
         return events
+
+    def terminate(self, error_code: int, exc: h2.exceptions.ProtocolError) -> None:
+        """End the session (GOAWAY with ``error_code``, queued now) because of ``exc``,
+        which this and every later :meth:`receive_data` raise."""
+        if self._terminated is None:
+            self._terminated = exc
+            self._lib.nghttp2_session_terminate_session(self._s, int(error_code))
+            self._flush()
+
+    @property
+    def streams_refused(self) -> int:
+        """Requests refused alone for ``refuse_streams_over`` so far."""
+        return self._st.refused
 
     def _fatal(self, rv: int) -> None:
         st = self._st
@@ -452,9 +504,7 @@ class NgHttp2Connection:
             exc = SessionFlooded("header_block_too_large", "too many CONTINUATION frames")
         else:
             exc = SessionTerminated(ErrorCodes.INTERNAL_ERROR, self._strerror(rv))
-        self._terminated = exc
-        self._lib.nghttp2_session_terminate_session(self._s, exc.error_code)
-        self._flush()
+        self.terminate(exc.error_code, exc)
         raise exc
 
     # -- output -------------------------------------------------------------------------
@@ -533,9 +583,13 @@ class NgHttp2Connection:
         return self._ffi.string(self._lib.nghttp2_strerror(rv)).decode("ascii", "replace")
 
 
-# Resets per second nghttp2 allows from a peer gateway: its resets are many workloads'
-# relayed over one shared connection (the calling gateway limits each workload's).
+# nghttp2's stream reset rate limit, lifted on the gateway's server sessions: on peer
+# links the resets are many workloads' relayed over one shared connection (the calling
+# gateway limits each workload's); on workload links the gateway's FrameGuard applies
+# its own rule (Envoy's premature-reset ratio), with the figures of the h2 core.
 _UNLIMITED_RESETS = (2**62, 2**62)
+# What nghttp2 is told for MAX_CONCURRENT_STREAMS when we refuse extra streams ourselves.
+_NO_STREAM_LIMIT = 2**31 - 1
 
 
 def from_limits(client: bool, limits: Any, trusted: bool,
@@ -544,7 +598,12 @@ def from_limits(client: bool, limits: Any, trusted: bool,
 
     ``limits`` is a :class:`gateway.Limits`; ``trusted`` (gateway-to-gateway and
     gateway-to-service) lets peers send frames of ``peer_max_frame_size`` and send
-    DATA frames as large as the peer allows, and lifts the reset rate limit.
+    DATA frames as large as the peer allows.  nghttp2's HTTP messaging checks are off:
+    every request the gateway relays passes its own checks (:mod:`gateway._sanitize`:
+    headers, trailers, body length against content-length), which answer a bad one
+    with 400 on its stream, where nghttp2 would reset it bare.  Server sessions refuse streams over
+    ``max_concurrent_streams`` one by one and have nghttp2's reset rate limit lifted
+    (see ``_UNLIMITED_RESETS``).
     """
     frame = limits.peer_max_frame_size if trusted else limits.max_frame_size
     conn = NgHttp2Connection(
@@ -557,7 +616,9 @@ def from_limits(client: bool, limits: Any, trusted: bool,
         connection_window=limits.initial_connection_window,
         max_header_list_size=limits.max_header_list_size,
         large_frames=trusted,
-        reset_rate_limit=_UNLIMITED_RESETS if trusted else None,
+        validate=False,
+        reset_rate_limit=None if client else _UNLIMITED_RESETS,
+        refuse_streams_over=None if client else limits.max_concurrent_streams,
         library=library)
     conn.initiate_connection()
     return conn

@@ -26,18 +26,22 @@ CORES = ("nghttp2", "h2")
 
 @dataclass(frozen=True)
 class CoreInfo:
-    """The selected core: ``name`` is ``"nghttp2"`` or ``"h2"``; ``reason`` says why."""
+    """The selected core: ``name`` is ``"nghttp2"`` or ``"h2"``; ``reason`` says why;
+    ``self_test`` is nghttp2's: ``"passed"``, ``"failed"`` (the reason says how) or
+    ``"not run"`` (h2 was asked for, or the library did not load)."""
 
     name: str
     reason: str
     version: str
     library: str = ""
     protections: dict[str, bool] = field(default_factory=dict)
+    self_test: str = "not run"
 
     def as_dict(self) -> dict[str, Any]:
         """For ``/config`` and ``--check-core``: plain JSON types."""
         return {"core": self.name, "reason": self.reason, "version": self.version,
-                "library": self.library, "protections": dict(self.protections)}
+                "library": self.library, "self_test": self.self_test,
+                "protections": dict(self.protections)}
 
     def describe(self) -> str:
         """One line for the log and the CLI."""
@@ -64,20 +68,23 @@ def select_core(prefer: str | None = None, path: str | None = None) -> CoreInfo:
                            f"{', '.join(CORES)}")
     if prefer == "h2":
         return _h2("ISTHMUS_HTTP2_CORE=h2 asked for it")
+    tested = "not run"
     try:
         lib = _ffi.load(path)
+        tested = "failed"
         _self_test(lib)
     except (CoreLoadError, GatewayError, OSError) as exc:
         reason = exc.reason if isinstance(exc, CoreLoadError) else str(exc)
         if prefer == "nghttp2":
             raise GatewayError(f"HTTP/2 core nghttp2 was required but {reason}") from None
-        return _h2(f"fallback: {reason}")
+        return _h2(f"fallback: {reason}", tested)
     return CoreInfo(name="nghttp2", reason=f"{lib.path} loaded and passed its self-test",
-                    version=lib.version, library=lib.path, protections=dict(lib.protections))
+                    version=lib.version, library=lib.path, protections=dict(lib.protections),
+                    self_test="passed")
 
 
-def _h2(reason: str) -> CoreInfo:
-    return CoreInfo(name="h2", reason=reason, version=h2.__version__)
+def _h2(reason: str, self_test: str = "not run") -> CoreInfo:
+    return CoreInfo(name="h2", reason=reason, version=h2.__version__, self_test=self_test)
 
 
 def _self_test(lib: _ffi.Library) -> None:

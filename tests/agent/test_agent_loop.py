@@ -71,6 +71,8 @@ class FakeFederation:
         self.published: list[list[str]] = []
         self.snapshot = snapshot
         self.publish_failures: list[Exception] = []
+        self.watch_failures: list[Exception] = []
+        self.watches = 0
 
     def publish(self, cluster: str, services: Any, ttl: int = 30) -> Any:
         if self.publish_failures:
@@ -82,6 +84,9 @@ class FakeFederation:
         return 30
 
     def watch(self, from_revision: int = 0, stop: threading.Event | None = None) -> Iterator[WatchMessage]:
+        self.watches += 1
+        if self.watch_failures:
+            raise self.watch_failures.pop(0)
         if self.snapshot is not None:
             yield WatchMessage(self.snapshot.revision, snapshot=self.snapshot)
         assert stop is not None
@@ -126,6 +131,22 @@ async def test_retryable_errors_are_retried_with_backoff() -> None:
         await wait_for(agent.synced.is_set)
         assert len(kube.upserts) == 4  # both mirrors (Service + EndpointSlice each), after two failures
         assert fed.published  # after one UNAVAILABLE
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_federation_watch_outlives_any_failure_of_one_attempt() -> None:
+    """Whatever one watch attempt raises (a refusal, or something unexpected), the agent
+    logs it, backs off and watches again; it goes on to receive the snapshot."""
+    snap = Snapshot(revision=3, clusters=(ClusterRecord(name="west", trust_domain="west.isthmus.local"),),
+                    services=(ExportedService(cluster="west", namespace="shop", name="api", ports=(ServicePort(port=80),)),))
+    kube, fed = FakeKube(), FakeFederation(snap)
+    fed.watch_failures = [RemoteError(grpc.StatusCode.PERMISSION_DENIED, "refused"),
+                          ValueError("a message the client could not cope with"), KeyError("x")]
+    agent = Agent(cfg(), kube, fed)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await wait_for(agent.synced.is_set)
+        assert fed.watches == 4 and kube.upserts  # the mirrors, from the snapshot it got
         nursery.cancel_scope.cancel()
 
 

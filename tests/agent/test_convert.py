@@ -115,6 +115,7 @@ def test_export_carries_ports_protocols_and_export_to() -> None:
     assert e == ExportedService(
         cluster="east", namespace="shop", name="web", export_to=("central", "west"),
         ports=(ServicePort(name="http", port=80, protocol="HTTP"), ServicePort(name="grpc", port=9090, protocol="GRPC")),
+        endpoints_known=True,  # counted from EndpointSlices (none here: a known 0)
     )
 
 

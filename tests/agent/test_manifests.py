@@ -106,6 +106,28 @@ def test_grafana_dashboard_uses_istio_metric_names() -> None:
     assert {v["name"] for v in dash["templating"]["list"]} >= {"source_cluster", "destination_cluster"}
 
 
+@needs_kubectl
+def test_every_metrics_port_has_a_scrape_job_that_finds_it() -> None:
+    """Each scrape job keeps pods by name and port name: the overlays must have such a
+    container port, and every port named http-metrics/http-admin must be scraped."""
+    jobs = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-scrape.yaml").read_text())["scrape_configs"]
+    wanted = set()
+    for job in jobs:
+        keep = {r["source_labels"][0]: r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
+        wanted.add((keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
+                    keep["__meta_kubernetes_pod_container_port_name"]))
+    served = set()
+    for overlay in OVERLAYS:
+        for o in kustomize(DEPLOY / "overlays" / overlay):
+            if o["kind"] in ("Deployment", "StatefulSet"):
+                pod = o["spec"]["template"]
+                for c in pod["spec"]["containers"]:
+                    served |= {(pod["metadata"]["labels"]["app.kubernetes.io/name"], p["name"])
+                               for p in c.get("ports", []) if p["name"] in ("http-metrics", "http-admin")}
+    assert wanted == served
+    assert ("isthmus-federation", "http-metrics") in served  # the federation's --metrics-listen
+
+
 def test_unknown_service_type_is_refused() -> None:
     with pytest.raises(ValueError, match="use one of LoadBalancer, NodePort"):
         m.gateway_objects(service_type="ClusterIp")

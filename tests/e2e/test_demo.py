@@ -174,6 +174,13 @@ def test_demo_runs_until_interrupted_then_cleans_up(tmp_path) -> None:  # type: 
         assert any("Press Ctrl-C" in line for line in lines), "".join(lines) + p.stderr.read()  # type: ignore[union-attr]
         time.sleep(1.0)
         assert p.poll() is None  # still running
+        # It prints the topology page's URL and keeps the page up.
+        url = re.search(r"Topology page: (http://\S+/)", "".join(lines))
+        assert url is not None, "".join(lines)
+        import httpx
+
+        doc = httpx.get(url.group(1) + "api/v1/topology", timeout=10).json()
+        assert {c["name"] for c in doc["clusters"]} == {"east", "west"}
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:

@@ -95,3 +95,51 @@ def test_policy_applied_once_is_enforced_everywhere_and_so_is_its_deletion(
     for src, dst in (("east", "west"), ("west", "east")):
         assert lf.wait_for(lambda: lf.call_http(src, dst, path="/admin/users"), 20).ok
         assert lf.wait_for(lambda: lf.call_grpc(src, dst), 20).ok
+
+
+AUTHORIZER = ("import sys, time; sys.path.insert(0, sys.argv[1]);"
+              "from tests.gateway.extauthz_servers import start_authorizer;"
+              "s, port, _ = start_authorizer(); print(port, flush=True); time.sleep(1e9)")
+
+
+def test_custom_policy_asks_the_authorizer_of_the_cluster_that_runs_the_service(
+        federation: LocalFederation, tmp_path: Path) -> None:
+    """An ext_authz gRPC server in west's namespace, named for west only: west's gateway
+    asks it; east's web, under the same policy, has no authorizer and fails closed."""
+    lf = federation
+    repo = Path(__file__).resolve().parents[2]
+    west = lf.clusters["west"]
+    authz = subprocess.Popen(["ip", "netns", "exec", west.namespace, sys.executable, "-c", AUTHORIZER, str(repo)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(authz.stdout.readline())  # type: ignore[union-attr]
+        f = tmp_path / "custom.yaml"
+        f.write_text(f"""\
+kind: ExtensionProvider
+name: opa
+ext_authz_grpc: {{addresses: {{west: "127.0.0.1:{port}"}}, timeout: 500ms}}
+---
+kind: AuthorizationPolicy
+name: web-custom
+action: CUSTOM
+provider: opa
+selector: {{namespace: default, service: web}}
+rules: [{{to: [{{paths: ["/echo*"]}}]}}]
+""")
+        r = isthmus(lf, "apply", "-f", str(f))
+        assert r.returncode == 0, r.stdout + r.stderr
+        denied = lf.wait_for(lambda: lf.call_http("east", "west", path="/echo/deny"), 20, want_ok=False)
+        assert denied.status == 418 and "denied by the test authorizer" in denied.body, denied
+        assert lf.call_http("east", "west", path="/echo/fine").ok
+        assert lf.call_http("east", "west", path="/").ok  # outside the rules: not asked
+        closed = lf.wait_for(lambda: lf.call_http("west", "east", path="/echo/fine"), 20, want_ok=False)
+        assert closed.status == 403, closed  # east has no address for opa: fail closed
+        m = lf.metrics("west")
+        assert 'isthmus_ext_authz_total{provider="opa",result="denied"} 1.0' in m, m[-2000:]
+        assert 'isthmus_ext_authz_total{provider="opa",result="allowed"} 1.0' in m
+        assert 'isthmus_ext_authz_total{provider="opa",result="error"}' in lf.metrics("east")
+    finally:
+        authz.kill()
+        authz.wait()
+        for kind, name in (("AuthorizationPolicy", "web-custom"), ("ExtensionProvider", "opa")):
+            isthmus(lf, "delete", kind, name)

@@ -93,3 +93,14 @@ def test_a_typo_withdraws_nothing_from_a_real_federation(fed, pki: Pki, tmp_path
         with fed.client(pki.admin_dir) as admin:
             [svc] = admin.list_services("east")
         assert svc.name == "web" and svc.ports[0].target == "10.0.0.5:8080"
+
+
+def test_file_exports_do_not_claim_an_endpoint_count(tmp_path: Path) -> None:
+    """Only the Kubernetes agent counts ready endpoints: a file export's 0 is "unknown",
+    so traffic routing never takes it out of a split for it."""
+    from federation.cli._export import load_exports
+
+    f = tmp_path / "exports.yaml"
+    f.write_text(GOOD)
+    [svc] = load_exports(f, "east")
+    assert svc.ready_endpoints == 0 and svc.endpoints_known is False

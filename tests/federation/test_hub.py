@@ -79,11 +79,46 @@ def test_snapshot_is_valid_model_json(etcd, tmp_path) -> None:  # type: ignore[n
 
     async def body(e: Etcd, hub: Hub) -> None:
         await e.put(b"/isthmus/exports/east/default/web", svc_json("web"))
-        await e.put(b"/isthmus/trust/bundle", json.dumps({"pem": root_pem}).encode())
+        changed = (await e.put(b"/isthmus/trust/bundle", json.dumps({"pem": root_pem}).encode())).header.revision
+        await e.put(b"/isthmus/tokens/abc", b"{}")  # moves etcd's revision, not the config's
         assert await hub.catch_up()
         snap = models.Snapshot.model_validate_json(hub.snapshot_event().snapshot_json)
         assert [s.name for s in snap.services] == ["web"] and snap.bundle_pem == root_pem
-        assert snap.revision == hub.revision
+        assert snap.revision == hub.config_revision == changed < hub.revision
+
+    asyncio.run(_with_hub(etcd.endpoint, body))
+
+
+def test_every_revision_on_the_stream_is_a_config_revision(etcd) -> None:  # type: ignore[no-untyped-def]
+    """Snapshots, resumes and progress carry the newest config change, not etcd's revision
+    (which status reports, tokens and leases move): what a gateway holds is comparable
+    with GetStatus' config_revision (issue 12: no APPLIED 17 over LATEST 16)."""
+
+    async def body(e: Etcd, hub: Hub) -> None:
+        changed = (await e.put(b"/isthmus/exports/east/default/web", svc_json("web"))).header.revision
+        for i in range(3):  # what gateways and agents write all the time
+            await e.put(b"/isthmus/status/east/gw-%d" % i, b"{}")
+        assert await hub.catch_up() and hub.revision > changed
+        fresh = hub.watch(progress_interval=0.2)
+        first = await fresh.__anext__()
+        assert first.is_snapshot and first.revision == changed == hub.config_revision
+        progress = await asyncio.wait_for(fresh.__anext__(), 5)
+        assert progress.progress and progress.revision == changed
+        await fresh.aclose()
+        # Resuming from the revision it holds: nothing changed since (no etcd read needed).
+        resumed = hub.watch(changed)
+        ev = await resumed.__anext__()
+        assert not ev.is_snapshot and ev.revision == changed and not ev.changes
+        # The next config change arrives as a delta at its own revision.
+        later = (await e.put(b"/isthmus/exports/east/default/api", svc_json("api"))).header.revision
+        ev = await asyncio.wait_for(resumed.__anext__(), 5)
+        assert ev.revision == later == hub.config_revision and [c.key for c in ev.changes] == ["east/default/api"]
+        await resumed.aclose()
+        # Resuming from before it: the delta is tagged with the newest config change.
+        older = hub.watch(changed - 1)
+        ev = await older.__anext__()
+        assert ev.revision == later and {c.key for c in ev.changes} >= {"east/default/api"}
+        await older.aclose()
 
     asyncio.run(_with_hub(etcd.endpoint, body))
 

@@ -41,3 +41,18 @@ def test_long_mirror_names_are_hashed_stable_and_distinct() -> None:
 
 def test_default_ports() -> None:
     assert (names.GATEWAY_OUTBOUND_PORT, names.GATEWAY_INBOUND_PORT, names.GATEWAY_ADMIN_PORT) == (15001, 15443, 15000)
+
+
+def test_gateway_names_are_cluster_slash_dns_label() -> None:
+    assert names.gateway_instance("gw-7d9f", 1) == "gw-7d9f-1"
+    assert names.gateway_instance("VM_3.Example.COM", 4242) == "vm-3-example-com-4242"
+    assert names.gateway_instance("", 7) == "gateway-7"
+    long = names.gateway_instance("h" * 100, 123456)
+    assert len(long) == 63 and long.endswith("-123456")
+    assert names.gateway_instance("gw-1") == "gw-1"  # a valid instance stays as it is
+    assert names.gateway_name("east", "gw-1") == "east/gw-1"
+    assert names.parse_gateway_name("east/gw-1") == ("east", "gw-1")
+    for bad in ("east", "east/", "/gw", "east/gw/1", "east/GW", "east/-gw", "east/gw-", "spiffe://east/x#h",
+                "east/" + "x" * 64):
+        with pytest.raises(ValueError, match="must be <cluster>/<instance>"):
+            names.parse_gateway_name(bad)

@@ -38,7 +38,8 @@ def test_service_surface() -> None:
     assert svc.full_name == "isthmus.federation.v1.Federation"
     assert set(svc.methods_by_name) == {
         "Join", "CreateToken", "PublishExports", "Heartbeat", "Withdraw", "Watch", "ReportApplied",
+        "ReportTraffic", "GetTraffic",
         "ApplyPolicy", "ListPolicies", "DeletePolicy", "ListClusters", "ListServices", "GetStatus",
-        "RevokeCluster",
+        "RevokeCluster", "ListDocuments", "SetRouteWeights",
     }  # fmt: skip
     assert svc.methods_by_name["Watch"].server_streaming

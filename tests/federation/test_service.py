@@ -91,3 +91,43 @@ def test_bench_smoke_runs() -> None:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["publish_to_all_watchers_ms"]["samples"] == 10
     assert out["snapshot_bytes"] > 0 and out["server_peak_rss_mib"] > 0
+    assert out["etcd_members"] == 3 and out["etcd_db_size_mib"] > 0 and len(out["etcd_rss_mib_each"]) == 3
+    assert "broke_at" not in out, out
+
+
+@pytest.mark.timeout(120)
+def test_bench_delta_cost_smoke_runs() -> None:
+    """federation_scale.py --deltas: a real Gateway applies watch deltas at two sizes."""
+    import json
+    import subprocess
+    import sys
+
+    from .fixtures import REPO
+
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "bench" / "federation_scale.py"), "--deltas", "--smoke", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["200"]["apply_ms_median"] > 0 and out["2000"]["apply_ms_median"] > 0
+    assert out["ratio_largest/smallest"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_publish_to_enforced_smoke_runs() -> None:
+    """federation_scale.py --gateways: real gateway processes enforce a policy change."""
+    import json
+    import subprocess
+    import sys
+
+    from .fixtures import REPO
+
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "bench" / "federation_scale.py"), "--gateways", "2", "--smoke", "--json"],
+        capture_output=True, text=True, timeout=170, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["publish_to_enforced_at_every_gateway_ms"]["samples"] == 5
+    assert out["gateway_rss_mib_max"] > 0

@@ -37,11 +37,14 @@ def test_report_applied_is_bound_to_the_callers_identity_and_the_federations_rev
     join_cluster(fed, pki, "west", tmp_path)
     rev = admin.status().config_revision
     with fed.client(east.gateway_dir) as e:
-        # East's certificate cannot speak for west's gateway, nor under a made-up name ...
+        # East's certificate cannot speak for west's gateways, in either form ...
+        assert refused(lambda: e.report_applied("west/gw-1", rev)) == grpc.StatusCode.PERMISSION_DENIED
         assert refused(lambda: e.report_applied(WEST_GW, rev)) == grpc.StatusCode.PERMISSION_DENIED
-        assert refused(lambda: e.report_applied("west", rev)) == grpc.StatusCode.PERMISSION_DENIED
         assert refused(lambda: e.report_applied(EAST_GW + "#", rev)) == grpc.StatusCode.PERMISSION_DENIED
         assert refused(lambda: e.report_applied(EAST_GW + "#" + "x" * 300, rev)) == grpc.StatusCode.PERMISSION_DENIED
+        # ... nor report under a name that is not <cluster>/<DNS label> ...
+        for bad in ("west", "east/", "east/Gw_1", "east/gw/1", "east/" + "x" * 64, "east/-gw", "east/gw 1"):
+            assert refused(lambda: e.report_applied(bad, rev)) == grpc.StatusCode.INVALID_ARGUMENT, bad
         # ... nor claim a revision the federation has not reached.
         assert refused(lambda: e.report_applied("", 999_999)) == grpc.StatusCode.INVALID_ARGUMENT
         assert refused(lambda: e.report_applied("", rev, rejected_revision=999_999, rejected_reason="x")) == (
@@ -49,10 +52,11 @@ def test_report_applied_is_bound_to_the_callers_identity_and_the_federations_rev
         )
         assert admin.status().gateways == ()
         e.report_applied("", rev)
-        e.report_applied(EAST_GW + "#host-2", rev)
+        e.report_applied("east/host-2", rev)
+        e.report_applied(EAST_GW + "#VM_3.example", rev)  # what older gateways send
     st = admin.status()
     assert sorted((g.cluster, g.gateway_id, g.state) for g in st.gateways) == [
-        ("east", EAST_GW, "SYNCED"), ("east", EAST_GW + "#host-2", "SYNCED")
+        ("east", "east/gateway", "SYNCED"), ("east", "east/host-2", "SYNCED"), ("east", "east/vm-3-example", "SYNCED"),
     ]  # fmt: skip
 
 
@@ -63,14 +67,14 @@ def test_status_keys_are_capped_per_cluster_and_lapse_with_their_lease(
     rev = admin.status().config_revision
     with fed.client(east.gateway_dir) as e:
         for i in range(MAX_GATEWAYS_PER_CLUSTER):
-            e.report_applied(f"{EAST_GW}#{i}", rev)
-        assert refused(lambda: e.report_applied(f"{EAST_GW}#one-too-many", rev)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        e.report_applied(f"{EAST_GW}#0", rev)  # an existing one still reports
+            e.report_applied(f"east/gw-{i}", rev)
+        assert refused(lambda: e.report_applied("east/one-too-many", rev)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        e.report_applied("east/gw-0", rev)  # an existing one still reports
     assert len(admin.status().gateways) == MAX_GATEWAYS_PER_CLUSTER
 
     async def lease_of_0() -> tuple[int, int]:
         async with Etcd(etcd.endpoint) as c:
-            kv = await c.get(Keys().status("east", f"{EAST_GW}#0"))
+            kv = await c.get(Keys().status("east", "gw-0"))
             assert kv is not None and kv.lease
             ttl = await c.lease.LeaseTimeToLive(etcd_pb.LeaseTimeToLiveRequest(ID=kv.lease))
             await c.revoke(kv.lease)  # what the lease's expiry does when the gateway is gone
@@ -79,7 +83,7 @@ def test_status_keys_are_capped_per_cluster_and_lapse_with_their_lease(
     granted, left = asyncio.run(lease_of_0())
     assert granted == STATUS_TTL and 0 < left <= STATUS_TTL
     ids = {g.gateway_id for g in admin.status().gateways}
-    assert f"{EAST_GW}#0" not in ids and len(ids) == MAX_GATEWAYS_PER_CLUSTER - 1
+    assert "east/gw-0" not in ids and len(ids) == MAX_GATEWAYS_PER_CLUSTER - 1
 
 
 def test_a_rejected_snapshot_is_reported_and_status_shows_it(fed, admin, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

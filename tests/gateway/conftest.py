@@ -3,10 +3,16 @@
 Gateways run in-process on the test's trio loop (fast); ``test_subprocess.py`` runs
 ``isthmus gateway run`` as real processes.  Everything talks over loopback sockets with
 real TLS handshakes.
+
+HTTP/2 cores: a module marked ``both_cores`` runs each of its tests twice, once per core
+(ids ``[nghttp2]`` and ``[h2]``), through ``ISTHMUS_HTTP2_CORE`` (the ``http2_core``
+fixture sets it before any gateway is built).  Other tests run on whatever core the
+environment selects (nghttp2 where libnghttp2 loads).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +23,33 @@ import trio
 import trust
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot
 from gateway import Gateway, GatewayConfig
+from gateway.h2core import CoreLoadError, load_library
 
 from .backends import H2Backend, start_grpc_server, tcp_echo
 
 FED_TD = "isthmus.local"
+HTTP2_CORES = ("nghttp2", "h2")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if ("http2_core" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("both_cores") is not None):
+        metafunc.parametrize("http2_core", HTTP2_CORES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def http2_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The HTTP/2 core gateways built in this test run on (see the module docstring)."""
+    core = getattr(request, "param", None)
+    if core is None:
+        return os.environ.get("ISTHMUS_HTTP2_CORE", "")
+    if core == "nghttp2":
+        try:
+            load_library()
+        except CoreLoadError as exc:
+            pytest.skip(f"nghttp2 core unavailable: {exc.reason}")
+    monkeypatch.setenv("ISTHMUS_HTTP2_CORE", core)
+    return str(core)
 
 
 @dataclass

@@ -28,6 +28,8 @@ from gateway._abuse import current_rss
 
 from .conftest import Mesh, gateway_config
 
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
+
 WEB = "web.default.west.isthmus.local:8080"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 INBOUND_WEB = b"web.default.svc.cluster.local:8080"
@@ -50,6 +52,9 @@ class Raw:
         self.dec = hpack.Decoder()
         self.dec.max_header_list_size = 1 << 20
         self.eof = False
+        # Frames of other streams read by response(), with their headers decoded (in
+        # arrival order: HPACK state is per connection).
+        self.held: list[tuple[Frame, list | None]] = []
 
     @classmethod
     async def open(cls, port: int, ctx: ssl.SSLContext | None = None,
@@ -116,15 +121,28 @@ class Raw:
                 goaway = f
         return goaway
 
+    async def _next_of(self, sid: int, deadline: float) -> tuple[Frame, list | None] | None:
+        """The next frame of ``sid`` and its decoded headers (a held one first); others'
+        frames are held, so responses may interleave in any order (either core may)."""
+        for i, item in enumerate(self.held):
+            if item[0].stream_id == sid:
+                return self.held.pop(i)
+        while (f := await self.next_frame(deadline)) is not None:
+            hs = self.dec.decode(f.data, raw=True) if isinstance(f, HeadersFrame) else None
+            if f.stream_id == sid:
+                return f, hs
+            if f.stream_id:
+                self.held.append((f, hs))
+        return None
+
     async def response(self, sid: int, timeout: float = 5.0) -> tuple[dict, bytes]:
         deadline = trio.current_time() + timeout
         hs: dict = {}
         body = bytearray()
-        while (f := await self.next_frame(deadline)) is not None:
-            if f.stream_id != sid:
-                continue
-            if isinstance(f, HeadersFrame):
-                hs.update(self.dec.decode(f.data, raw=True))
+        while (item := await self._next_of(sid, deadline)) is not None:
+            f, decoded = item
+            if decoded is not None:
+                hs.update(decoded)
             elif isinstance(f, DataFrame):
                 body += f.data
                 if f.data:

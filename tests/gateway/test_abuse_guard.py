@@ -1,7 +1,11 @@
-"""Sans-IO tests of the abuse rules (gateway/_abuse.py): a real h2 server connection with a
-FrameGuard installed, fed bytes built with hyperframe/hpack, and an injected clock."""
+"""Sans-IO tests of the abuse rules (gateway/_frames.py, gateway/_abuse.py): a real server
+connection of each HTTP/2 core (h2, and nghttp2 as the gateway builds it) with a
+FrameGuard installed, fed bytes built with hyperframe/hpack, and an injected clock.  The
+rules and their figures are the same on both cores."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -17,6 +21,9 @@ from gateway import GatewayConfig
 from gateway._abuse import MemoryWatch, Shield
 from gateway._frames import FrameGuard
 from gateway._config import Limits
+from gateway.h2core import from_limits
+
+CORES = ["h2", "nghttp2"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REQ = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
@@ -30,13 +37,21 @@ class Clock:
         return self.t
 
 
-def server(**limits: object) -> tuple[h2.connection.H2Connection, FrameGuard, Clock]:
+@pytest.fixture(params=CORES)
+def core(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def server(core: str = "h2", **limits: object) -> tuple[Any, FrameGuard, Clock]:
     lim = Limits(**limits)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
-                                                                 header_encoding=None))
-    conn.local_settings = h2.settings.Settings(client=False, initial_values={
-        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams})
-    conn.initiate_connection()
+    if core == "nghttp2":
+        conn = from_limits(False, lim, trusted=False)
+    else:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                     header_encoding=None))
+        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams})
+        conn.initiate_connection()
     conn.data_to_send()
     clock = Clock()
     guard = FrameGuard(lim, clock)
@@ -74,8 +89,8 @@ def goaway_code(conn: h2.connection.H2Connection) -> int | None:
     return None
 
 
-def test_rapid_reset_closes_at_the_envoy_threshold() -> None:
-    conn, guard, clock = server(premature_reset_total_stream_count=100)
+def test_rapid_reset_closes_at_the_envoy_threshold(core: str) -> None:
+    conn, guard, clock = server(core, premature_reset_total_stream_count=100)
     enc = hpack.Encoder()
     sid = 1
     for _ in range(99):
@@ -88,8 +103,8 @@ def test_rapid_reset_closes_at_the_envoy_threshold() -> None:
     assert goaway_code(conn) == ErrorCodes.ENHANCE_YOUR_CALM
 
 
-def test_resets_of_mature_streams_and_mostly_completed_connections_are_fine() -> None:
-    conn, guard, clock = server(premature_reset_total_stream_count=100)
+def test_resets_of_mature_streams_and_mostly_completed_connections_are_fine(core: str) -> None:
+    conn, guard, clock = server(core, premature_reset_total_stream_count=100)
     enc = hpack.Encoder()
     sid = 1
     # 300 streams; 40% cancelled at once (a client hedging), the rest run their course.
@@ -120,8 +135,8 @@ def test_resets_of_mature_streams_and_mostly_completed_connections_are_fine() ->
     PriorityFrame(1, depends_on=0, stream_weight=16),
     DataFrame(1, b""),  # empty DATA without END_STREAM
 ], ids=["ping", "settings", "priority", "empty-data"])
-def test_control_frame_flood_is_capped_per_second(frame) -> None:
-    conn, guard, clock = server(max_control_frames_per_second=50)
+def test_control_frame_flood_is_capped_per_second(frame, core: str) -> None:
+    conn, guard, clock = server(core, max_control_frames_per_second=50)
     enc = hpack.Encoder()
     conn.receive_data(headers(1, enc, end_stream=False))
     wire = frame.serialize()
@@ -135,8 +150,9 @@ def test_control_frame_flood_is_capped_per_second(frame) -> None:
     assert goaway_code(conn) == ErrorCodes.ENHANCE_YOUR_CALM
 
 
-def test_window_update_flood_has_its_own_budget() -> None:
-    conn, guard, clock = server(max_window_updates_per_second=100, max_control_frames_per_second=10)
+def test_window_update_flood_has_its_own_budget(core: str) -> None:
+    conn, guard, clock = server(core, max_window_updates_per_second=100,
+                                max_control_frames_per_second=10)
     wire = WindowUpdateFrame(0, window_increment=1).serialize()
     conn.receive_data(wire * 100)
     with pytest.raises(h2.exceptions.DenialOfServiceError):
@@ -144,8 +160,8 @@ def test_window_update_flood_has_its_own_budget() -> None:
     assert guard.violation.reason == "window_update_flood"
 
 
-def test_extra_stream_is_refused_alone() -> None:
-    conn, guard, clock = server(max_concurrent_streams=2)
+def test_extra_stream_is_refused_alone(core: str) -> None:
+    conn, guard, clock = server(core, max_concurrent_streams=2)
     enc = hpack.Encoder()
     ev = conn.receive_data(headers(1, enc, False) + headers(3, enc, False) + headers(5, enc, False))
     assert [e.stream_id for e in ev if isinstance(e, h2.events.RequestReceived)] == [1, 3]
@@ -159,20 +175,23 @@ def test_extra_stream_is_refused_alone() -> None:
     assert any(isinstance(e, h2.events.RequestReceived) and e.stream_id == 7 for e in ev)
 
 
-def test_oversized_header_block_is_refused_before_h2_buffers_it_all() -> None:
-    conn, guard, clock = server(max_header_list_size=4096)
-    h = HeadersFrame(1, b"\x00" * 1000)
-    conn.receive_data(h.serialize())
+def test_oversized_header_block_is_refused_before_h2_buffers_it_all(core: str) -> None:
+    conn, guard, clock = server(core, max_header_list_size=4096)
+    block = hpack.Encoder().encode(REQ + [(b"x-%d" % i, b"v" * 90) for i in range(120)],
+                                   huffman=False)
+    conn.receive_data(HeadersFrame(1, block[:1000]).serialize())
     assert guard.deadline == clock.t + 10  # a header block is in progress
-    with pytest.raises(h2.exceptions.DenialOfServiceError):
-        for _ in range(10):
-            conn.receive_data(ContinuationFrame(1, b"\x00" * 1000).serialize())
-    assert guard.violation.reason == "header_block_too_large"
+    with pytest.raises(h2.exceptions.DenialOfServiceError) as info:
+        for i in range(1000, len(block), 1000):
+            conn.receive_data(ContinuationFrame(1, block[i:i + 1000]).serialize())
+    # The guard's cap on the block, or (nghttp2, which decodes as it goes) the core's on
+    # the decoded list, whichever is reached first: the same reason and GOAWAY.
+    assert info.value.reason == "header_block_too_large"
     assert goaway_code(conn) == ErrorCodes.ENHANCE_YOUR_CALM
 
 
-def test_headers_deadline_follows_the_connection_state() -> None:
-    conn, guard, clock = server(request_headers_timeout=5)
+def test_headers_deadline_follows_the_connection_state(core: str) -> None:
+    conn, guard, clock = server(core, request_headers_timeout=5)
     assert guard.deadline == 105.0  # first request headers due
     enc = hpack.Encoder()
     conn.receive_data(headers(1, enc))
@@ -185,6 +204,45 @@ def test_headers_deadline_follows_the_connection_state() -> None:
     conn.receive_data(wire[12:] + ContinuationFrame(3, b"", flags=["END_HEADERS"]).serialize())
     assert guard.deadline == float("inf")
     assert guard.headers_timed_out().reason == "headers_timeout"
+
+
+def test_extra_stream_after_settings_ack_is_refused_alone(core: str) -> None:
+    """Once the client acknowledged MAX_CONCURRENT_STREAMS, nghttp2 alone would end the
+    connection for an extra stream (h2 too): the guard's rule refuses that stream only."""
+    conn, guard, clock = server(core, max_concurrent_streams=2)
+    sent = frames(conn.data_to_send() if core == "h2" else b"")
+    enc = hpack.Encoder()
+    conn.receive_data(SettingsFrame(0, flags=["ACK"]).serialize())
+    ev = conn.receive_data(headers(1, enc, False) + headers(3, enc, False) + headers(5, enc, False))
+    assert [e.stream_id for e in ev if isinstance(e, h2.events.RequestReceived)] == [1, 3]
+    out = frames(conn.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == [
+        (5, ErrorCodes.REFUSED_STREAM)]
+    assert not [f for f in sent + out if isinstance(f, GoAwayFrame)]
+    assert guard.refused == 1 and guard.violation is None
+
+
+def test_nghttp2_advertises_the_limit_it_refuses_at() -> None:
+    """nghttp2 is told no limit (so it never ends the connection for one); the SETTINGS
+    frame on the wire carries the real one."""
+    lim = Limits(max_concurrent_streams=7)
+    conn = from_limits(False, lim, trusted=False)
+    settings = [f for f in frames(conn.data_to_send()) if isinstance(f, SettingsFrame)]
+    assert settings[0].settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == 7
+
+
+def test_frames_split_across_reads_count_as_whole_frames(core: str) -> None:
+    """Frame headers and payloads cut at every byte still count as whole frames."""
+    conn, guard, clock = server(core, max_control_frames_per_second=21)  # + client SETTINGS
+    enc = hpack.Encoder()
+    wire = headers(1, enc, end_stream=False) + PingFrame(0, opaque_data=b"12345678").serialize() * 20
+    for i in range(len(wire)):
+        conn.receive_data(wire[i:i + 1])
+    assert guard.violation is None and guard.deadline == float("inf")
+    with pytest.raises(h2.exceptions.DenialOfServiceError):
+        conn.receive_data(b"\x00\x00\x00\xfa\x00\x00\x00\x00\x00")  # an unknown type counts
+    assert guard.violation.reason == "control_frame_flood"
+    assert goaway_code(conn) == ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_memory_watch_and_shield_counts() -> None:

@@ -461,3 +461,21 @@ def test_source_cluster_is_the_peers_not_the_asserted_identitys() -> None:
     assert decide("east", wl("central", "shop", "cart"))
     assert not decide("central", wl("east", "shop", "cart"))
     assert decide("east", "")
+
+
+@pytest.mark.parametrize("method", ["ACL", "BIND", "CHECKOUT", "COPY", "GET", "PROPFIND", "UNLOCK"])
+def test_only_connect_is_checked_as_a_tunnel(method: str) -> None:
+    """Only CONNECT drops the HTTP fields from the check: a request with any other method
+    (WebDAV's ACL and BIND sort before "CONNECT") is matched on its path, so a DENY on
+    paths holds for it."""
+    from federation.jwt import JwksStore
+    from gateway._authz import PolicyState
+    from gateway._proxy import RequestAttrs
+
+    deny = AuthorizationPolicy(name="deny-admin", selector=SEL_WEB, action="DENY",
+                               rules=(Rule(to=(RuleTo(paths=("/admin*",)),)),))
+    ps = PolicyState(Snapshot(revision=1, policies=(deny,)), JwksStore())
+    gw = "spiffe://east.isthmus.local/ns/isthmus-system/sa/isthmus-gateway"
+    d = ps(RequestAttrs("east", gw, wl("east", "shop", "cart"), "default", "web", 8080, method, "/admin/x"))
+    assert not d.allow and d.policy == "deny-admin", d
+    assert ps(RequestAttrs("east", gw, wl("east", "shop", "cart"), "default", "web", 8080, method, "/x")).allow

@@ -44,3 +44,14 @@ def test_config_apply_benchmark_smoke_mode_runs() -> None:
         assert set(r[mode]) == {"stall_ms_median", "stall_ms_max", "apply_ms_median"}
         assert r[mode]["apply_ms_median"] > 0
     assert r["ratio_stall_on_loop/off_loop"] > 0 and r["ratio_stall_off_loop/floor"] > 0
+
+
+def test_ext_authz_benchmark_smoke_mode_runs() -> None:
+    """tests/bench/ext_authz.py --smoke sends requests with and without a CUSTOM check."""
+    out = subprocess.run([sys.executable, str(REPO / "tests/bench/ext_authz.py"), "--smoke", "--json"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["errors"] == 0 and r["requests_per_path"] > 0
+    assert r["plain_ms_median"] > 0 and r["checked_ms_median"] > 0
+    assert r["ratio_checked/plain_latency"] > 0 and "added_cpu_us" in r

@@ -150,3 +150,30 @@ async def test_certificate_expiry_metric_follows_rotation(pki: Pki, tmp_path: Pa
             await trio.sleep(0.2)
     assert abs(value - renewed) < 1
     gw.stop()
+
+
+
+def test_a_retired_state_is_taken_apart_only_when_nobody_holds_its_tables(
+        pki: Pki, tmp_path: Path) -> None:
+    """retire() frees a replaced state's route tables entry by entry (so freeing 50,000
+    routes is no single GIL-holding call); a table still held elsewhere is left whole."""
+    from gateway._state import retire
+
+    svc = ExportedService(cluster="west", namespace="default", name="web",
+                          ports=(ServicePort(port=8080),))
+    snap = Snapshot(revision=3, services=(svc,))
+
+    west = Gateway(gateway_config(pki, "west", tmp_path))
+    assert west.apply_snapshot(snap)
+    held = west.state.routes.inbound  # a reader still holds this table
+    retire([west.state])
+    assert len(held) == 2 and held is west.state.routes.inbound
+
+    # A changed service: a new table (an unchanged one is shared with the state before).
+    moved = svc.model_copy(update={"ports": (ServicePort(port=8081),)})
+    assert west.apply_snapshot(snap.model_copy(update={"revision": 4, "services": (moved,)}))
+    tables = west.state.routes
+    assert len(tables.inbound) == 2 and tables.inbound is not held
+    retire([west.state])
+    assert tables.inbound == {} and tables.outbound == {}
+    assert len(held) == 2  # what it shared with the held table is still there

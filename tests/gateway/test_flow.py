@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import h2.config
 import h2.connection
 import h2.events
 import trio
 
 from .conftest import Mesh
+
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
 
 SIZE = 100 * 1024 * 1024
 

@@ -3,6 +3,7 @@ trailers, status codes, deadlines, and transport failures mapped to gRPC statuse
 
 from __future__ import annotations
 
+import pytest
 import time
 
 import grpc
@@ -10,6 +11,8 @@ import trio
 
 from .backends import SERVICE
 from .conftest import Mesh
+
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
 
 ECHO = "echo.default.west.isthmus.local:50051"
 

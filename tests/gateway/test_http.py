@@ -13,6 +13,8 @@ from gateway import Gateway
 
 from .conftest import Mesh, gateway_config
 
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
+
 WEB = "web.default.west.isthmus.local:8080"
 WEB_FED = "web.default.isthmus.local:8080"
 

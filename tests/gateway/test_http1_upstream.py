@@ -14,6 +14,8 @@ from federation.models import ExportedService, ServicePort
 
 from .conftest import Mesh
 
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

@@ -19,6 +19,8 @@ from gateway import Decision, Gateway
 from .conftest import Mesh, gateway_config
 from .h2client import h2_request
 
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
+
 WEB = "web.default.west.isthmus.local:8080"
 
 
@@ -95,12 +97,30 @@ async def test_max_concurrent_streams_is_advertised_and_enforced(mesh: Mesh, nur
 
 
 async def test_oversized_header_list_is_refused(mesh: Mesh) -> None:
+    """On either core: the connection is closed with the same reason, the workload's IP
+    sits out the abuse cooldown (1 s by default), and afterwards it is served again."""
     async with httpx.AsyncClient(http2=True, http1=False) as c:
         with pytest.raises(httpx.HTTPError):
             await c.get(f"http://127.0.0.1:{mesh.east_out}/echo",
                         headers={"host": WEB, "x-big": "a" * 70_000})
-        r = await c.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})
-    assert r.status_code == 200  # the next connection is fine
+    def closed() -> float:
+        return mesh.east.metrics.registry.get_sample_value(
+            "isthmus_abuse_connections_closed_total",
+            {"listener": "outbound", "reason": "header_block_too_large"}) or 0.0
+
+    with trio.fail_after(10):
+        while not closed():
+            await trio.sleep(0.01)
+    assert closed() == 1
+    with trio.fail_after(10):
+        while True:
+            try:
+                async with httpx.AsyncClient(http2=True, http1=False) as c:
+                    r = await c.get(f"http://127.0.0.1:{mesh.east_out}/echo", headers={"host": WEB})
+                break
+            except httpx.HTTPError:
+                await trio.sleep(0.2)  # still in the cooldown
+    assert r.status_code == 200  # the next connection after the cooldown is fine
 
 
 async def test_authorize_hook_sees_request_and_can_deny(mesh: Mesh, nursery: trio.Nursery) -> None:

@@ -5,6 +5,7 @@ CRL counts only when a trusted root signed it."""
 
 from __future__ import annotations
 
+import pytest
 import json
 
 import h2.config
@@ -22,6 +23,8 @@ from gateway._config import parse_config
 from .conftest import FED_TD, Mesh
 from .h2client import ConnectionRefusedByPeer, h2_request
 from .test_abuse import ATTACKER_IP, FLOODS, INBOUND_WEB, Raw, req, start, wait_abuse
+
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
 
 WEB_OUT = "web.default.west.isthmus.local:8080"
 FORGED = {

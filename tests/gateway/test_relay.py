@@ -6,6 +6,7 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 from h2.errors import ErrorCodes
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -14,12 +15,15 @@ import gateway
 from gateway._config import Limits
 from gateway._context import RequestContext
 from gateway._half import link
-from gateway._h2 import h2_connection
+from gateway._h2 import ConnectionFactory
 from gateway._proxy import traceparent
 from gateway._relay import H2Endpoint, new_upstream
 from gateway._telemetry import Exchange
 
+from gateway.h2core import select_core
+
 L = Limits()
+pytestmark = pytest.mark.both_cores
 
 
 class Rig:
@@ -31,8 +35,9 @@ class Rig:
         self.client.local_settings.initial_window_size = window
         self.client.initiate_connection()
         self.server.initiate_connection()
-        self.down = H2Endpoint(h2_connection(False, L, trusted=False))
-        self.up = H2Endpoint(h2_connection(True, L, trusted=True))
+        make = ConnectionFactory(select_core(), L)  # the core of this run (both_cores)
+        self.down = H2Endpoint(make(False, False))
+        self.up = H2Endpoint(make(True, True))
         self.down.on_request = self.on_request
         self.server_events: list = []
         self.client_events: list = []

@@ -12,6 +12,8 @@ import trust
 from .conftest import Mesh
 from .h2client import ConnectionRefusedByPeer, h2_request
 
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
+
 
 def _gw_ctx(mesh: Mesh, cluster: str):
     f = mesh.pki.gw[cluster]

@@ -22,6 +22,8 @@ from federation.models import AuthorizationPolicy, ExportedService, Rule, RuleTo
 from .conftest import Mesh
 from .h2client import ConnectionRefusedByPeer, h2_request
 
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
+
 WEB = b"web.default.west.isthmus.local:8080"
 LEGACY = b"legacy.default.west.isthmus.local"
 TCP = b"tcpecho.default.west.isthmus.local:7"

@@ -8,6 +8,7 @@ a few hundred examples, each on its own short-lived workload connection.
 
 from __future__ import annotations
 
+import pytest
 import h2.config
 import h2.connection
 import h2.events
@@ -18,6 +19,8 @@ from hypothesis import strategies as st
 
 from .conftest import Mesh
 from .test_stream_faults import LEGACY, TCP, WEB, Victim, peer_connections, stage  # noqa: F401
+
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
 
 NAMES = [WEB, LEGACY, TCP, b"nope.default.west.isthmus.local", b"WEB.default.west.isthmus.local:8080", b""]
 METHODS = [b"GET", b"POST", b"HEAD", b"PUT", b"OPTIONS", b"CONNECT", b"get", b"G T", b"\xff", b""]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import os
 
 import trio
@@ -9,6 +10,8 @@ import trio
 from gateway import Gateway
 
 from .conftest import Mesh, gateway_config
+
+pytestmark = pytest.mark.both_cores  # HTTP/2 data path: run on each core
 
 
 async def test_tcp_echo_through_connect(mesh: Mesh, nursery: trio.Nursery) -> None:

@@ -63,10 +63,12 @@ TARGETS = (
             "PolicySet._selected", "PolicySet.evaluate"),
            "tests/policy/test_policy_decision.py", sync=True),
     Target("gateway-identity", "gateway/_proxy.py", ("inbound", "outbound"),
-           "tests/gateway/test_security.py tests/gateway/test_promises.py tests/gateway/test_relay.py"),
+           "tests/gateway/test_proxy_decisions.py tests/gateway/test_security.py tests/gateway/test_promises.py "
+           "tests/gateway/test_identity.py tests/gateway/test_relay.py"),
     Target("gateway-visibility", "gateway/_routes.py",
-           ("LocalTarget.visible_to", "build_routes", "split_authority"),
-           "tests/gateway/test_config.py tests/gateway/test_security.py"),
+           ("LocalTarget.visible_to", "RouteTable.outbound_route", "RouteTable.inbound_target", "build_routes",
+            "_full_routes", "_group_routes", "_update_routes"),
+           "tests/gateway/test_config.py tests/gateway/test_config_deltas.py tests/gateway/test_security.py"),
     Target("gateway-policy", "gateway/_authz.py", ("PolicyState.decide",),
            "tests/gateway/test_authz.py tests/gateway/test_authz_jwt.py"),
 )

@@ -169,3 +169,28 @@ def test_checks_against_the_running_federation(tmp_path: Path) -> None:
             fed.stop()
     finally:
         etcd.stop()
+
+
+CUSTOM = POLICIES + """---
+kind: AuthorizationPolicy
+name: cart-opa
+action: CUSTOM
+provider: opa
+selector: {namespace: shop, service: cart}
+rules: [{to: [{paths: ["/api/*", "/admin*"]}]}]
+"""
+
+
+def test_a_decision_that_depends_on_a_custom_provider_says_so(tmp_path: Path) -> None:
+    f = tmp_path / "custom.yaml"
+    f.write_text(CUSTOM)
+    r = run("--from", EAST, "--to", "shop/cart", "--method", "GET", "--path", "/api/items", "-f", str(f))
+    assert r.exit_code == 3, r.output
+    assert r.output.startswith("DEPENDS: ")
+    assert "'opa' (policy cart-opa)" in r.output and "cannot be known offline" in r.output
+    r = run("--from", EAST, "--to", "shop/cart", "--method", "GET", "--path", "/admin/x", "-f", str(f), "-o", "json")
+    out = json.loads(r.output)
+    assert r.exit_code == 1 and out["decision"] == "DENIED"  # a local DENY stands whatever opa says
+    assert out["custom"] == [{"policy": "cart-opa", "provider": "opa"}] and out["depends_on_custom"] is False
+    r = run("--from", EAST, "--to", "shop/cart", "--method", "GET", "--path", "/other", "-f", str(f), "-o", "json")
+    assert json.loads(r.output)["custom"] == []  # outside the CUSTOM rules: opa is not asked

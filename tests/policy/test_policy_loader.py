@@ -48,7 +48,7 @@ def err(text: str, **kw: object) -> PolicyFileError:
      "rules[0].from[0].principals[0]", "valid string"),
     ("kind: AuthorizationPolicy\nname: a\nrules: [{from: [{principal: [x]}]}]",
      "rules[0].from[0].principal", "Extra inputs are not permitted"),
-    ("kind: AuthorizationPolicy\nname: a\naction: ALOW", "action", "'ALLOW', 'DENY' or 'AUDIT'"),
+    ("kind: AuthorizationPolicy\nname: a\naction: ALOW", "action", "'ALLOW', 'DENY', 'AUDIT' or 'CUSTOM'"),
     ("kind: AuthorizationPolicy\nname: Bad_Name", "name", "lowercase RFC 1123 label"),
     ("kind: AuthorizationPolicy\nname: a\nrules: [{to: [{paths: ['/a*b']}]}]",
      "rules[0].to[0].paths[0]", "'*' may appear once"),
