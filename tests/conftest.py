@@ -37,6 +37,21 @@ def _unexpected_skips(config: pytest.Config) -> list[pytest.TestReport]:
     return [r for r in tr.stats.get("skipped", []) if r.nodeid not in ALLOWED_CI_SKIPS]
 
 
+def _scratch_left(config: pytest.Config) -> tuple[str, int] | None:
+    factory = getattr(config, "_tmp_path_factory", None)
+    base = getattr(factory, "_basetemp", None) if factory is not None else None
+    if base is None or not os.path.isdir(base):
+        return None
+    total = 0
+    for root, _dirs, files in os.walk(base):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return str(base), total
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
     skips = terminalreporter.stats.get("skipped", [])
     terminalreporter.write_sep("-", f"skip summary: {len(skips)} skipped")
@@ -44,6 +59,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         reason = r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
         allowed = " (allowed: " + ALLOWED_CI_SKIPS[r.nodeid] + ")" if r.nodeid in ALLOWED_CI_SKIPS else ""
         terminalreporter.write_line(f"SKIPPED {r.nodeid}: {reason}{allowed}")
+    left = _scratch_left(config)
+    if left is not None:
+        terminalreporter.write_line(f"scratch left under {left[0]}: {left[1] / 2**20:.0f} MiB "
+                                    "(a passing test's folders are removed: tests/scratch.py)")
     if _ci() and _unexpected_skips(config):
         terminalreporter.write_sep("!", "CI=true: a test skipped; install what it needs (tests/run.sh) "
                                         "or list it in tests/conftest.py ALLOWED_CI_SKIPS with a reason", red=True)

@@ -15,6 +15,7 @@ import pytest
 from tests.federation.fixtures import FederationProcess, Pki, make_pki, start_etcd, start_federation
 
 from .kube_emulator import KubeEmulator
+from tests.scratch import scratch_dir
 
 
 @pytest.fixture
@@ -25,8 +26,8 @@ def kube() -> Iterator[KubeEmulator]:
 
 
 @pytest.fixture(scope="module")
-def fed_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FederationProcess, Pki, Path]]:
-    tmp = tmp_path_factory.mktemp("fed")
+def fed_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FederationProcess, Pki, Path]]:
+    tmp = scratch_dir(request, tmp_path_factory, "fed")
     etcd = start_etcd(tmp)
     pki = make_pki(tmp)
     fed = start_federation(pki, etcd.endpoint, tmp)

@@ -18,6 +18,7 @@ import pytest
 
 from federation.demo._netns import netns_available
 from federation.demo.harness import LocalFederation
+from tests.scratch import scratch_dir
 
 def _skip_without_netns() -> None:
     why = netns_available()
@@ -26,10 +27,10 @@ def _skip_without_netns() -> None:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     """east and west, joined and exporting web (HTTP), greeter (gRPC) and echo (TCP)."""
     _skip_without_netns()
-    lf = LocalFederation(tmp_path_factory.mktemp("e2e"), use_netns=True, lease_ttl=4)
+    lf = LocalFederation(scratch_dir(request, tmp_path_factory, "e2e"), use_netns=True, lease_ttl=4)
     try:
         lf.start(["east", "west"])
         yield lf

@@ -37,6 +37,7 @@ from federation.demo.harness import GRPC_PORT, HTTP_PORT, TCP_PORT, LocalFederat
 from federation.server import free_port
 
 from .conftest import logs_of
+from tests.scratch import scratch_dir
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -145,14 +146,14 @@ def kiali_service_graph(cluster: str, ns: str, service: str, tcp: bool) -> dict[
 
 # -- the rig ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFederation, str]]:
+def scraped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFederation, str]]:
     """east and west, east's traffic sent, and the URL of a Prometheus that scraped it all."""
     why = netns_available()
     if why:
         pytest.skip(f"end-to-end tests need network namespaces: {why}")
     if shutil.which("prometheus") is None:
         pytest.skip("needs Prometheus (apt-get install prometheus)")
-    work = tmp_path_factory.mktemp("prom")
+    work = scratch_dir(request, tmp_path_factory, "prom")
     # The admin port on every address, so the root namespace reaches it at the WAN address
     # (the port a Kubernetes Prometheus scrapes on the pod IP).
     lf = LocalFederation(work / "fed", use_netns=True, lease_ttl=30, gateway_overrides={

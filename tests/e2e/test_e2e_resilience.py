@@ -46,6 +46,7 @@ GLOAD = r"""
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import grpc
+from tests.scratch import scratch_dir
 target, authority, rate, duration = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 ch = grpc.insecure_channel(target, options=[("grpc.default_authority", authority)])
 say = ch.unary_unary("/isthmus.demo.v1.Hello/Say")
@@ -142,11 +143,11 @@ def _snapshot(topo: Topology, root: trust.TrustDir, cas: dict[str, trust.Cluster
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     why = netns_available()
     if why:
         pytest.skip(f"end-to-end tests need network namespaces: {why}")
-    d = tmp_path_factory.mktemp("resilience")
+    d = scratch_dir(request, tmp_path_factory, "resilience")
     topo = Topology.plan(f"isx{__import__('os').getpid()}", list(CLUSTERS), list(CLUSTERS.values()))
     rig = Rig(topo, d)
     try:

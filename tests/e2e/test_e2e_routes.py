@@ -47,6 +47,7 @@ LOAD = r"""
 import json, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 import httpx
+from tests.scratch import scratch_dir
 url, host, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 headers = {"host": host, **dict(h.split(":", 1) for h in sys.argv[6:] if h)}
 local = threading.local()
@@ -158,11 +159,11 @@ def _snapshot(topo: Topology, root: trust.TrustDir, cas: dict[str, trust.Cluster
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     why = netns_available()
     if why:
         pytest.skip(f"end-to-end tests need network namespaces: {why}")
-    d = tmp_path_factory.mktemp("routes")
+    d = scratch_dir(request, tmp_path_factory, "routes")
     topo = Topology.plan(f"isr{__import__('os').getpid()}", list(CLUSTERS), list(CLUSTERS.values()))
     rig = Rig(topo, d)
     try:

@@ -32,6 +32,7 @@ from federation.demo._netns import netns_available
 from federation.demo.harness import GRPC_PORT, HTTP_PORT, TCP_PORT, LocalFederation, Proc
 
 from .conftest import logs_of
+from tests.scratch import scratch_dir
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -61,12 +62,12 @@ def edge(lf: LocalFederation) -> dict[str, Any] | None:
 
 
 @pytest.fixture(scope="module")
-def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFederation, Path]]:
+def busy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFederation, Path]]:
     """east and west, east's workload calling west for the whole module."""
     why = netns_available()
     if why:
         pytest.skip(f"end-to-end tests need network namespaces: {why}")
-    work = tmp_path_factory.mktemp("topology")
+    work = scratch_dir(request, tmp_path_factory, "topology")
     lf = LocalFederation(work / "fed", use_netns=True, lease_ttl=30)
     traffic: Proc | None = None
     try:

@@ -24,6 +24,7 @@ from federation.server import Etcd, EtcdTls
 from federation.server._embedded import etcd_binary, free_port
 
 from .fixtures import Pki, start_federation
+from tests.scratch import scratch_dir
 
 
 def _name(cn: str) -> x509.Name:
@@ -93,8 +94,8 @@ class TlsEtcd:
 
 
 @pytest.fixture(scope="module")
-def tls_etcd(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    e = TlsEtcd(tmp_path_factory.mktemp("etcd-tls"))
+def tls_etcd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    e = TlsEtcd(scratch_dir(request, tmp_path_factory, "etcd-tls"))
     deadline = time.monotonic() + 30
     while True:  # ready when a TLS client can read
         try:

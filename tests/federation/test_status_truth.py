@@ -32,6 +32,7 @@ from federation.server import free_port
 from tests.clirun import expect, isthmus
 
 from .fixtures import REPO, FederationProcess, JoinedCluster, Pki, join_cluster, make_pki, start_etcd, start_federation
+from tests.scratch import scratch_dir
 
 # A gateway that stops reporting is STALE after 2/3 of this (8 s) and gone after it:
 # long enough for a few `isthmus status` processes to see each state on a loaded machine.
@@ -40,8 +41,8 @@ REPORT_INTERVAL = 1.0  # under a third of STATUS_TTL
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FederationProcess, Pki, Path]]:
-    tmp = tmp_path_factory.mktemp("status")
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FederationProcess, Pki, Path]]:
+    tmp = scratch_dir(request, tmp_path_factory, "status")
     etcd = start_etcd(tmp)
     fed = None
     try:

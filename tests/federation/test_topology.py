@@ -30,14 +30,15 @@ from federation.server._store import Keys
 from federation.topology import MAX_EDGES, MAX_SUMMARY_BYTES, NBUCKETS, SUMMARY_TTL
 
 from .fixtures import FederationProcess, JoinedCluster, Pki, join_cluster, make_pki, start_etcd, start_federation
+from tests.scratch import scratch_dir
 
 TOKEN = "topology-test-token-0123456789"
 EVIL = "<script>alert('x')</script>"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FederationProcess, Pki, str, dict[str, JoinedCluster], object]]:
-    tmp = tmp_path_factory.mktemp("topology")
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FederationProcess, Pki, str, dict[str, JoinedCluster], object]]:
+    tmp = scratch_dir(request, tmp_path_factory, "topology")
     etcd = start_etcd(tmp)
     pki = make_pki(tmp)
     (tmp / "token").write_text(TOKEN + "\n")
