@@ -34,7 +34,7 @@ revision from start to end.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -193,58 +193,26 @@ def _full_routes(snapshot: Snapshot, local_cluster: str, dns_suffix: str, index:
                  peers: dict[str, PeerCluster], by_name: dict[str, PeerCluster]) -> RouteTable:
     outbound: dict[tuple[str, int | None], OutboundRoute] = {}
     inbound: dict[tuple[str, int | None], LocalTarget] = {}
-    federated: dict[tuple[str, str, int], list[PeerCluster]] = {}
-    fed_ports: dict[tuple[str, str], dict[int, ServicePort]] = {}
     shadowed = False  # an entry of one (namespace, name) replaced another's
 
-    def put(table: dict[tuple[str, int | None], Any], key: tuple[str, int | None], value: Any) -> None:
+    def put(table: dict[tuple[str, int | None], Any], entries: _Entries) -> None:
         nonlocal shadowed
-        old = table.get(key)
-        if old is not None and (old.namespace, old.service) != (value.namespace, value.service):
-            shadowed = True
-        table[key] = value
+        for key, value in entries:
+            old = table.get(key)
+            if old is not None and (old.namespace, old.service) != (value.namespace, value.service):
+                shadowed = True
+            table[key] = value
 
-    # Sorted so that the same snapshot always yields the same table (and spread order).
-    for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name, s.cluster)):
-        if not svc.ports:
-            continue
-        if svc.cluster == local_cluster:
-            default = default_port(svc.ports)
-            for p in svc.ports:
-                host, tport = _target(svc, p)
-                t = LocalTarget(svc.namespace, svc.name, p.port, p.protocol, host, tport,
-                                p.target_tls == "mtls", svc.export_to)
-                put(inbound, (svc.hostname, p.port), t)
-                if p is default:
-                    put(inbound, (svc.hostname, None), t)
-            continue
-        pc = by_name.get(svc.cluster)
-        if pc is None or not svc.visible_to(local_cluster):
-            continue
-        hosts = service_hosts(svc.name, svc.namespace, svc.cluster, dns_suffix)
-        default = default_port(svc.ports)
-        for p in svc.ports:
-            r = OutboundRoute(svc.namespace, svc.name, p.port, p.protocol, (pc,),
-                              f"{svc.hostname}:{p.port}")
-            for host in hosts:
-                put(outbound, (host, p.port), r)
-                if p is default:
-                    put(outbound, (host, None), r)
-            federated.setdefault((svc.namespace, svc.name, p.port), []).append(pc)
-            fed_ports.setdefault((svc.namespace, svc.name), {})[p.port] = p
-
-    for (ns, name), ports in fed_ports.items():
-        hosts = service_hosts(name, ns, None, dns_suffix)
-        plist = tuple(ports.values())
-        default = default_port(plist)
-        for p in plist:
-            r = OutboundRoute(ns, name, p.port, p.protocol,
-                              tuple(federated[(ns, name, p.port)]),
-                              f"{name}.{ns}.{LOCAL_SUFFIX}:{p.port}", federated=True)
-            for host in hosts:
-                put(outbound, (host, p.port), r)
-                if p is default:
-                    put(outbound, (host, None), r)
+    # Sorted so that the same snapshot always yields the same table (and spread order);
+    # every cluster's names first, then the federated names, as a later entry wins.
+    federated: list[_Entries] = []
+    for g in sorted(index.groups):
+        i, o, f = _group_entries(index.groups[g], local_cluster, dns_suffix, by_name)
+        put(inbound, i)
+        put(outbound, o)
+        federated.append(f)
+    for f in federated:
+        put(outbound, f)
     return RouteTable(snapshot.revision, local_cluster, dns_suffix, CowMap(outbound), CowMap(inbound),
                       peers, by_name, index=index, shadowed=shadowed)
 
@@ -252,21 +220,22 @@ def _full_routes(snapshot: Snapshot, local_cluster: str, dns_suffix: str, index:
 _Entries = list[tuple[tuple[str, int | None], Any]]
 
 
-def _group_routes(members: Mapping[str, ExportedService], local_cluster: str, dns_suffix: str,
-                  by_name: Mapping[str, PeerCluster]) -> tuple[_Entries, _Entries]:
-    """The (inbound, outbound) entries of one (namespace, name): what :func:`_full_routes`
-    makes for it, in the same order."""
+def _group_entries(members: Mapping[str, ExportedService], local_cluster: str, dns_suffix: str,
+                   by_name: Mapping[str, PeerCluster]) -> tuple[_Entries, _Entries, _Entries]:
+    """The entries of one (namespace, name), its records in cluster order: inbound (the
+    local cluster's record), outbound by each peer cluster's names, and outbound by the
+    federated name (every visible peer's record, one route per port)."""
     inbound: _Entries = []
     outbound: _Entries = []
     federated: dict[int, list[PeerCluster]] = {}
     fed_ports: dict[int, ServicePort] = {}
     ns = name = ""
-    for svc in members.values():  # in cluster order
+    for svc in members.values():
         if not svc.ports:
             continue
         ns, name = svc.namespace, svc.name
+        default = default_port(svc.ports)
         if svc.cluster == local_cluster:
-            default = default_port(svc.ports)
             for p in svc.ports:
                 host, tport = _target(svc, p)
                 t = LocalTarget(svc.namespace, svc.name, p.port, p.protocol, host, tport,
@@ -279,16 +248,13 @@ def _group_routes(members: Mapping[str, ExportedService], local_cluster: str, dn
         if pc is None or not svc.visible_to(local_cluster):
             continue
         hosts = service_hosts(svc.name, svc.namespace, svc.cluster, dns_suffix)
-        default = default_port(svc.ports)
         for p in svc.ports:
             r = OutboundRoute(svc.namespace, svc.name, p.port, p.protocol, (pc,),
                               f"{svc.hostname}:{p.port}")
-            for host in hosts:
-                outbound.append(((host, p.port), r))
-                if p is default:
-                    outbound.append(((host, None), r))
+            _add(outbound, hosts, p, default, r)
             federated.setdefault(p.port, []).append(pc)
             fed_ports[p.port] = p
+    fed: _Entries = []
     if fed_ports:
         hosts = service_hosts(name, ns, None, dns_suffix)
         plist = tuple(fed_ports.values())
@@ -296,11 +262,16 @@ def _group_routes(members: Mapping[str, ExportedService], local_cluster: str, dn
         for p in plist:
             r = OutboundRoute(ns, name, p.port, p.protocol, tuple(federated[p.port]),
                               f"{name}.{ns}.{LOCAL_SUFFIX}:{p.port}", federated=True)
-            for host in hosts:
-                outbound.append(((host, p.port), r))
-                if p is default:
-                    outbound.append(((host, None), r))
-    return inbound, outbound
+            _add(fed, hosts, p, default, r)
+    return inbound, outbound, fed
+
+
+def _add(entries: _Entries, hosts: Iterable[str], p: ServicePort, default: ServicePort | None,
+         r: OutboundRoute) -> None:
+    for host in hosts:
+        entries.append(((host, p.port), r))
+        if p is default:
+            entries.append(((host, None), r))
 
 
 def _update_routes(revision: int, index: ServiceIndex, previous: RouteTable,
@@ -319,14 +290,14 @@ def _update_routes(revision: int, index: ServiceIndex, previous: RouteTable,
     for g in index.changed:
         before = previous.index.groups.get(g)
         if before:
-            i, o = _group_routes(before, local, suffix, by_name)
+            i, o, f = _group_entries(before, local, suffix, by_name)
             in_old.extend(k for k, _ in i)
-            out_old.extend(k for k, _ in o)
+            out_old.extend(k for k, _ in o + f)
         after = index.groups.get(g)
         if after:
-            i, o = _group_routes(after, local, suffix, by_name)
+            i, o, f = _group_entries(after, local, suffix, by_name)
             in_new.extend(i)
-            out_new.extend(o)
+            out_new.extend(o + f)
     inbound = previous.inbound.evolve(in_old)
     outbound = previous.outbound.evolve(out_old)
     for table, entries in ((inbound, in_new), (outbound, out_new)):

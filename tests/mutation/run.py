@@ -67,7 +67,7 @@ TARGETS = (
            "tests/gateway/test_identity.py tests/gateway/test_relay.py"),
     Target("gateway-visibility", "gateway/_routes.py",
            ("LocalTarget.visible_to", "RouteTable.outbound_route", "RouteTable.inbound_target", "build_routes",
-            "_full_routes", "_group_routes", "_update_routes"),
+            "_full_routes", "_group_entries", "_add", "_update_routes"),
            "tests/gateway/test_config.py tests/gateway/test_config_deltas.py tests/gateway/test_security.py"),
     Target("gateway-policy", "gateway/_authz.py", ("PolicyState.decide",),
            "tests/gateway/test_authz.py tests/gateway/test_authz_jwt.py"),
