@@ -29,6 +29,7 @@ import yaml
 import trust
 from federation.demo._netns import Topology, netns_available
 from federation.demo.harness import Proc
+from tests.scratch import scratch_dir
 
 from .test_e2e_routes import LOAD
 
@@ -46,7 +47,6 @@ GLOAD = r"""
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import grpc
-from tests.scratch import scratch_dir
 target, authority, rate, duration = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 ch = grpc.insecure_channel(target, options=[("grpc.default_authority", authority)])
 say = ch.unary_unary("/isthmus.demo.v1.Hello/Say")

@@ -28,6 +28,7 @@ import yaml
 import trust
 from federation.demo._netns import Topology, netns_available
 from federation.demo.harness import Proc
+from tests.scratch import scratch_dir
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -47,7 +48,6 @@ LOAD = r"""
 import json, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 import httpx
-from tests.scratch import scratch_dir
 url, host, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 headers = {"host": host, **dict(h.split(":", 1) for h in sys.argv[6:] if h)}
 local = threading.local()
