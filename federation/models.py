@@ -888,7 +888,7 @@ class ExtAuthz(_Model):
     @model_validator(mode="after")
     def _some_address(self) -> ExtAuthz:
         if not self.address and not self.addresses:
-            raise _field_error(("address",), f"missing: set address (HOST:PORT) or addresses (cluster: HOST:PORT)",
+            raise _field_error(("address",), "missing: set address (HOST:PORT) or addresses (cluster: HOST:PORT)",
                                "", "ExtAuthz")
         return self
 

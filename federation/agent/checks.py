@@ -92,7 +92,7 @@ def _namespace_free_or_ours(ctx: Context) -> str | None:
     owner = ((ns.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/part-of")
     if owner != "isthmus":
         raise CheckFailed(f"namespace {m.NAMESPACE} exists and was not created by Isthmus",
-                          f"delete it or label it app.kubernetes.io/part-of=isthmus if it is yours for Isthmus")
+                          "delete it or label it app.kubernetes.io/part-of=isthmus if it is yours for Isthmus")
     return "exists (Isthmus)"
 
 

@@ -14,7 +14,6 @@ import click
 
 from ._common import AddressList, log_level_option, setup_logging
 from .. import names
-from .._errors import FederationError
 
 
 def _default_out_dir(name: str) -> Path:

@@ -161,7 +161,7 @@ async def test_export_published_status_written_and_withdrawn(kube, fed_env, clus
         assert ("web", "Exported", "Normal") in await eventually(lambda: world.events(ns), what="event")
 
         # Ready endpoints follow the EndpointSlices.
-        world.disc.patch_namespaced_endpoint_slice(f"web-x1", ns, {"endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}}]},
+        world.disc.patch_namespaced_endpoint_slice("web-x1", ns, {"endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}}]},
                                                    _content_type="application/merge-patch+json")
         await eventually(lambda: exported_keys(east_client, "east", ns)["web"].ready_endpoints == 1, what="ready count 1")
 

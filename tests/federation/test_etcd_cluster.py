@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path

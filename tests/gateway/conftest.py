@@ -13,6 +13,7 @@ environment selects (nghttp2 where libnghttp2 loads).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,17 +71,23 @@ class Pki:
         return (self.cas[cluster].path / "ca.crt").read_text()
 
 
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
+def make_pki(d: Path, clusters: Iterable[str], revoked: Iterable[str] = ()) -> Pki:
+    """A federation root in ``d`` with a CA and a gateway certificate for each cluster;
+    the ``revoked`` ones' CAs then revoked."""
     root = trust.TrustDir(d / "root")
     root.init(FED_TD)
     p = Pki(root, d)
-    for c in ("east", "west", "rogue"):
+    for c in clusters:
         p.cas[c] = root.issue_cluster(c, validity=86400)
         p.gw[c] = p.cas[c].issue(trust.gateway_id(p.td(c)), d / f"gw-{c}", validity=3600)
-    root.revoke_cluster("rogue")
+    for c in revoked:
+        root.revoke_cluster(c)
     return p
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), ("east", "west", "rogue"), revoked=("rogue",))
 
 
 def gateway_config(pki: Pki, cluster: str, tmp: Path, **extra: object) -> GatewayConfig:

@@ -9,7 +9,6 @@ import json
 import re
 import ssl
 import statistics
-import subprocess
 import sys
 import time
 

@@ -18,13 +18,12 @@ import httpx
 import pytest
 import trio
 
-import trust
 from federation.demo.samples import GRPC_SAY, make_grpc_server, make_http_server
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot, TrafficPolicy, TrafficRoute
 from gateway import Gateway
 
 from .backends import H2Backend
-from .conftest import FED_TD, Pki, gateway_config
+from .conftest import Pki, gateway_config, make_pki
 
 CLUSTERS = ("south", "east", "west")
 CART = "cart.shop.isthmus.local:8080"
@@ -33,14 +32,7 @@ HELLO = "hello.shop.isthmus.local:9090"
 
 @pytest.fixture(scope="module")
 def pki3(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki3")
-    root = trust.TrustDir(d / "root")
-    root.init(FED_TD)
-    p = Pki(root, d)
-    for c in CLUSTERS:
-        p.cas[c] = root.issue_cluster(c, validity=86400)
-        p.gw[c] = p.cas[c].issue(trust.gateway_id(p.td(c)), d / f"gw-{c}", validity=3600)
-    return p
+    return make_pki(tmp_path_factory.mktemp("pki3"), CLUSTERS)
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ import httpx
 import pytest
 import trio
 
-import trust
 from federation.models import ClusterRecord, ExportedService, ServicePort, Snapshot, TrafficRoute
 from federation.traffic import Request
 from gateway import Gateway
 
 from .backends import SERVICE, H2Backend, start_grpc_server, tcp_echo
-from .conftest import FED_TD, Pki, gateway_config
+from .conftest import Pki, gateway_config, make_pki
 
 CLUSTERS = ("south", "east", "west", "central")
 CART = "cart.shop.isthmus.local:8080"
@@ -33,14 +32,7 @@ SPLIT = {"destinations": [{"cluster": "east", "weight": 90}, {"cluster": "west",
 
 @pytest.fixture(scope="module")
 def pki4(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki4")
-    root = trust.TrustDir(d / "root")
-    root.init(FED_TD)
-    p = Pki(root, d)
-    for c in CLUSTERS:
-        p.cas[c] = root.issue_cluster(c, validity=86400)
-        p.gw[c] = p.cas[c].issue(trust.gateway_id(p.td(c)), d / f"gw-{c}", validity=3600)
-    return p
+    return make_pki(tmp_path_factory.mktemp("pki4"), CLUSTERS)
 
 
 def cart_route(rules: list[dict], name: str = "cart") -> TrafficRoute:

@@ -26,7 +26,7 @@ from federation import names
 from federation.demo.harness import HTTP_PORT, LocalFederation
 from federation.server import EtcdCluster
 
-from ..federation.history import EtcdHistory, Watcher, check, etcd_revision, etcd_state, wait_caught_up
+from ..federation.history import EtcdHistory, Watcher, check, etcd_state, wait_caught_up
 
 pytestmark = pytest.mark.slow
 
