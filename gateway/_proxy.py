@@ -34,7 +34,6 @@ from ._half import Headers
 from ._normalize import DEFAULT as DEFAULT_PATHS
 from ._normalize import PathOptions, normalize_target
 from ._propagation import TRACE_HEADERS, Hop, begin, parse_traceparent
-from ._resilience import DEADLINE_HEADER
 from ._routes import Destination, OutboundRoute, PeerCluster, RouteTable
 from ._telemetry import Exchange
 from ._sanitize import (
@@ -215,9 +214,7 @@ def inbound(headers: Headers, table: RouteTable, peer: PeerCluster, peer_princip
         if denied is not None:
             return denied
     trace = _hop(ctx).headers()
-    # The peer gateway's x-isthmus-deadline bounded the request here (the context read it);
-    # it is a hop header between gateways, not the service's to see.
-    out: Headers = [(k, v) for k, v in headers if k not in TRACE_HEADERS and k != XFCC and k != DEADLINE_HEADER]
+    out: Headers = [(k, v) for k, v in headers if k not in TRACE_HEADERS and k != XFCC]
     out = strip(out, decision.strip_headers)
     if source and local_id and not connect:
         # Envoy's SANITIZE_SET: the service learns the verified caller, never a forwarded one.

@@ -156,15 +156,6 @@ def test_the_service_gets_one_xfcc_naming_the_verified_caller_and_one_trace_cont
     assert trace.split(b"-")[1] == INCOMING_TRACE.split(b"-")[1]  # the caller's trace, continued
 
 
-def test_the_peers_deadline_bounds_the_request_and_never_reaches_the_service(gws: dict[str, Gateway]) -> None:
-    headers = _get(WEB_IN, (IDENTITY, EAST_WL.encode()), (b"x-isthmus-deadline", b"1500"))
-    ctx = _ctx(gws["west"], headers, reporter="destination")
-    assert ctx.timeout is not None and 1.5 <= ctx.timeout < 1.6  # honoured at the inbound (plus a grace) ...
-    f = _in(gws["west"], headers)
-    assert isinstance(f, Forward), f
-    assert _values(f.headers, b"x-isthmus-deadline") == []  # ... and not passed on
-
-
 def test_a_caller_with_no_identity_gets_no_xfcc(gws: dict[str, Gateway]) -> None:
     f = _in(gws["west"], _get(WEB_IN, (XFCC, b"By=evil")))
     assert isinstance(f, Forward), f
