@@ -515,7 +515,9 @@ def main() -> None:
 
         def etcd_figures() -> None:
             statuses = [st for e in endpoints if (st := member_status(e, timeout=5.0)) is not None]
-            result["etcd_db_size_mib"] = round(max((st.db_size for st in statuses), default=0) / 2**20, 1)
+            result["etcd_members_answering"] = len(statuses)
+            # to the KiB: a smoke run's database is tens of KiB, "0.0 MiB" at one decimal
+            result["etcd_db_size_mib"] = round(max((st.db_size for st in statuses), default=0) / 2**20, 3)
             procs = [mb.proc for mb in getattr(etcd, "members", [etcd]) if mb.proc is not None and mb.proc.poll() is None]
             result["etcd_rss_mib_each"] = [round(rss_kib(p.pid)[1] / 1024, 1) for p in procs]
 
