@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from h2.errors import ErrorCodes
 
+from ._deadlines import Timer
 from ._decision import Decision
 from ._flags import GrpcStatus, ended, flag
 from ._half import Half, Headers
@@ -37,7 +38,7 @@ class RequestContext:
     """One downstream request: its parsed head and its own decisions."""
 
     __slots__ = ("record", "method", "path", "authority", "grpc", "traceparent", "timeout",
-                 "deadline", "finished", "response_mutate")
+                 "deadline", "finished", "response_mutate", "timers")
 
     def __init__(self, record: Exchange) -> None:
         self.record = record
@@ -48,6 +49,7 @@ class RequestContext:
         self.deadline = 0.0
         self.finished = False
         self.response_mutate: Callable[[Headers], Headers] | None = None  # set by an ext_authz allow
+        self.timers: list[Timer] | None = None  # cancelled when the request finishes
 
     @classmethod
     def parse(cls, headers: Headers, record: Exchange, sample_bound: int | None = None,
@@ -174,7 +176,20 @@ class RequestContext:
     def finish(self) -> None:
         if not self.finished:
             self.finished = True
+            if self.timers is not None:
+                for t in self.timers:
+                    t.cancel()
+                self.timers = None
             self.record.finish()
+
+    def arm(self, timer: Timer) -> None:
+        """Cancel ``timer`` when the request finishes: its callback holds the request."""
+        if self.finished:
+            timer.cancel()
+        elif self.timers is None:
+            self.timers = [timer]
+        else:
+            self.timers.append(timer)
 
     # -- deadline ---------------------------------------------------------------------------
     def start_deadline(self, now: float) -> float | None:

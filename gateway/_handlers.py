@@ -34,6 +34,7 @@ from federation.traffic import Out, Request, Target
 from ._authz import Parked
 from ._config import Limits
 from ._context import RequestContext
+from ._deadlines import Timer
 from ._guards import Guards, service_key
 from ._decision import Decision, refuse
 from ._h1 import H1Half, H1Upstream
@@ -77,7 +78,7 @@ class Handlers:
                  clock: Callable[[], float],
                  spawn: Callable[..., None],
                  in_thread: Callable[[Callable[[], Decision]], Awaitable[Decision]],
-                 add_deadline: Callable[[float, Callable[[], None]], None],
+                 add_deadline: Callable[[float, Callable[[], None]], Timer],
                  paths: PathOptions | None = None, guards: Guards | None = None) -> None:
         self.cluster = cluster
         self.identity = identity
@@ -300,7 +301,7 @@ class Handlers:
     def _deadline(self, half: Half, ctx: RequestContext) -> None:
         at = ctx.start_deadline(self.clock())
         if at is not None:
-            self.add_deadline(at, functools.partial(ctx.expire, half))
+            ctx.arm(self.add_deadline(at, functools.partial(ctx.expire, half)))
 
 
 __all__ = ["Handlers", "Upstreams"]

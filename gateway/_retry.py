@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from h2.errors import ErrorCodes
 
 from ._context import RequestContext
+from ._deadlines import Timer
 from ._decision import Decision
 from ._flags import has_flag
 from federation.names import local_host
@@ -99,7 +100,7 @@ class Env:
 
     __slots__ = ("clock", "add_deadline", "open_peer", "fill_upstream", "guards", "mirrors")
 
-    def __init__(self, clock: Callable[[], float], add_deadline: Callable[[float, Callable[[], None]], None],
+    def __init__(self, clock: Callable[[], float], add_deadline: Callable[[float, Callable[[], None]], Timer],
                  open_peer: Callable[[PeerCluster, H2Half, int | None], None],
                  fill_upstream: Callable[[Any, Destination], None], guards: Guards, mirrors: Mirrors) -> None:
         self.mirrors = mirrors
@@ -159,7 +160,7 @@ def start(env: Env, ctx: RequestContext, down: Half, headers: Headers, end: bool
             a.mirror = env.mirrors.start(a.headers, peer, f"{local_host(m[1], skey[0])}:{dest.port}", end)
     if delay:
         abort = fd if fd is not None and fd.aborts else None
-        env.add_deadline(env.clock() + delay, lambda: a.after_delay(dest, abort))
+        ctx.arm(env.add_deadline(env.clock() + delay, lambda: a.after_delay(dest, abort)))
     else:
         a.begin(dest)
 
@@ -201,7 +202,7 @@ class Attempts:
         self.front = _Front(self)
         link(down, self.front)
         if self.deadline.at != float("inf"):
-            env.add_deadline(self.deadline.at, self._expired)
+            ctx.arm(env.add_deadline(self.deadline.at, self._expired))
 
     # -- tries ---------------------------------------------------------------------------
     def after_delay(self, dest: Destination, abort: Any) -> None:
@@ -258,7 +259,7 @@ class Attempts:
         if pt is not None:
             at = self.deadline.try_deadline(now, pt)
             if at < self.deadline.at:
-                env.add_deadline(at, lambda: self._try_expired(t))
+                self.ctx.arm(env.add_deadline(at, lambda: self._try_expired(t)))
 
     def _judge(self, t: _Try, failure: Failure | None = None, status: int = 0,
                grpc_status: int | None = None) -> bool:
@@ -277,7 +278,7 @@ class Attempts:
             self.cur = None
             if not t.up.closed:
                 t.up.reset(ErrorCodes.CANCEL)
-            self.env.add_deadline(now + dec.backoff, self._next)
+            self.ctx.arm(self.env.add_deadline(now + dec.backoff, self._next))
             return True
         if dec.skipped is not None:
             g.count(g.skipped, dec.skipped.value)

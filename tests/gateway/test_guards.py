@@ -599,3 +599,16 @@ async def test_a_mirrored_grpc_call_reaches_the_mirror_as_shadow_and_a_dead_mirr
     assert [r for r, _ in calls] == ["hello x from east"] * 10
     m = await three.admin("metrics")
     assert 'isthmus_mirror_requests_total{outcome="failed"}' in m
+
+
+async def test_requests_under_a_timeout_leave_no_live_timer_behind(three: Three) -> None:
+    """A 30 s route timeout and 200 answered requests: the outbound gateway's heap keeps
+    none of their callbacks (each request's timer was cancelled when it finished)."""
+    three.apply([route([{"destinations": [{"cluster": "east"}], "timeout": "30s",
+                         "retries": {"attempts": 2, "per_try_timeout": "20s"}}])])
+    south = three.gws["south"]
+    rs = await get_all(three, 200, concurrency=8)
+    assert all(r.status_code == 200 for r in rs), {r.status_code for r in rs}
+    await trio.sleep(0.05)
+    live = [e for e in south.deadlines.heap if e[2].expire is not None]
+    assert len(live) <= 8, len(live)  # at most the requests still closing
