@@ -11,12 +11,13 @@ Where things live (one home each):
   routing and header decisions), ``_authz`` (AuthorizationPolicy and JWT), ``_routes``
   (the naming scheme, route tables), ``_state`` (ConfigState: everything derived from
   one snapshot), ``_handlers`` (per-request wiring), ``_telemetry`` (the request record, metrics,
-  access log), ``_istio`` (Istio's standard metrics: labels, bounds, series);
+  access log), ``_istio`` (Istio's standard metrics: labels, bounds, series), ``_deadlines``
+  (request timers: the heap, cancelled when a request finishes);
 * trio shell: ``_gateway`` (composition, lifecycle, config swaps), ``_listeners``
   (sockets, sniffing, admission), ``_tls`` (TLS contexts, identity checks), ``_dialer``
   and ``_pool`` (upstream connections), ``_io`` (byte pumps, TCP halves), ``_h1io``
-  (HTTP/1.1 sockets), ``_abuse`` (per-IP caps, memory shedding), ``_deadlines``,
-  ``_admin``, ``_control`` (config sources), ``_cli``.
+  (HTTP/1.1 sockets), ``_abuse`` (per-IP caps, memory shedding), ``_admin``,
+  ``_control`` (config sources), ``_cli``.
 
 See :mod:`gateway._routes` for the naming scheme of imported and exported services.
 """

@@ -1,4 +1,6 @@
-"""Request timers: one timer task per gateway, a heap of deadlines.
+"""Request timers: a heap of deadlines (sans-IO), which one task of the gateway fires
+(:func:`gateway._gateway.run_timers`: it sleeps until :meth:`Deadlines.next_at`, and is
+woken through :attr:`Deadlines.wake` when an earlier deadline is added).
 
 What expiry does is the request's own decision (e.g.
 :meth:`gateway._context.RequestContext.expire`); this is only the clock.
@@ -19,7 +21,6 @@ import itertools
 from collections.abc import Callable
 
 import structlog
-import trio
 
 COMPACT_MIN = 1024  # cancelled entries below this are left for their time
 
@@ -44,8 +45,8 @@ class Deadlines:
     def __init__(self) -> None:
         self.heap: list[tuple[float, int, Timer]] = []
         self.counter = itertools.count()
-        self.changed = trio.Event()
         self.cancelled = 0  # entries of the heap whose timer was cancelled
+        self.wake: Callable[[], None] = _nothing  # the firing task's: a new earliest deadline
 
     def add(self, at: float, expire: Callable[[], None]) -> Timer:
         """Call ``expire()`` at ``at`` (trio clock), unless the timer is cancelled first."""
@@ -53,8 +54,12 @@ class Deadlines:
         first = not self.heap or at < self.heap[0][0]
         heapq.heappush(self.heap, (at, next(self.counter), t))
         if first:
-            self.changed.set()
+            self.wake()
         return t
+
+    def next_at(self) -> float | None:
+        """When the earliest timer is due (None: no timer)."""
+        return self.heap[0][0] if self.heap else None
 
     def _cancelled(self) -> None:
         self.cancelled += 1
@@ -77,17 +82,9 @@ class Deadlines:
             except Exception:  # noqa: BLE001 - one odd stream must not stop the timer
                 structlog.get_logger("isthmus.gateway").error("deadline.expire_failed", exc_info=True)
 
-    async def run(self) -> None:
-        while True:
-            if not self.heap:
-                self.changed = trio.Event()
-                await self.changed.wait()
-                continue
-            at = self.heap[0][0]
-            self.changed = trio.Event()
-            with trio.move_on_at(at):
-                await self.changed.wait()
-            self.fire(trio.current_time())
+
+def _nothing() -> None:
+    pass
 
 
 __all__ = ["Deadlines", "Timer"]

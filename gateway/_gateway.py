@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 import trio
@@ -340,7 +340,7 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.dialer.start(nursery)
-            nursery.start_soon(self.deadlines.run)
+            nursery.start_soon(run_timers, self.deadlines)
             nursery.start_soon(self.shield.memory.run)
             nursery.start_soon(self._refresh_jwks)
             serve = self.listeners
@@ -373,6 +373,20 @@ class Gateway:
                 await trio.to_thread.run_sync(authz.refresh, abandon_on_cancel=True)
             with trio.move_on_after(authz.check_interval):
                 await kick.wait()
+
+
+async def run_timers(deadlines: Deadlines) -> NoReturn:
+    """Fire ``deadlines``' timers as they fall due: the gateway's one timer task."""
+    while True:
+        changed = trio.Event()
+        deadlines.wake = changed.set
+        at = deadlines.next_at()
+        if at is None:
+            await changed.wait()
+        else:
+            with trio.move_on_at(at):
+                await changed.wait()
+        deadlines.fire(trio.current_time())
 
 
 __all__ = ["Gateway", "RejectedHook", "quiet_build"]

@@ -24,7 +24,7 @@ GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 
 # The sans-IO protocol core: everything here must run without an event loop.
 CORE = {
-    "_authz", "_config", "_context", "_decision", "_errors", "_extauthz", "_flags", "_frames", "_h1",
+    "_authz", "_config", "_context", "_deadlines", "_decision", "_errors", "_extauthz", "_flags", "_frames", "_h1",
     "_guards", "_h2", "_half", "_handlers", "_istio", "_mirror", "_normalize", "_propagation", "_proxy", "_relay",
     "_resilience", "_retry", "_routes", "_tracing",
     "_sanitize", "_state", "_summaries", "_telemetry", "h2core",
