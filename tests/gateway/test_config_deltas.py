@@ -27,6 +27,7 @@ from federation.models import (
 from federation.snapshot_index import SHARDS, CowMap, Records, ServiceIndex, changed_span, changes_since
 from gateway import Gateway
 from gateway._errors import SnapshotRejected
+from gateway._routes import build_routes
 from gateway._state import ConfigState, build_state, empty_state
 
 from .conftest import Pki, gateway_config
@@ -221,3 +222,67 @@ def test_the_last_known_good_file_holds_the_snapshot_as_loaded_back(west: Gatewa
     path = tmp_path / "lkg.json"
     save_lkg(path, snap, "west", ["sha256:x"])
     assert load_lkg(path, "west") == snap
+
+
+# ---------------------------------------------------------------- the route table's own edges
+
+def _cluster(name: str) -> ClusterRecord:
+    return ClusterRecord(name=name, trust_domain=f"{name}.isthmus.local", gateway_addresses=("10.9.0.1:15443",))
+
+
+def _cart(cluster: str, name: str = "cart", export_to: tuple[str, ...] = ()) -> ExportedService:
+    return ExportedService(cluster=cluster, namespace="shop", name=name, export_to=export_to,
+                           ports=(ServicePort(port=8080, target="10.0.0.1:80" if cluster == "west" else ""),))
+
+
+def _delta(local: str, clusters: tuple[str, ...], before: tuple[ExportedService, ...],
+           after: tuple[ExportedService, ...], previous_local: str | None = None) -> tuple[Any, Any]:
+    """(the table a delta from ``before`` to ``after`` builds, the table a full build makes)."""
+    cs = tuple(map(_cluster, clusters))
+    first = build_routes(Snapshot(revision=1, clusters=cs, services=before), previous_local or local)
+    snap = Snapshot(revision=2, clusters=cs, services=after)
+    index = ServiceIndex.of(snap.services, first.index)
+    assert index.derived_from(first.index)
+    return build_routes(snap, local, index=index, previous=first), build_routes(snap, local)
+
+
+# Two (namespace, name)s can answer to one name: cart exported by cluster "east--c" and
+# cart--east exported by cluster "c" share the mirror name cart--east--c (names.mirror_name).
+MEETING = "cart--east--c.shop.svc"
+
+
+@pytest.mark.parametrize("first, second", [(_cart("east--c"), _cart("c", "cart--east")),
+                                           (_cart("c", "cart--east"), _cart("east--c"))],
+                         ids=["cart first", "cart--east first"])
+def test_two_services_answering_to_one_name_mark_the_table_and_a_delta_defers_to_a_full_build(
+        first: ExportedService, second: ExportedService) -> None:
+    clusters = ("west", "east--c", "c")
+    alone, _ = _delta("west", clusters, (), (first,))
+    assert not alone.shadowed
+    delta, full = _delta("west", clusters, (first,), (first, second))
+    assert full.shadowed and delta.shadowed  # the delta saw the clash and built from scratch
+    assert dict(delta.outbound.items()) == dict(full.outbound.items())
+    assert full.outbound[(MEETING, 8080)].service == "cart--east"  # the later (namespace, name) in order
+    both, full = _delta("west", clusters, (), (first, second))  # both arrive in one delta
+    assert both.shadowed and dict(both.outbound.items()) == dict(full.outbound.items())
+
+
+def test_a_record_hidden_from_this_cluster_leaves_the_next_clusters_record_routed() -> None:
+    """east exports cart to north only: south's gateway skips east's record and still
+    routes west's, the next one in cluster order."""
+    delta, full = _delta("south", ("south", "east", "west"), (),
+                         (_cart("east", export_to=("north",)), _cart("west")))
+    for t in (delta, full):
+        assert ("cart.shop.east.isthmus.local", 8080) not in t.outbound
+        assert t.outbound[("cart.shop.west.isthmus.local", 8080)].clusters[0].name == "west"
+        assert [c.name for c in t.outbound[("cart.shop.isthmus.local", 8080)].clusters] == ["west"]
+
+
+def test_a_previous_table_of_another_cluster_is_never_a_delta_base() -> None:
+    """A gateway whose own cluster is not (yet) in the snapshot has the same peers as any
+    other such gateway: its table still comes from its own cluster's point of view."""
+    delta, full = _delta("zz", ("east", "west"), (_cart("east"),), (_cart("east"), _cart("zz")),
+                         previous_local="aa")
+    assert ("cart.shop.svc.cluster.local", 8080) in full.inbound  # zz's own export, served here
+    assert dict(delta.inbound.items()) == dict(full.inbound.items())
+    assert dict(delta.outbound.items()) == dict(full.outbound.items())
