@@ -275,7 +275,9 @@ def test_a_record_hidden_from_this_cluster_leaves_the_next_clusters_record_route
     for t in (delta, full):
         assert ("cart.shop.east.isthmus.local", 8080) not in t.outbound
         assert t.outbound[("cart.shop.west.isthmus.local", 8080)].clusters[0].name == "west"
-        assert [c.name for c in t.outbound[("cart.shop.isthmus.local", 8080)].clusters] == ["west"]
+        fed = t.outbound[("cart.shop.isthmus.local", 8080)]
+        assert [c.name for c in fed.clusters] == ["west"] and fed.federated  # a TrafficRoute may govern it
+        assert not t.outbound[("cart.shop.west.isthmus.local", 8080)].federated  # a pin: never re-routed
 
 
 def test_a_previous_table_of_another_cluster_is_never_a_delta_base() -> None:
