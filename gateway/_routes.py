@@ -287,7 +287,7 @@ def _update_routes(revision: int, index: ServiceIndex, previous: RouteTable,
     out_old: list[tuple[str, int | None]] = []
     in_new: _Entries = []
     out_new: _Entries = []
-    for g in index.changed:
+    for g in sorted(index.changed):  # entries in group order, as a full build puts them
         before = previous.index.groups.get(g)
         if before:
             i, o, f = _group_entries(before, local, suffix, by_name)

@@ -236,14 +236,30 @@ def _cart(cluster: str, name: str = "cart", export_to: tuple[str, ...] = ()) -> 
 
 
 def _delta(local: str, clusters: tuple[str, ...], before: tuple[ExportedService, ...],
-           after: tuple[ExportedService, ...], previous_local: str | None = None) -> tuple[Any, Any]:
+           after: tuple[ExportedService, ...], previous_local: str | None = None,
+           suffix: str = "isthmus.local", previous_suffix: str | None = None) -> tuple[Any, Any]:
     """(the table a delta from ``before`` to ``after`` builds, the table a full build makes)."""
+    return _delta3(local, clusters, before, after, previous_local, suffix, previous_suffix)[:2]
+
+
+def _delta3(local: str, clusters: tuple[str, ...], before: tuple[ExportedService, ...],
+            after: tuple[ExportedService, ...], previous_local: str | None = None,
+            suffix: str = "isthmus.local", previous_suffix: str | None = None) -> tuple[Any, Any, Any]:
+    """:func:`_delta`'s two tables and the previous one."""
     cs = tuple(map(_cluster, clusters))
-    first = build_routes(Snapshot(revision=1, clusters=cs, services=before), previous_local or local)
+    first = build_routes(Snapshot(revision=1, clusters=cs, services=before), previous_local or local,
+                         previous_suffix or suffix)
     snap = Snapshot(revision=2, clusters=cs, services=after)
     index = ServiceIndex.of(snap.services, first.index)
     assert index.derived_from(first.index)
-    return build_routes(snap, local, index=index, previous=first), build_routes(snap, local)
+    return build_routes(snap, local, suffix, index=index, previous=first), build_routes(snap, local, suffix), first
+
+
+def _fresh(s: str) -> str:
+    """An equal string that is another object (config and snapshot strings never are one)."""
+    out = "".join(list(s))
+    assert out == s and out is not s
+    return out
 
 
 # Two (namespace, name)s can answer to one name: cart exported by cluster "east--c" and
@@ -280,11 +296,42 @@ def test_a_record_hidden_from_this_cluster_leaves_the_next_clusters_record_route
         assert not t.outbound[("cart.shop.west.isthmus.local", 8080)].federated  # a pin: never re-routed
 
 
-def test_a_previous_table_of_another_cluster_is_never_a_delta_base() -> None:
-    """A gateway whose own cluster is not (yet) in the snapshot has the same peers as any
-    other such gateway: its table still comes from its own cluster's point of view."""
-    delta, full = _delta("zz", ("east", "west"), (_cart("east"),), (_cart("east"), _cart("zz")),
-                         previous_local="aa")
-    assert ("cart.shop.svc.cluster.local", 8080) in full.inbound  # zz's own export, served here
+def test_records_before_the_one_this_cluster_routes_never_stop_the_group() -> None:
+    """In cluster order: a record with no ports and the gateway's own cluster's record come
+    before west's, which is still routed (and the own one served inbound)."""
+    portless = ExportedService(cluster="central", namespace="shop", name="cart", ports=())
+    delta, full = _delta("east", ("central", "east", "west"), (), (portless, _cart("east"), _cart("west")))
+    for t in (delta, full):
+        assert ("cart.shop.west.isthmus.local", 8080) in t.outbound
+        assert [c.name for c in t.outbound[("cart.shop.isthmus.local", 8080)].clusters] == ["west"]
+        assert ("cart.shop.svc.cluster.local", 8080) in t.inbound
+
+
+def test_names_from_config_and_snapshot_compare_by_value() -> None:
+    """The gateway's cluster name and DNS suffix come from its config, records from the
+    wire: equal strings, never the same objects. The own cluster's export is served, the own
+    cluster is no peer, and a delta still derives from the previous table."""
+    services = (_cart("west"), _cart("east"), _cart("east", "other"))
+    delta, full, first = _delta3(_fresh("west"), ("west", "east"), services,
+                                 (*services[:2], _cart("east", "other", export_to=("north",))),
+                                 previous_local=_fresh("west"), suffix=_fresh("isthmus.local"),
+                                 previous_suffix=_fresh("isthmus.local"))
+    for t in (delta, full):
+        assert ("cart.shop.svc.cluster.local", 8080) in t.inbound
+        assert "west" not in t.peers_by_name and set(t.peers_by_name) == {"east"}
+    key = ("cart.shop.east.isthmus.local", 8080)  # cart is unchanged: its entry is shared
+    assert delta.outbound[key] is first.outbound[key] and full.outbound[key] is not first.outbound[key]
+    assert dict(delta.outbound.items()) == dict(full.outbound.items())
+
+
+@pytest.mark.parametrize("previous_local, local, previous_suffix", [
+    ("zz", "aa", "isthmus.local"), ("aa", "zz", "isthmus.local"),
+    ("zz", "zz", "a.local"), ("zz", "zz", "z.local")])
+def test_a_table_of_another_cluster_or_suffix_is_never_a_delta_base(
+        previous_local: str, local: str, previous_suffix: str) -> None:
+    before = (_cart("east"), _cart(previous_local))
+    after = (*before, _cart(local, "other"))
+    delta, full = _delta(local, ("east",), before, after, previous_local=previous_local,
+                         previous_suffix=previous_suffix)
     assert dict(delta.inbound.items()) == dict(full.inbound.items())
     assert dict(delta.outbound.items()) == dict(full.outbound.items())
