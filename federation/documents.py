@@ -177,6 +177,22 @@ def resolve_kind(name: str) -> str:
 # ---------------------------------------------------------------- checks across records
 
 
+def export_lookups(batch: Sequence[Any]) -> set[tuple[str, str]]:
+    """The ``(namespace, service)`` pairs :func:`check_batch` asks who exports: a
+    TrafficPolicy's host, a TrafficRoute's destination and failover services.  Only
+    their export records need reading to check the batch (none for a batch of
+    AuthorizationPolicies), whatever the number of services the federation holds."""
+    out: set[tuple[str, str]] = set()
+    for doc in batch:
+        if isinstance(doc, TrafficPolicy):
+            out.add((doc.host.namespace, doc.host.service))
+        elif isinstance(doc, TrafficRoute):
+            for rule in doc.rules:
+                out.update((doc.host.namespace, doc.destination_service(d.service))
+                           for d in (*rule.destinations, *rule.failover))
+    return out
+
+
 def _exporters(services: Iterable[ExportedService]) -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     for s in services:

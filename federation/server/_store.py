@@ -73,7 +73,7 @@ from cryptography import x509
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import models, names
+from .. import documents, models, names
 from .._errors import (
     InUse,
     InvalidRecord,
@@ -91,6 +91,8 @@ log = structlog.get_logger("federation.store")
 
 # etcd's default --max-txn-ops is 128; stay under it so any etcd deployment works.
 MAX_TXN_OPS = 100
+# Point reads of export records one apply's check runs at once (clusters x names).
+EXPORT_READS_IN_FLIGHT = 64
 MIN_TTL, MAX_TTL, DEFAULT_TTL = 2, 3600, 30
 # Gateway status keys: bound to a lease a gateway's reports renew (it reports at least
 # every STATUS_TTL / 3), and at most this many per cluster.
@@ -747,7 +749,8 @@ class Store:
         transaction, or none (``kubectl apply -f`` of a multi-document file).
 
         Returns the revision, per document ``created``, ``configured`` or ``unchanged``,
-        and the warnings of ``check``.  ``check`` sees the clusters, exports and routes
+        and the warnings of ``check``.  ``check`` sees the clusters, routes and providers, and the
+        exports of the names the batch names (:func:`federation.documents.export_lookups`),
         stored at the revision the batch was read at; the transaction commits only if
         none of the batch's keys, and no route, changed since (else it reads and checks
         again), so two concurrent applies cannot each add a route for the same host.
@@ -762,19 +765,21 @@ class Store:
             raise InvalidRequest("invalid file: a name appears twice for the same kind")
         values = [dump(d) for d in docs]
         routes = self.keys.family("traffic/TrafficRoute/")
+        lookups = sorted(documents.export_lookups(docs)) if check is not None else []
         for attempt in range(MAX_UPDATE_ATTEMPTS):
             first = await self.etcd.get_prefix(self.keys.family("policies/"))
             rev = first.header.revision
             fam = {f: (await self.etcd.get_prefix(self.keys.family(f), revision=rev)).kvs
-                   for f in ("traffic/", "clusters/", "exports/")}
+                   for f in ("traffic/", "clusters/")}
             current = {kv.key: kv for kv in [*first.kvs, *fam["traffic/"]]}
             warnings: list[str] = []
             if check is not None:
                 traffic = self._valid(fam["traffic/"])
+                clusters = tuple(self._valid(fam["clusters/"]))
                 warnings = check(Stored(
                     rev,
-                    tuple(self._valid(fam["clusters/"])),
-                    tuple(self._valid(fam["exports/"])),
+                    clusters,
+                    await self._exports_named(rev, clusters, lookups),
                     tuple(v for v in traffic if isinstance(v, models.TrafficRoute)),
                     tuple(v.name for v in traffic if isinstance(v, models.ExtensionProvider)),
                 ))
@@ -799,6 +804,20 @@ class Store:
                 return resp.header.revision, outcomes, warnings
             await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
         raise StoreUnavailable("the documents changed concurrently too often in a row: apply again")
+
+    async def _exports_named(self, rev: int, clusters: Sequence[models.ClusterRecord],
+                             lookups: Sequence[tuple[str, str]]) -> tuple[models.ExportedService, ...]:
+        """The valid exports, at ``rev``, of the ``(namespace, service)`` pairs a batch's
+        check asks about, by every cluster: point reads (clusters x pairs), so an apply
+        costs the same with a thousand services or fifty thousand."""
+        sem = asyncio.Semaphore(EXPORT_READS_IN_FLIGHT)
+
+        async def read(cluster: str, ns: str, service: str) -> list[Any]:
+            async with sem:
+                return list((await self.etcd.range(self.keys.export(cluster, ns, service), revision=rev)).kvs)
+
+        found = await asyncio.gather(*(read(c.name, ns, svc) for c in clusters for ns, svc in lookups))
+        return tuple(self._valid(kv for kvs in found for kv in kvs))
 
     async def list_documents(self, kinds: Iterable[str] = ()) -> tuple[list[Any], int]:
         """The valid documents of ``kinds`` (empty: every kind), policies first, by key."""
