@@ -9,10 +9,11 @@ is honoured), its version and nghttp2's self-test result, and exits 0 when that 
 the one asked for (nghttp2 by default), 1 when it fell back to h2.
 
 With ``--workers N`` a supervisor starts N worker processes that each bind the listeners
-with SO_REUSEPORT (the kernel spreads connections across them); the supervisor alone runs
-the federation client (in a control process of its own, not on any data path; restarted
-with backoff when it exits, while the workers keep serving) and writes the last-known-good
-file, which the workers follow.  Worker *i* serves its admin endpoint on
+with SO_REUSEPORT (the kernel spreads connections across them).  Each worker watches the
+federation and applies its deltas itself; the supervisor's control process (its own
+process, restarted with backoff when it exits, while the workers keep serving) reports
+what is in force and writes the last-known-good file, which a worker that starts, or
+restarts while the federation is down, serves first.  Worker *i* serves its admin endpoint on
 ``admin.port + i`` so that every worker's metrics can be scraped.
 """
 
@@ -61,8 +62,13 @@ def _load(path: str) -> GatewayConfig:
 
 
 async def serve(cfg: GatewayConfig, follow: str, reuse_port: bool = False) -> None:
-    """Run a gateway until SIGINT/SIGTERM.  ``follow``: federation | file | none."""
-    from ._control import follow_federation, follow_file, initial_config
+    """Run a gateway until SIGINT/SIGTERM.  ``follow``: federation | worker | none.
+
+    A worker (``--workers N``) watches the federation itself, as the gateway of one
+    process does, so that a change costs it what it changes (a delta, not the whole
+    last-known-good file read and built again); it neither reports nor saves: the
+    supervisor's control process does both, once for the gateway."""
+    from ._control import follow_federation, initial_config
     from ._gateway import Gateway
 
     gw = Gateway(cfg, reuse_port=reuse_port)
@@ -71,13 +77,13 @@ async def serve(cfg: GatewayConfig, follow: str, reuse_port: bool = False) -> No
         await nursery.start(gw.run)
         if follow == "federation":
             nursery.start_soon(_keep_running, follow_federation, gw)
-        elif follow == "file":
-            nursery.start_soon(_keep_running, follow_file, gw)
-            if cfg.federation.address:  # a worker: it pushes its own traffic summaries
-                from ._control import gateway_instance_id
-                from ._traffic_push import push_worker_traffic
+        elif follow == "worker":
+            from ._control import gateway_instance_id
+            from ._traffic_push import push_worker_traffic
 
-                nursery.start_soon(_keep_running, lambda g: push_worker_traffic(g, gateway_instance_id(g)), gw)
+            nursery.start_soon(_keep_running, lambda g: follow_federation(g, save=False, report=False), gw)
+            # Its own traffic summaries: the control process sees none of its requests.
+            nursery.start_soon(_keep_running, lambda g: push_worker_traffic(g, gateway_instance_id(g)), gw)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 structlog.get_logger("isthmus.gateway").info("gateway.stopping")
@@ -149,7 +155,7 @@ def run(config_path: str | None, workers: int, log_level: str, worker_index: int
         admin = cfg.admin.model_copy(update={"port": cfg.admin.port + worker_index
                                              if cfg.admin.port else 0})
         cfg = cfg.model_copy(update={"admin": admin})
-        follow = "file" if cfg.federation.address else "none"
+        follow = "worker" if cfg.federation.address else "none"
         _trio_run(serve, cfg, follow, True)
         return
     if workers == 1:

@@ -12,10 +12,10 @@ Theory of operation.
   rename) in a task of its own: a write serialises the whole config, so it never delays
   the next apply, and writes coalesce to the newest snapshot while one runs.  A quiet
   stream carries progress messages (every few seconds): they confirm the current config
-  (staleness stays small) and touch the last-known-good file so that followers confirm it
-  too.
-* Follower (``--workers N``): the supervisor runs the federation client and writes the
-  last-known-good file; each worker process follows that file.
+  (staleness stays small).
+* Workers (``--workers N``): each worker process runs the federation watch too (deltas,
+  as above), without reporting or saving; the supervisor's control process reports what
+  is in force and writes the last-known-good file, which a worker reads when it starts.
 
 Nothing on the control path may stop the data path.  The watch thread restarts with
 capped backoff, forever, whatever ends it (refused credentials, unreadable files, a bug);
@@ -224,9 +224,8 @@ class Control:
         self.report = _Report()
         self._report_due = trio.Event()
         self._lkg_error = ""
-        # The newest snapshot not yet saved, and whether a touch is due (see run_lkg_writer).
+        # The newest snapshot not yet saved (see run_lkg_writer).
         self._lkg_pending: Snapshot | None = None
-        self._lkg_touch = False
         self._lkg_due = trio.Event()
 
     def rejected(self, revision: int, reason: str) -> None:
@@ -248,15 +247,12 @@ class Control:
         self._report_due.set()
         return True
 
-    async def write_lkg(self, snap: Snapshot | None) -> None:
-        """Save (or, for ``None``, touch) the last-known-good file; a failure is logged and counted."""
+    async def write_lkg(self, snap: Snapshot) -> None:
+        """Save the last-known-good file; a failure is logged and counted."""
         if not self.save:
             return
         try:
-            if snap is None:
-                await trio.to_thread.run_sync(_touch, self.path)
-            else:
-                await trio.to_thread.run_sync(save_lkg, self.path, snap, self.gw.cluster, self.pins)
+            await trio.to_thread.run_sync(save_lkg, self.path, snap, self.gw.cluster, self.pins)
         except (OSError, trust.TrustError) as exc:
             self.metrics.lkg_write_failures.inc()
             error = str(exc)[:200]
@@ -267,14 +263,11 @@ class Control:
         else:
             self._lkg_error = ""
 
-    def save_later(self, snap: Snapshot | None) -> None:
-        """Have :meth:`run_lkg_writer` save ``snap`` (``None``: touch the file), off the
-        apply path: a write serialises the whole config, which a delta must not wait for.
-        Writes coalesce: while one runs, only the newest snapshot waits for the next."""
-        if snap is None:
-            self._lkg_touch = True
-        else:
-            self._lkg_pending, self._lkg_touch = snap, False
+    def save_later(self, snap: Snapshot) -> None:
+        """Have :meth:`run_lkg_writer` save ``snap``, off the apply path: a write
+        serialises the whole config, which a delta must not wait for.  Writes coalesce:
+        while one runs, only the newest snapshot waits for the next."""
+        self._lkg_pending = snap
         self._lkg_due.set()
 
     async def run_lkg_writer(self) -> None:
@@ -283,12 +276,9 @@ class Control:
         while True:
             await self._lkg_due.wait()
             self._lkg_due = trio.Event()
-            snap, touch = self._lkg_pending, self._lkg_touch
-            self._lkg_pending, self._lkg_touch = None, False
+            snap, self._lkg_pending = self._lkg_pending, None
             if snap is not None:
                 await self.write_lkg(snap)
-            elif touch:
-                await self.write_lkg(None)
 
     def on_invalid(self, kind: str, key: str, error: str) -> None:
         """Called from the watch thread for each record skipped (or enforced as DENY)."""
@@ -396,7 +386,6 @@ async def follow_federation(
                         snap = item if item is not None else snap
                     if snap is None:  # only progress: what we hold is current
                         gw.confirm_current()
-                        control.save_later(None)
                         continue
                     if await control.apply(snap):
                         control.save_later(snap)
@@ -405,32 +394,3 @@ async def follow_federation(
         gw.on_rejected = previous_hook
         stop.set()
         client.close()
-
-
-def _touch(path: Path) -> None:
-    # A new mtime tells follow_file (workers) that the config was confirmed.
-    try:
-        os.utime(path)
-    except FileNotFoundError:
-        pass  # no file yet (nothing applied): nothing to confirm
-
-
-async def follow_file(gw: Gateway, interval: float = 0.5) -> None:
-    """Apply the last-known-good file whenever it changes (workers under a supervisor)."""
-    path = lkg_path(gw)
-    pins = federation_pins(gw)
-    stamp = None
-    while True:
-        try:
-            st = path.stat()
-            cur = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            cur = None
-        if cur is not None and cur != stamp:
-            stamp = cur
-            snap = await trio.to_thread.run_sync(load_lkg, path, gw.cluster, pins)
-            if snap is not None and (gw.snapshot is None or snap.revision != gw.snapshot.revision):
-                await gw.update(snap, source="last-known-good")  # a rejection: the control process reports it
-            elif snap is not None:
-                gw.confirm_current()
-        await trio.sleep(interval)

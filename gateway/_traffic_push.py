@@ -58,8 +58,8 @@ async def push_traffic(gw: Gateway, client: FederationClient, instance: str,
 
 
 async def push_worker_traffic(gw: Gateway, instance: str) -> None:
-    """:func:`push_traffic` for a worker process (``--workers N``): workers follow the
-    supervisor's last-known-good file, but each counts its own requests, so each pushes
+    """:func:`push_traffic` for a worker process (``--workers N``): a worker's watch neither
+    reports nor pushes (the control process reports), but each counts its own requests, so each pushes
     its own summaries, under its own ``instance`` name (gateway._control.gateway_instance_id)."""
     from federation.client import FederationClient
 

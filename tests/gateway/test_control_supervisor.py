@@ -1,5 +1,6 @@
 """With ``--workers N`` the control process is supervised (issue 11, §6): it is restarted
-with backoff when it dies, and the workers serve meanwhile.  Real processes throughout:
+with backoff when it dies, and the workers serve meanwhile; every worker watches the
+federation itself.  Real processes throughout:
 etcd, the federation service, ``isthmus gateway run`` for two clusters, an HTTP/2 backend."""
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ async def test_the_control_process_is_restarted_while_the_workers_keep_serving(
         [again] = control_pids(east.proc.pid)
         assert again != control
         assert '"gateway.control_exited"' in east.log() and '"gateway.control_restarted"' in east.log()
+
+        # Every worker watches the federation itself and applies its deltas (issue 17: a
+        # change costs what it changes): with the control process frozen, so that the
+        # last-known-good file cannot move, a change still reaches both workers.
+        os.kill(again, signal.SIGSTOP)
+        try:
+            await trio.to_thread.run_sync(publish, "web", "late", "later")
+            with trio.fail_after(30):
+                while True:
+                    configs = [await east.config(worker=i) for i in (0, 1)]
+                    served = [await status("later") for _ in range(6)]  # new connections: both workers
+                    if served == [200] * 6 and len({c["revision"] for c in configs}) == 1:
+                        break
+                    await trio.sleep(0.2)
+            assert [c["source"] for c in configs] == ["federation", "federation"]
+        finally:
+            os.kill(again, signal.SIGCONT)
     finally:
         for p in procs:
             p.stop()
