@@ -176,10 +176,10 @@ class WatcherProcess:
 class _Prober:
     """Calls one cluster's web through another gateway's outbound, every 10 ms."""
 
-    def __init__(self, outbound_port: int, authority: str) -> None:
+    def __init__(self, outbound_port: int, authority: str, interval: float = 0.01) -> None:
         import http.client
 
-        self.port, self.authority = outbound_port, authority
+        self.port, self.authority, self.interval = outbound_port, authority, interval
         self.path = "/"
         self.want = 200
         self.hit_at: float | None = None
@@ -194,7 +194,7 @@ class _Prober:
 
     def _run(self) -> None:
         conn = None
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(self.interval):
             try:
                 if conn is None:
                     conn = self._http.HTTPConnection("127.0.0.1", self.port, timeout=5)
@@ -212,6 +212,32 @@ class _Prober:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+class _LowestAvailable:
+    """The machine's lowest MemAvailable (KiB) while it runs, sampled twice a second."""
+
+    def __init__(self) -> None:
+        self.low = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _now() -> int:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.low = min(self.low, self._now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.low
 
 
 def enforce(args: argparse.Namespace) -> dict[str, object]:
@@ -245,6 +271,9 @@ def enforce(args: argparse.Namespace) -> dict[str, object]:
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     procs: list[subprocess.Popen[bytes]] = []
     probers: list[_Prober] = []
+    lat: list[float] = []  # per change: publish -> the last gateway enforcing it
+    lagging = 0  # the gateway whose log a break shows
+    low_memory = _LowestAvailable()  # G gateways of the whole config each: memory is the first wall
     with tempfile.TemporaryDirectory(prefix="isthmus-bench-") as tmpdir:
         tmp = Path(tmpdir)
         etcd = EtcdCluster(tmp / "etcd", args.etcd_members).start() if args.etcd_members > 1 else start_etcd(tmp)
@@ -285,17 +314,22 @@ def enforce(args: argparse.Namespace) -> dict[str, object]:
                          "--workers", "1", "--log-level", "warning"],
                         stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}))
             t = time.monotonic()
+            # Every 10 ms each, up to 10 gateways; beyond, the probes alone (two hops each)
+            # would saturate this machine's 2 cores and time themselves: 1,000 probes/s in all.
+            interval = 0.01 * max(1.0, g / 10)
+            result["probe_interval_ms"] = round(interval * 1000, 1)
             probers = [_Prober(ports[(i - 1) % g]["outbound"],
-                               f"{names.outbound_host('web', 'default', clusters[i].name)}:8080") for i in range(g)]
-            deadline = time.monotonic() + 120 + g * 5
+                               f"{names.outbound_host('web', 'default', clusters[i].name)}:8080", interval)
+                       for i in range(g)]
+            deadline = time.monotonic() + 120 + g * 10  # each builds the whole config
             while not all(p.hit_at for p in probers):  # every route is up: the first config arrived
                 if time.monotonic() > deadline or any(pr.poll() is not None for pr in procs):
+                    lagging = next(i for i, p in enumerate(probers) if not p.hit_at)
                     raise SystemExit(f"gateways not serving: {sum(1 for p in probers if p.hit_at)}/{g} routes up")
                 time.sleep(0.1)
             result["gateways_ready_seconds"] = round(time.monotonic() - t, 1)
 
             stage = "enforce"
-            lat: list[float] = []
             with FederationClient([fed.address], pki.admin_dir, timeout=60) as admin:
                 for k in range(args.publishes):
                     path = f"/probe-{k}"
@@ -313,21 +347,27 @@ def enforce(args: argparse.Namespace) -> dict[str, object]:
                     deadline = t0 + 60
                     while not all(p.hit_at for p in probers):
                         if time.monotonic() > deadline:
-                            raise SystemExit(f"change {k}: {sum(1 for p in probers if p.hit_at)}/{g} gateways enforce it after 60 s")
+                            late = [i for i, p in enumerate(probers) if not p.hit_at]
+                            lagging = late[0]  # its log says why
+                            raise SystemExit(f"change {k}: {g - len(late)}/{g} gateways enforce it after 60 s "
+                                             f"(not: gateways {late})")
                         time.sleep(0.005)
                     lat.append(max(p.hit_at for p in probers) - t0)  # type: ignore[type-var]
-            result["publish_to_enforced_at_every_gateway_ms"] = {
-                "p50": round(statistics.median(lat) * 1000, 1), "p99": round(percentile(lat, 99) * 1000, 1),
-                "max": round(max(lat) * 1000, 1), "samples": len(lat)}
+            result["publish_to_enforced_at_every_gateway_ms"] = _latencies(lat)
             result["gateway_rss_mib_max"] = round(max(rss_kib(pr.pid)[1] for pr in procs) / 1024, 1)
+            result["gateway_peak_rss_mib_max"] = round(max(rss_kib(pr.pid)[0] for pr in procs) / 1024, 1)
+            result["gateways_rss_mib_total"] = round(sum(rss_kib(pr.pid)[1] for pr in procs) / 1024, 1)
             result["server_peak_rss_mib"] = round(rss_kib(fed.proc.pid)[0] / 1024, 1)
         except (Exception, SystemExit) as exc:  # where it breaks is a result too
             result["broke_at"] = stage
             result["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
-            logs = sorted(tmp.glob("gw-*.log"))
-            if logs:
-                result["gateway_log_tail"] = logs[0].read_text(errors="replace")[-1500:]
+            if lat:  # the changes every gateway enforced before it broke
+                result["publish_to_enforced_at_every_gateway_ms"] = _latencies(lat)
+            log = tmp / f"gw-{lagging}.log"
+            if log.exists():
+                result["gateway_log_tail"] = log.read_text(errors="replace")[-3000:]
         finally:
+            result["machine_mem_available_mib_min"] = round(low_memory.stop() / 1024, 1)
             for p in probers:
                 p.stop()
             for pr in procs:
@@ -343,16 +383,27 @@ def enforce(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+def _latencies(lat: list[float]) -> dict[str, float]:
+    return {"p50": round(statistics.median(lat) * 1000, 1), "p99": round(percentile(lat, 99) * 1000, 1),
+            "max": round(max(lat) * 1000, 1), "samples": len(lat)}
+
+
 def _describe_enforce(r: dict[str, object]) -> str:
     head = f"publish -> enforced: {r['gateways']} gateways, {r['clusters']} clusters x {r['services_per_cluster']} services"
     if "broke_at" in r:
-        return f"{head}: BROKE at {r['broke_at']}: {r['error']}"
+        lat = r.get("publish_to_enforced_at_every_gateway_ms")
+        before = (f"; before it, p50 {lat['p50']} ms, p99 {lat['p99']} ms over {lat['samples']} changes"  # type: ignore[index]
+                  if lat else "")
+        return (f"{head}: BROKE at {r['broke_at']}: {r['error']} (machine's lowest MemAvailable "
+                f"{r.get('machine_mem_available_mib_min')} MiB){before}")
     lat = r["publish_to_enforced_at_every_gateway_ms"]
     assert isinstance(lat, dict)
     return (f"{head}\n  gateways serving after          {r['gateways_ready_seconds']} s\n"
             f"  policy change -> every gateway  p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
-            f"({lat['samples']} changes)\n  gateway RSS (max)               {r['gateway_rss_mib_max']} MiB; "
-            f"federation peak RSS {r['server_peak_rss_mib']} MiB")
+            f"({lat['samples']} changes)\n  gateway RSS (max)               {r['gateway_rss_mib_max']} MiB "
+            f"(peak {r['gateway_peak_rss_mib_max']} MiB; all gateways {r['gateways_rss_mib_total']} MiB); "
+            f"federation peak RSS {r['server_peak_rss_mib']} MiB\n"
+            f"  machine's lowest MemAvailable   {r['machine_mem_available_mib_min']} MiB")
 
 
 # ---------------------------------------------------------------------- the gateway's cost per delta
