@@ -323,7 +323,11 @@ def enforce(args: argparse.Namespace) -> dict[str, object]:
                        for i in range(g)]
             deadline = time.monotonic() + 120 + g * 10  # each builds the whole config
             while not all(p.hit_at for p in probers):  # every route is up: the first config arrived
-                if time.monotonic() > deadline or any(pr.poll() is not None for pr in procs):
+                exited = [i for i, pr in enumerate(procs) if pr.poll() is not None]
+                if exited:
+                    lagging = exited[0]
+                    raise SystemExit(f"gateways {exited} exited (gateway {lagging}: code {procs[lagging].returncode})")
+                if time.monotonic() > deadline:
                     lagging = next(i for i, p in enumerate(probers) if not p.hit_at)
                     raise SystemExit(f"gateways not serving: {sum(1 for p in probers if p.hit_at)}/{g} routes up")
                 time.sleep(0.1)
