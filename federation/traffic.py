@@ -743,7 +743,7 @@ class RouteSet:
             "host": host, "from": self.caller, "revision": self.revision, "route_digest": self.digest,
             "request": {"method": None if req.tcp else req.method, "path": None if req.tcp else req.path,
                         "headers": {} if req.tcp else req.headers(), "tcp": req.tcp},
-            "service": None, "pinned": None, "route": None, "rule": None, "rules": [],
+            "service": None, "pinned": None, "route": None, "locality": None, "rule": None, "rules": [],
             "destinations": [], "failover": [], "serving": [], "clusters": [],
         }
         where = self._hosts().get(name)
@@ -776,6 +776,10 @@ class RouteSet:
         plan = self.plans.get((ns, svc, port))
         route = self.by_host.get((ns, svc))
         doc["route"] = route.name if route is not None else None
+        # Where prefer-same-region comes from: the route's own setting wins over the policy's.
+        mode, source = ((route.locality, "route") if route is not None and route.locality else
+                        (comp.policy_locality.get((ns, svc), ""), "traffic-policy"))
+        doc["locality"] = {"mode": mode or None, "from": source if mode else None, "region": comp.region or None}
         if plan is None:
             doc["clusters"] = [self._cluster(c, ns, svc, port, health) for c in comp.exports.get((ns, svc), {})]
             return _outcome(doc, "no-such-name", f"no cluster exports port {port} of {svc}.{ns} to {self.caller}")

@@ -181,6 +181,10 @@ def render(doc: dict[str, Any]) -> list[str]:
         for r in doc["rules"]:
             if not r["matched"]:
                 lines.append(f"    rule {r['index']} skipped: {r['why']}")
+    loc = doc.get("locality")  # (absent from an older gateway's /explain)
+    if loc and loc.get("mode"):
+        lines.append(f"  locality:     {loc['mode']}, from the {loc['from']} "
+                     f"(the caller's region: {loc['region'] or 'none: the label is not set'})")
     if doc["destinations"]:
         lines.append("  destinations:")
         for d in doc["destinations"]:

@@ -117,3 +117,36 @@ def test_a_name_exported_to_others_only_says_why_for_each_exporter() -> None:
     assert doc["result"]["outcome"] == "no-such-name"
     assert {c["cluster"]: c["reason"] for c in doc["clusters"]} == {
         "west": "not-exported-to-caller", "central": "not-exported-to-caller"}
+
+
+def test_explain_says_where_the_locality_comes_from() -> None:
+    from federation.models import TrafficPolicy
+
+    clusters = [cluster("east", "eu"), cluster("west", "us"), cluster("south", "eu")]
+    services = [export("east"), export("west")]
+    pol = TrafficPolicy.model_validate({"name": "cart", "host": {"namespace": "shop", "service": "cart"},
+                                        "locality": "prefer-same-region"})
+
+    def doc(routes: list, policies: list) -> dict:  # type: ignore[type-arg]
+        snap = snapshot(clusters, services, routes).model_copy(update={"traffic_policies": tuple(policies)})
+        return compile_routes(snap, "south").explain(HOST, Request())["locality"]
+
+    assert doc([], []) == {"mode": None, "from": None, "region": "eu"}
+    assert doc([], [pol]) == {"mode": "prefer-same-region", "from": "traffic-policy", "region": "eu"}
+    assert doc([route([{"destinations": [{"cluster": "east"}, {"cluster": "west"}]}])], [pol]) == {
+        "mode": "prefer-same-region", "from": "traffic-policy", "region": "eu"}
+    own = route([{"destinations": [{"cluster": "east"}, {"cluster": "west"}]}], locality="prefer-same-region")
+    assert doc([own], []) == {"mode": "prefer-same-region", "from": "route", "region": "eu"}
+    assert doc([own], [pol])["from"] == "route"  # the route's own setting wins
+
+
+def test_route_explain_prints_the_locality_and_its_source() -> None:
+    from federation.cli._route import render
+
+    clusters = [cluster("east", "eu"), cluster("west", "us"), cluster("south", "eu")]
+    own = route([{"destinations": [{"cluster": "east"}, {"cluster": "west"}]}], locality="prefer-same-region")
+    lines = render(compile_routes(snapshot(clusters, [export("east"), export("west")], [own]), "south")
+                   .explain(HOST, Request()))
+    assert "  locality:     prefer-same-region, from the route (the caller's region: eu)" in lines
+    plain = render(rs().explain(HOST, Request()))
+    assert not any(line.startswith("  locality:") for line in plain)
