@@ -53,13 +53,17 @@ def unshadow(authority: str) -> str:
 class Mirrors:
     """The gateway's mirror copies in flight; ``count(outcome)`` feeds the metric."""
 
-    def __init__(self, open_peer: Callable[[PeerCluster, H2Half], None], count: Callable[[str], None]) -> None:
+    def __init__(self, open_peer: Callable[[PeerCluster, H2Half, int | None], None],
+                 count: Callable[[str], None]) -> None:
         self.open_peer = open_peer
         self.count = count
         self.in_flight = 0
 
-    def start(self, headers: Headers, peer: PeerCluster, authority: str, end: bool) -> Copy | None:
-        """Send a copy of the request head ``headers`` to ``peer`` as ``authority``."""
+    def start(self, headers: Headers, peer: PeerCluster, authority: str, end: bool,
+              cap: int | None = None) -> Copy | None:
+        """Send a copy of the request head ``headers`` to ``peer`` as ``authority``, on
+        the mirrored service's first ``cap`` connections to it (its TrafficPolicy's
+        ``max_connections_per_peer``, as for its own requests)."""
         if self.in_flight >= MAX_MIRRORS:
             self.count("dropped")
             return None
@@ -71,7 +75,7 @@ class Mirrors:
         link(c, up)
         up.write_headers(hs, end)
         self.count("sent")
-        self.open_peer(peer, up)
+        self.open_peer(peer, up, cap)
         return c
 
 

@@ -157,7 +157,8 @@ def start(env: Env, ctx: RequestContext, down: Half, headers: Headers, end: bool
         if peer is None:
             g.count(g.mirrored, "dropped")
         else:
-            a.mirror = env.mirrors.start(a.headers, peer, f"{local_host(m[1], skey[0])}:{dest.port}", end)
+            a.mirror = env.mirrors.start(a.headers, peer, f"{local_host(m[1], skey[0])}:{dest.port}", end,
+                                         g.plan.connection_cap((skey[0], m[1])))
     if delay:
         abort = fd if fd is not None and fd.aborts else None
         ctx.arm(env.add_deadline(env.clock() + delay, lambda: a.after_delay(dest, abort)))

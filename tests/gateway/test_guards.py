@@ -561,6 +561,42 @@ async def test_max_connections_per_peer_keeps_a_service_on_one_connection(
             g.stop()
 
 
+async def test_mirror_copies_keep_to_the_mirrored_services_max_connections_per_peer(
+        pki3: Pki, samples: Any, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The copies of 12 concurrent slow requests to west (2 streams per connection) would
+    open more connections there; the service's TrafficPolicy says 1, for its copies too."""
+    gws = {}
+    for c in CLUSTERS:
+        gws[c] = Gateway(gateway_config(pki3, c, tmp_path, limits={"streams_per_connection": 2}))
+        await nursery.start(gws[c].run)
+    t = Three(pki3, gws, samples)
+    mirrored = [route([{"destinations": [{"cluster": "east"}],
+                        "mirror": {"cluster": "west", "service": "cart", "percent": 100}}])]
+
+    async def copies_sent(n: int) -> None:
+        with trio.fail_after(5):  # the copies are on their way when the answers are in
+            while f'isthmus_mirror_requests_total{{outcome="sent"}} {n:.1f}' not in await t.admin("metrics"):
+                await trio.sleep(0.05)
+        await trio.sleep(0.3)  # and answered (200 ms each)
+
+    try:
+        t.apply(mirrored, [policy(connection_pool={"max_connections_per_peer": 1})])
+        assert [r.status_code for r in await get_all(t, 1)] == [200]  # one connection to west, idle
+        await copies_sent(1)
+        rs = await get_all(t, 12, {"x-sample-delay": "200ms"}, concurrency=12)
+        assert {r.status_code for r in rs} == {200}
+        await copies_sent(13)
+        assert pool_connections(await t.admin("metrics"), "west") == 1.0
+        t.apply(mirrored)  # the gateway's own limits only: the same copies open more
+        rs = await get_all(t, 12, {"x-sample-delay": "200ms"}, concurrency=12)
+        assert {r.status_code for r in rs} == {200}
+        await copies_sent(25)
+        assert pool_connections(await t.admin("metrics"), "west") >= 2.0
+    finally:
+        for g in gws.values():
+            g.stop()
+
+
 def test_flags_are_kept_once_each_in_the_order_they_were_set() -> None:
     from gateway._flags import add_flag, ended
     flags = ""
