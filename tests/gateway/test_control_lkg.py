@@ -110,3 +110,40 @@ def test_a_record_the_gateway_cannot_route_in_an_old_file_is_skipped_at_start(pk
     assert {(t.service, t.host, t.target_port) for t in gw.state.routes.inbound.values()} == {("web", "localhost", 8080)}
     [skipped] = [e for e in logs if e["event"] == "config.lkg_record_skipped"]
     assert "ports[0].target" in skipped["error"] and "HOST:PORT" in skipped["error"]
+
+
+def test_a_burst_of_changes_is_saved_once_at_its_end(pki: Pki, tmp_path: Path) -> None:
+    """A write costs the whole config, so after each one the writer rests (at least
+    LKG_MIN_INTERVAL, and ten times the write's duration): the changes of that time are
+    saved once, the newest.  Trio's mock clock; each write takes 0.3 s of it."""
+    import trio
+    import trio.testing
+
+    from gateway._control import LKG_DUTY, LKG_MIN_INTERVAL, Control
+
+    gw = Gateway(gateway_config(pki, "east", tmp_path, federation={"address": "127.0.0.1:9"}))
+    control = Control(gw, None, save=True)  # type: ignore[arg-type] - the client is not used here
+    written: list[tuple[float, int]] = []
+
+    async def write(snap: Snapshot) -> None:
+        await trio.sleep(0.3)
+        written.append((round(trio.current_time(), 2), snap.revision))
+
+    control.write_lkg = write  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(control.run_lkg_writer)
+            control.save_later(_snapshot(pki, ("east",), "", revision=1))
+            await trio.sleep(0.5)
+            for rev in (2, 3, 4):  # while it rests
+                control.save_later(_snapshot(pki, ("east",), "", revision=rev))
+                await trio.sleep(0.1)
+            await trio.sleep(10)
+            control.save_later(_snapshot(pki, ("east",), "", revision=5))  # after a quiet spell: at once
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    rest = max(LKG_MIN_INTERVAL, 0.3 / LKG_DUTY)
+    assert written == [(0.3, 1), (round(0.3 + rest + 0.3, 2), 4), (11.1, 5)]
