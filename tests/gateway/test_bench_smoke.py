@@ -32,6 +32,12 @@ def test_benchmark_smoke_mode_completes_without_errors() -> None:
     assert r["l4_connect_MBps"] > 0
     assert r["grpc_isthmus"]["errors"] == 0 and r["grpc_isthmus"]["rps"] > 0
     assert "isthmus/nginx" in r["ratios"]["small_saturation"]
+    # The resilience comparison: the same route without and with its guards, both with and
+    # without traffic on every name.
+    assert set(r["resilience"]) == {"fed", "routed", "guarded", "mirrored"}
+    for name, v in r["resilience"].items():
+        assert v["requests"] > 0 and v["errors"] == 0, (name, v)
+    assert "guarded_overhead_us_per_request" in r["ratios"]["resilience"]
 
 
 def test_config_apply_benchmark_smoke_mode_runs() -> None:
