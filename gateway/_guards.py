@@ -28,6 +28,8 @@ ejections, the selection is run again without them: Envoy's panic mode, counted 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -78,11 +80,15 @@ class ServicePlan:
 class GuardPlan:
     """Every rule's and service's settings of one snapshot (immutable once built)."""
 
-    __slots__ = ("rules", "services")
+    __slots__ = ("digest", "rules", "services")
 
-    def __init__(self, rules: dict[RuleKey, RulePlan], services: dict[ServiceKey, ServicePlan]) -> None:
+    def __init__(self, rules: dict[RuleKey, RulePlan], services: dict[ServiceKey, ServicePlan],
+                 digest: str = "") -> None:
         self.rules = rules
         self.services = services
+        # Of the TrafficPolicies in force (the same set gives the same digest in every
+        # gateway, as the routes' and the AuthorizationPolicies' digests do).
+        self.digest = digest or _digest(())
 
     def connection_cap(self, key: ServiceKey) -> int | None:
         """The service's ``max_connections_per_peer`` (None: the gateway's limit alone)."""
@@ -108,6 +114,12 @@ class GuardPlan:
         }
 
 
+def _digest(policies: Any) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(
+        [p.model_dump(mode="json") for p in sorted(policies, key=lambda p: p.name)],
+        sort_keys=True).encode()).hexdigest()
+
+
 EMPTY_PLAN = GuardPlan({}, {})
 
 
@@ -125,10 +137,47 @@ def compile_guards(snap: Snapshot) -> GuardPlan:
                                               FaultInjector.from_model(r.fault) if r.fault is not None else None,
                                               mirror)
     services: dict[ServiceKey, ServicePlan] = {}
-    for tp in sorted(getattr(snap, "traffic_policies", ()) or (), key=lambda p: p.name):
+    policies = getattr(snap, "traffic_policies", ()) or ()
+    for tp in sorted(policies, key=lambda p: p.name):
         key = (tp.host.namespace, tp.host.service)
         services.setdefault(key, ServicePlan(tp.name, tp.connection_pool, tp.outlier_detection))
-    return GuardPlan(rules, services)
+    return GuardPlan(rules, services, _digest(policies))
+
+
+class GuardSpec:
+    """What guards one destination of one route rule: the rule's plan, the service's key
+    and breaker, the rule's retry budget, the service's connection cap.  Made once per
+    (route, rule, service) and plan (:meth:`Guards.spec`), not per request."""
+
+    __slots__ = ("breaker", "budget", "cap", "outlier", "rule", "skey")
+
+    def __init__(self, rule: RulePlan | None, skey: ServiceKey, breaker: CircuitBreaker | None,
+                 budget: RetryBudget | None, cap: int | None, outlier: bool) -> None:
+        self.rule = rule
+        self.skey = skey
+        self.breaker = breaker
+        self.budget = budget
+        self.cap = cap
+        self.outlier = outlier  # the service's TrafficPolicy has outlier_detection
+
+
+class Slot:
+    """A breaker's request slot that a CONNECT tunnel or an opaque TCP connection holds
+    while it lasts (armed on its request context: :meth:`cancel` at its end gives it back)."""
+
+    __slots__ = ("breaker",)
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker: CircuitBreaker | None = breaker
+
+    def cancel(self) -> None:
+        b = self.breaker
+        if b is not None:
+            self.breaker = None
+            b.release_request()
+
+
+SPECS_MAX = 65536  # (route, rule, service)s remembered per plan; past that, made per request
 
 
 def service_key(destination_service: str) -> ServiceKey:
@@ -167,6 +216,7 @@ class Guards:
                                 ("outcome",), registry=registry)
         registry.register(_BreakerFill(self))
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._specs: dict[tuple[str, int | None, str], GuardSpec | None] = {}
 
     def count(self, counter: Counter, *labels: str) -> None:
         key = (id(counter), *labels)
@@ -181,6 +231,7 @@ class Guards:
         if plan is self.plan:
             return
         self.plan = plan
+        self._specs = {}
         for key, sp in plan.services.items():
             b = self.breakers.get(key)
             p = sp.pool
@@ -200,6 +251,27 @@ class Guards:
             budgets[key] = old if old is not None and old[0] == rp.budget else (rp.budget,
                                                                                RetryBudget.from_model(rp.budget))
         self.budgets = budgets
+
+    def spec(self, route: str, rule: int | None, destination_service: str) -> GuardSpec | None:
+        """The guards of a request the route selection sent to ``destination_service`` by
+        ``route``'s rule ``rule`` (None: nothing guards it)."""
+        key = (route, rule, destination_service)
+        specs = self._specs
+        got = specs.get(key, specs)
+        if got is not specs:
+            return got  # type: ignore[return-value]
+        plan = self.plan
+        rp = plan.rule(route, rule)
+        skey = service_key(destination_service)
+        spec = None
+        sp = plan.services.get(skey)
+        if rp is not None or sp is not None:
+            spec = GuardSpec(rp, skey, self.breaker(skey),
+                             self.budget((route, rule if rule is not None else -1)) if rp is not None else None,
+                             plan.connection_cap(skey), sp is not None and sp.outlier is not None)
+        if len(specs) < SPECS_MAX:
+            specs[key] = spec
+        return spec
 
     def budget(self, key: RuleKey) -> RetryBudget | None:
         got = self.budgets.get(key)
@@ -256,4 +328,5 @@ class _BreakerFill(Collector):
         return []
 
 
-__all__ = ["EMPTY_PLAN", "GuardPlan", "Guards", "RulePlan", "ServicePlan", "compile_guards", "service_key"]
+__all__ = ["EMPTY_PLAN", "GuardPlan", "GuardSpec", "Guards", "Slot", "RulePlan", "ServicePlan", "compile_guards",
+           "service_key"]

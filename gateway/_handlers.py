@@ -35,7 +35,7 @@ from ._authz import Parked
 from ._config import Limits
 from ._context import RequestContext
 from ._deadlines import Timer
-from ._guards import Guards, service_key
+from ._guards import Guards, Slot, service_key
 from ._decision import Decision, refuse
 from ._h1 import H1Half, H1Upstream
 from ._half import Half, Headers, link
@@ -221,6 +221,12 @@ class Handlers:
         if g is not None and not d.connect and self._guarded(state, ctx, half, d, end, health):
             return
         self._fill_upstream(x, dest)
+        cap = None
+        if d.connect:
+            ok, cap = self._hold_slot(ctx, dest)
+            if not ok:
+                ctx.fail(half, "UO", "upstream overflow: the service's max_requests is reached")
+                return
         self._deadline(half, ctx)
         if d.connect:
             x.tcp = True
@@ -228,21 +234,40 @@ class Handlers:
         up = new_upstream()
         link(half, up)
         up.write_headers(d.headers, end)
-        self.upstreams.open_peer(dest.peer, up)
+        self.upstreams.open_peer(dest.peer, up, cap)
 
     def _guarded(self, state: ConfigState, ctx: RequestContext, half: Half, d: Forward, end: bool,
                  health: Callable[[Target], Out | None]) -> bool:
         """Run the request under its rule's and service's guards, if it has any."""
         g, dest = self.guards, d.dest
         assert g is not None and self.env is not None and dest is not None
-        rule = g.plan.rule(dest.route, dest.rule)
-        skey = service_key(dest.destination_service)
-        if rule is None and skey not in g.plan.services:
+        spec = g.spec(dest.route, dest.rule, dest.destination_service)
+        if spec is None:
             return False
-        req = Request(ctx.method, ctx.path, raw=d.headers)
-        start(self.env, ctx, half, d.headers, end, dest, rule, skey,
-              chooser(d.route, state.routes, state.traffic, req, health, ctx.record), state.routes.peers_by_name)
+        start(self.env, ctx, half, d.headers, end, dest, spec,
+              functools.partial(chooser, d.route, state.routes, state.traffic, ctx.method, ctx.path, d.headers,
+                                health, ctx.record), state.routes.peers_by_name)
         return True
+
+    def _hold_slot(self, ctx: RequestContext, dest: Destination) -> tuple[bool, int | None]:
+        """A CONNECT tunnel or an opaque TCP connection to a service under a TrafficPolicy
+        holds one of its breaker's request slots while it lasts (an HTTP/2 CONNECT is a
+        request to Envoy's breakers too) and keeps to its ``max_connections_per_peer``:
+        (False when the breaker is full, the service's connection cap)."""
+        g = self.guards
+        if g is None:
+            return True, None
+        g.sync(self.state().guards)
+        spec = g.spec(dest.route, dest.rule, dest.destination_service)
+        if spec is None:
+            return True, None
+        b = spec.breaker
+        if b is not None:
+            if not b.try_request():
+                g.count(g.overflows, f"{spec.skey[1]}.{spec.skey[0]}")
+                return False, spec.cap
+            ctx.arm(Slot(b))
+        return True, spec.cap
 
     # -- opaque TCP ports -----------------------------------------------------------------
     def tcp_route(self, target: str) -> tuple[RequestContext, OutboundRoute | None,
@@ -272,11 +297,18 @@ class Handlers:
         return ctx, route, dest
 
     def tcp_open(self, ctx: RequestContext, route: OutboundRoute, dest: Destination,
-                 down: Half) -> H2Half:
-        """Tunnel ``down`` (the accepted socket) to ``dest`` as an HTTP/2 CONNECT stream."""
+                 down: Half) -> H2Half | None:
+        """Tunnel ``down`` (the accepted socket) to ``dest`` as an HTTP/2 CONNECT stream;
+        None when the service's circuit breaker is full (flag ``UO``: close the socket)."""
         x = ctx.record
         x.to_service(route)
         self._fill_upstream(x, dest)
+        ok, cap = self._hold_slot(ctx, dest)
+        if not ok:
+            x.add_flag("UO")
+            log.info("tcp.overflow", target=x.authority, service=dest.destination_service,
+                     detail="the service's max_requests is reached")
+            return None
         down.ctx = ctx
         up = new_upstream()
         link(down, up)
@@ -284,7 +316,7 @@ class Handlers:
         tp, x.trace_id = traceparent(None)
         up.write_headers([(b":method", b"CONNECT"), (b":authority", dest.authority.encode()),
                           (b"traceparent", tp)], False)
-        self.upstreams.open_peer(dest.peer, up)
+        self.upstreams.open_peer(dest.peer, up, cap)
         return up
 
     # -- shared ---------------------------------------------------------------------------

@@ -329,6 +329,10 @@ class Listeners:
             return
         down = TcpHalf(stream, self.limits.tcp_buffer)
         up = self.handlers.tcp_open(ctx, route, dest, down)
+        if up is None:  # the service's circuit breaker is full
+            await trio.aclose_forcefully(stream)
+            ctx.finish()
+            return
         self.downstream["tcp"] += 1
         try:
             await down.run()

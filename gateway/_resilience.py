@@ -424,7 +424,9 @@ class RetryState:
     __slots__ = ("policy", "budget", "breaker", "rng", "retries", "tried", "holding")
 
     def __init__(self, policy: RetryPolicy, budget: RetryBudget | None, breaker: CircuitBreaker | None,
-                 rng: random.Random, now: float) -> None:
+                 rng: random.Random, now: float | None) -> None:
+        """``now``: when the request started, to count it toward the budget; None when it
+        was counted already (the gateway makes this state on a request's first failure)."""
         self.policy = policy
         self.budget = budget
         self.breaker = breaker
@@ -432,7 +434,7 @@ class RetryState:
         self.retries = 0
         self.tried: list[object] | None = None  # made on the first decision: most requests need none
         self.holding = False
-        if budget is not None:
+        if budget is not None and now is not None:
             budget.deposit(now)
 
     def decide(self, now: float, destination: object = None, *, failure: Failure | None = None,

@@ -108,7 +108,7 @@ class ConfigState:
             "policies": {"count": len(policy), "digest": policy.digest,
                          "failed_closed": policy.failed},
             "route_revision": traffic.revision,
-            "traffic_policies": len(self.guards.services),
+            "traffic_policies": {"count": len(self.guards.services), "digest": self.guards.digest},
             "traffic_routes": {"count": len(traffic), "names": traffic.names,
                                "digest": traffic.digest},
             "stale_clusters": {c: out.describe() for c, out in sorted(traffic.stale.items())},

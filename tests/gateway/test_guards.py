@@ -9,7 +9,7 @@ import json
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class Three:
     gws: dict[str, Gateway]
     ports: dict[str, tuple[int, int]]
     revision: int = 0
+    also: list[Gateway] = field(default_factory=list)  # more gateways of these clusters, given each snapshot
 
     def apply(self, routes: list[TrafficRoute] = (), policies: list[TrafficPolicy] = (),
               extra: tuple[ExportedService, ...] = ()) -> None:
@@ -85,7 +86,7 @@ class Three:
                 ServicePort(port=9090, protocol="GRPC", target=f"127.0.0.1:{grpc_port}"),)))
         snap = Snapshot(revision=self.revision, clusters=clusters, services=(*services, *extra), routes=tuple(routes),
                         traffic_policies=tuple(policies), crl_pem=self.pki.root.crl_pem().decode())
-        for g in self.gws.values():
+        for g in (*self.gws.values(), *self.also):
             assert g.apply_snapshot(snap), g.last_rejected
 
     @property
@@ -249,6 +250,105 @@ async def test_grpc_past_the_breaker_gets_unavailable(three: Three) -> None:
         await trio.sleep(0.2)
         n.start_soon(call, ())
     assert sorted(map(str, results)) == sorted(map(str, ["hello x from east", grpc.StatusCode.UNAVAILABLE]))
+
+
+async def _connect(t: Three, authority: str) -> tuple[Any, Any, int, bytes]:
+    """A workload's HTTP/2 CONNECT through south's outbound: (stream, h2 connection,
+    stream id, the answer's status)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    stream = await trio.open_tcp_stream("127.0.0.1", t.gws["south"].ports["outbound"])
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", authority.encode())])
+    await stream.send_all(conn.data_to_send())
+    with trio.fail_after(5):
+        while True:
+            for e in conn.receive_data(await stream.receive_some(65536)):
+                if isinstance(e, h2.events.ResponseReceived):
+                    return stream, conn, sid, dict(e.headers)[b":status"]
+
+
+async def _echoes(stream: Any, conn: Any, sid: int) -> bool:
+    import h2.events
+
+    conn.send_data(sid, b"ping")
+    await stream.send_all(conn.data_to_send())
+    got = b""
+    with trio.fail_after(5):
+        while got != b"ping":
+            for e in conn.receive_data(await stream.receive_some(65536)):
+                if isinstance(e, h2.events.DataReceived):
+                    got += e.data
+                    conn.acknowledge_received_data(e.flow_controlled_length, sid)
+    return True
+
+
+async def test_connect_tunnels_and_tcp_ports_hold_a_breaker_slot_while_they_last(
+        three: Three, nursery: trio.Nursery, tmp_path: Path, logs) -> None:
+    """A TCP service's max_requests bounds the tunnels to it: an HTTP/2 CONNECT past it gets
+    503 UO at once, a connection to an opaque TCP port is closed (UO); a tunnel's end gives
+    its slot back."""
+    from .backends import tcp_echo
+
+    port = await nursery.start(tcp_echo)
+    db = ExportedService(cluster="east", namespace="shop", name="db", ports=(
+        ServicePort(port=7000, protocol="TCP", target=f"127.0.0.1:{port}"),))
+    # A second south gateway with an opaque TCP port for db (same identity, own listeners).
+    (tmp_path / "tcp").mkdir()
+    tcp_gw = Gateway(gateway_config(three.pki, "south", tmp_path / "tcp", tcp_ports=[
+        {"host": "127.0.0.1", "port": 0, "target": "db.shop.isthmus.local:7000"}]))
+    await nursery.start(tcp_gw.run)
+    three.also.append(tcp_gw)
+    three.apply([], [policy("db", connection_pool={"max_requests": 1})], extra=(db,))
+    first = await _connect(three, "db.shop.isthmus.local:7000")
+    assert first[3] == b"200" and await _echoes(*first[:3])
+    second = await _connect(three, "db.shop.isthmus.local:7000")
+    assert second[3] == b"503"
+    await second[0].aclose()
+    # The opaque port: south-tcp's breaker is its own (one gateway's slots), so hold its one.
+    tcp_port = tcp_gw.ports["tcp:db.shop.isthmus.local:7000"]
+    held = await trio.open_tcp_stream("127.0.0.1", tcp_port)
+    await held.send_all(b"ping")
+    with trio.fail_after(5):
+        assert await held.receive_some(4) == b"ping"
+    refused = await trio.open_tcp_stream("127.0.0.1", tcp_port)
+    with trio.fail_after(5):
+        try:
+            assert await refused.receive_some(10) == b""  # closed at once
+        except trio.BrokenResourceError:
+            pass  # or reset
+    await refused.aclose()
+    await held.aclose()
+    await first[0].aclose()
+    db_log = [e for e in access(logs) if e.get("destination_service") == "db.shop.svc.cluster.local"]
+    assert sorted((e["protocol"], e["response_flags"]) for e in db_log if e["response_flags"] == "UO") == [
+        ("HTTP/2", "UO"), ("TCP", "UO")], db_log
+    # Both slots come back when their tunnels end: a new tunnel and a new connection open.
+    with trio.fail_after(5):
+        while (await three.admin("config"))["resilience"]["breakers"]["db.shop"]["requests"] != 0.0:
+            await trio.sleep(0.05)
+    third = await _connect(three, "db.shop.isthmus.local:7000")
+    assert third[3] == b"200" and await _echoes(*third[:3])
+    await third[0].aclose()
+    again = await trio.open_tcp_stream("127.0.0.1", tcp_port)
+    with trio.fail_after(5):
+        while True:  # south-tcp's slot comes back once it has seen the first connection end
+            await again.send_all(b"ping")
+            try:
+                if await again.receive_some(4) == b"ping":
+                    break
+            except trio.BrokenResourceError:
+                pass
+            await again.aclose()
+            await trio.sleep(0.05)
+            again = await trio.open_tcp_stream("127.0.0.1", tcp_port)
+    await again.aclose()
+    m = await three.admin("metrics")
+    assert 'isthmus_circuit_breaker_overflows_total{service="db.shop"} 1.0' in m
 
 
 # ---------------------------------------------------------------- retries
@@ -472,8 +572,16 @@ async def test_config_shows_the_policies_and_rules_in_force(three: Three) -> Non
     res = doc["resilience"]
     assert res["rules"] == [{"route": "cart", "rule": 0, "timeout": "1s", "retries": 2, "fault": False, "mirror": None}]
     assert res["traffic_policies"][0]["connection_pool"] == {"max_requests": 7}
-    assert doc["traffic_policies"] == 1
+    assert doc["traffic_policies"]["count"] == 1
     assert json.dumps(doc)  # serialisable whole
+    # The TrafficPolicies' digest moves with a policy change (and with it alone: the
+    # routes' stays), so two gateways' /config tell whether they enforce the same ones.
+    before = (doc["traffic_policies"]["digest"], doc["traffic_routes"]["digest"])
+    three.apply([route([{"destinations": [{"cluster": "east"}], "timeout": "1s", "retries": {"attempts": 2}}])],
+                [policy(connection_pool={"max_requests": 8})])
+    doc = await three.admin("config")
+    assert doc["traffic_policies"]["digest"].startswith("sha256:")
+    assert doc["traffic_policies"]["digest"] != before[0] and doc["traffic_routes"]["digest"] == before[1]
 
 
 # ---------------------------------------------------------------- mirroring
